@@ -1,0 +1,441 @@
+"""Training, in plain view: a cached uint8 image array, torch augmentation, a two-stage loop
+(frozen backbone -> fine-tune), checkpoints that describe themselves, resume, calibration.
+
+Run directory layout (runs/NAME/):
+    config.json        the training configuration
+    split.json         the patient-disjoint split (its sha256 goes into every checkpoint)
+    metrics.jsonl      one line per epoch
+    last.safetensors   weights + optimizer state of the last finished epoch (for --resume)
+    state.json         progress of the run (epoch, best score, ...)
+    best.safetensors   the best weights by validation ROC-AUC, with the Record in its metadata
+    best.json          the same Record, readable
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from . import data as D
+from . import metrics as M
+from .models import IMAGENET_MEAN, IMAGENET_STD, LITE_VARIANTS, create_model
+from .preprocess import ImageError, Record, load_uint8
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "efficientnet_lite0"
+    pretrained: bool = True
+    image_size: int = 96
+    batch_size: int = 64
+    head_epochs: int = 1          # stage 1: frozen backbone, head only
+    epochs: int = 6               # stage 2: fine-tuning (the scratch model trains only this stage)
+    lr_head: float = 3e-3
+    lr: float = 1e-3              # fine-tuning peak learning rate (cosine decay, 1 epoch... warm-up)
+    weight_decay: float = 1e-4
+    finetune_blocks: int = 0      # 0 = fine-tune everything; N = only the top N blocks + conv head
+    label_smoothing: float = 0.05
+    dropout: float = 0.2
+    patience: int = 3             # early stopping on validation ROC-AUC (fine-tuning stage)
+    seed: int = 0
+    split: list = field(default_factory=lambda: [0.7, 0.1, 0.2])
+    split_file: str | None = None  # reuse a saved split (e.g. the shipped model's) instead of making one
+    patients_csv: str | None = None
+    max_train_images: int = 0     # >0: subsample training images (quick runs, tests)
+    target_sensitivity: float | None = None  # else threshold = max balanced accuracy on validation
+    workers: int = 2
+    threads: int = 0              # torch threads (0 = all cores)
+
+
+# ---------------------------------------------------------------- data to arrays
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MALARIA_DETECT_CACHE", Path.home() / ".cache" / "malaria-detect"))
+
+
+def load_arrays(items: list[D.Item], size: int, workers: int = 2, desc: str = "decoding",
+                use_cache: bool = True):
+    """Decode and resize every image once -> (uint8 N,S,S,3 array, labels, kept items, errors).
+
+    Cached on disk by a hash of (absolute path, size, mtime, resize size) so later runs start fast.
+    Unreadable images are reported and skipped.
+    """
+    key = hashlib.sha256()
+    for it in items:
+        st = it.path.stat() if it.path.exists() else None
+        key.update(f"{it.path.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
+    key.update(f"size={size}".encode())
+    cpath = cache_dir() / f"cells-{key.hexdigest()[:20]}.npz"
+    if use_cache and cpath.exists():
+        z = np.load(cpath, allow_pickle=False)
+        keep = z["keep"]
+        errors = [(items[i].path, "unreadable (cached)") for i in np.nonzero(~keep)[0]]
+        return z["x"], np.array([it.label for it in items])[keep], [it for it, k in zip(items, keep) if k], errors
+
+    def one(it):
+        try:
+            return load_uint8(it.path, size), None
+        except ImageError as e:
+            return None, str(e)
+
+    x = np.zeros((len(items), size, size, 3), np.uint8)
+    keep = np.ones(len(items), bool)
+    errors = []
+    with ThreadPoolExecutor(workers) as ex:
+        for i, (arr, err) in enumerate(tqdm(ex.map(one, items), total=len(items), desc=desc, unit="img",
+                                            leave=False)):
+            if err:
+                keep[i] = False
+                errors.append((items[i].path, err))
+            else:
+                x[i] = arr
+    for p, err in errors:
+        print(f"warning: skipped unreadable image {p}: {err}", file=sys.stderr)
+    x = x[keep]
+    if use_cache:
+        cpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cpath.with_suffix(".tmp.npz")
+        np.savez(tmp, x=x, keep=keep)
+        tmp.replace(cpath)
+    return x, np.array([it.label for it in items])[keep], [it for it, k in zip(items, keep) if k], errors
+
+
+# ---------------------------------------------------------------- augmentation (on batches, in torch)
+
+def _hue_rotate(x, angle):
+    """Rotate hue by `angle` radians per sample (N,) on RGB in [0,1] via the YIQ colour space."""
+    c, s = torch.cos(angle), torch.sin(angle)
+    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    from_yiq = torch.linalg.inv(to_yiq)
+    rot = torch.zeros(len(angle), 3, 3, dtype=x.dtype)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+    m = from_yiq @ rot @ to_yiq  # (N,3,3)
+    return torch.einsum("nij,njhw->nihw", m, x)
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Cells have no orientation and smears differ in stain colour: flips, 90-degree rotations and
+    brightness / contrast / saturation / hue jitter. x: (N,3,H,W) float in [0,1]."""
+    n = x.shape[0]
+    u = lambda lo, hi: torch.empty(n, 1, 1, 1).uniform_(lo, hi, generator=g)  # noqa: E731
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    k = torch.randint(0, 4, (n,), generator=g)
+    x = torch.stack([torch.rot90(xi, int(ki), (1, 2)) for xi, ki in zip(x, k)])
+    x = x * u(0.75, 1.25)                                            # brightness
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * u(0.75, 1.25) + mean                            # contrast
+    gray = (x * x.new_tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
+    x = gray + (x - gray) * u(0.6, 1.4)                              # saturation
+    x = _hue_rotate(x, torch.empty(n).uniform_(-0.35, 0.35, generator=g))  # hue, +-20 degrees
+    return x.clamp_(0, 1)
+
+
+def to_input(xb_uint8: np.ndarray, mean, std, g: torch.Generator | None = None) -> torch.Tensor:
+    x = torch.from_numpy(xb_uint8).permute(0, 3, 1, 2).float().div_(255)
+    if g is not None:
+        x = augment(x, g)
+    x = (x - torch.tensor(mean)[None, :, None, None]) / torch.tensor(std)[None, :, None, None]
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def predict_arrays(model, x_uint8: np.ndarray, mean, std, batch_size: int = 256, features: bool = False):
+    """Logits (and pooled features) for a uint8 array, in eval mode."""
+    model.eval()
+    logits, feats = [], []
+    for i in range(0, len(x_uint8), batch_size):
+        f = model.forward_features(to_input(x_uint8[i:i + batch_size], mean, std))
+        logits.append(model.forward_head(f))
+        if features:
+            feats.append(f.mean((2, 3)))
+    z = torch.cat(logits).numpy() if logits else np.zeros(0, np.float32)
+    return (z, torch.cat(feats).numpy()) if features else z
+
+
+# ---------------------------------------------------------------- not-a-cell score
+
+def fit_ood(train_feats: np.ndarray, train_y: np.ndarray, k: int = 64) -> dict:
+    """Class-conditional Mahalanobis distance in a probabilistic-PCA model of the training features.
+
+    score(f) = min_c sum_j ((f - mu_c) . v_j)^2 / lambda_j  +  |residual|^2 / sigma2
+    where v_j are the top-k principal directions (tied covariance), and the residual outside them
+    is scored with its mean variance sigma2. Returned as float32 arrays for the network to embed.
+    """
+    f = train_feats.astype(np.float64)
+    mus = np.stack([f[train_y == c].mean(0) for c in (0, 1)])
+    centered = f - mus[train_y]
+    cov = centered.T @ centered / max(len(f) - 2, 1)
+    evals, evecs = np.linalg.eigh(cov)
+    order = np.argsort(evals)[::-1]
+    evals, evecs = np.maximum(evals[order], 1e-8), evecs[:, order]
+    k = min(k, f.shape[1] - 1)
+    sigma2 = max(float(evals[k:].mean()), 1e-8)
+    return {"ood.means": mus.astype(np.float32), "ood.proj": evecs[:, :k].astype(np.float32),
+            "ood.inv_var": (1.0 / evals[:k]).astype(np.float32),
+            "ood.inv_sigma2": np.array([1.0 / sigma2], np.float32)}
+
+
+def ood_score_np(feats: np.ndarray, ood: dict) -> np.ndarray:
+    """NumPy twin of the in-graph score (used at training time to set the threshold)."""
+    d = feats[:, None, :].astype(np.float64) - ood["ood.means"][None].astype(np.float64)  # (N,2,D)
+    z = d @ ood["ood.proj"].astype(np.float64)                                             # (N,2,k)
+    inside = (z ** 2 * ood["ood.inv_var"]).sum(-1)
+    resid = (d ** 2).sum(-1) - (z ** 2).sum(-1)
+    return (inside + resid * float(ood["ood.inv_sigma2"][0])).min(1)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def save_checkpoint(path: Path, model, record: Record, extra_tensors: dict | None = None) -> None:
+    """Weights (+ optional arrays) as safetensors; the Record in its metadata and in a JSON sidecar."""
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for k, v in (extra_tensors or {}).items():
+        tensors[k] = torch.as_tensor(v).contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"record": record.to_json(), "format": "malaria-detect/1"})
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(json.loads(record.to_json()), indent=1) + "\n")
+
+
+def load_checkpoint(path: str | Path):
+    """-> (model in eval mode, Record, extra arrays). Every weight key must match (strict)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no checkpoint (train one with 'malaria-detect train')")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "record" not in meta:
+        raise ValueError(f"{path}: not a malaria-detect checkpoint (no record in its metadata)")
+    record = Record.from_json(meta["record"])
+    tensors = load_file(str(path))
+    extra = {k: v.numpy() for k, v in tensors.items() if k.startswith("ood.")}
+    model = create_model(record.arch, pretrained=False)
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("ood.")}, strict=True)
+    return model.eval(), record, extra
+
+
+def _save_resume(run: Path, model, opt, state: dict) -> None:
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    for i, s in opt_state["state"].items():
+        for k, v in s.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).contiguous()
+    tmp = run / "last.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(run / "last.safetensors")
+    (run / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def _load_resume(run: Path, model, opt) -> dict:
+    tensors = load_file(str(run / "last.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            sd["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(sd)
+    return json.loads((run / "state.json").read_text())
+
+
+# ---------------------------------------------------------------- the loop
+
+def _optimizer(model, cfg: TrainConfig, stage: str):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if stage == "head":
+        params = list(model.head.parameters())
+        lr = cfg.lr_head
+    else:
+        body = model.backbone_parameters() if cfg.finetune_blocks == 0 or not hasattr(model, "top_parameters") \
+            else model.top_parameters(cfg.finetune_blocks)
+        params = body + list(model.head.parameters())
+        lr = cfg.lr
+    for p in params:
+        p.requires_grad_(True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay), lr
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    run = Path(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if resume:
+        if not (run / "state.json").exists():
+            raise D.DataError(f"{run}: nothing to resume (no state.json); start without --resume")
+        saved = json.loads((run / "config.json").read_text())
+        cfg = TrainConfig(**{**saved, "data": cfg.data or saved["data"]})
+    elif (run / "state.json").exists():
+        raise D.DataError(f"{run} already holds a run; use --resume to continue it or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    if cfg.model == "simple_cnn":
+        cfg.pretrained, cfg.head_epochs = False, 0
+    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    # --- data and the patient-disjoint split
+    items = D.find_images(cfg.data, cfg.patients_csv)
+    split_path = run / "split.json"
+    if resume or cfg.split_file:
+        parts = D.load_split(split_path if resume else cfg.split_file)
+        if not resume:
+            D.save_split(parts, split_path, source=str(cfg.split_file), seed=cfg.seed)
+    else:
+        parts = D.split_patients(items, tuple(cfg.split), cfg.seed)
+        D.save_split(parts, split_path, fractions=cfg.split, seed=cfg.seed, data_fingerprint=D.fingerprint(items))
+    split_sha = D.file_sha256(split_path)
+    D.assert_disjoint(parts)
+    tr_items, va_items = D.select(items, parts["train"]), D.select(items, parts["val"])
+    if not tr_items or not va_items:
+        raise D.DataError("the split left no training or no validation images; add patients or change --split")
+    if cfg.max_train_images and len(tr_items) > cfg.max_train_images:
+        rng = np.random.default_rng(cfg.seed)
+        tr_items = [tr_items[i] for i in sorted(rng.choice(len(tr_items), cfg.max_train_images, replace=False))]
+    print(f"data: {len(items)} images, {len({i.patient for i in items})} patients; "
+          f"train {len(tr_items)} images / {len(parts['train'])} patients, "
+          f"val {len(va_items)} / {len(parts['val'])}, test patients held out: {len(parts['test'])}", flush=True)
+    xtr, ytr, tr_items, _ = load_arrays(tr_items, cfg.image_size, cfg.workers, "decoding train")
+    xva, yva, va_items, _ = load_arrays(va_items, cfg.image_size, cfg.workers, "decoding val")
+
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.model in LITE_VARIANTS else ((0.5,) * 3, (0.5,) * 3)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, dropout=cfg.dropout)
+    model = model.to(memory_format=torch.channels_last)
+
+    stages = [("head", cfg.head_epochs)] * (cfg.head_epochs > 0) + [("finetune", cfg.epochs)]
+    plan = [(s, e) for s, n in stages for e in range(n)]  # one entry per epoch
+    state = {"next": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "stopped": False}
+    opt, stage = None, None
+    if resume:
+        stage = plan[min(json.loads((run / "state.json").read_text())["next"], len(plan)) - 1][0]
+        opt, _ = _optimizer(model, cfg, stage)
+        state = _load_resume(run, model, opt)
+        print(f"resuming {run} at epoch {state['next'] + 1}/{len(plan)}", flush=True)
+
+    steps_per_epoch = math.ceil(len(xtr) / cfg.batch_size)
+    t_start = time.time() - state.get("seconds", 0.0)
+    while state["next"] < len(plan) and not state["stopped"]:
+        ep = state["next"]
+        s, e_in_stage = plan[ep]
+        if s != stage:
+            opt, base_lr = _optimizer(model, cfg, s)
+            stage = s
+        base_lr = cfg.lr_head if s == "head" else cfg.lr
+        n_stage = dict(stages)[s]
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + ep)  # deterministic per epoch: resume-safe
+        order = torch.randperm(len(xtr), generator=g).numpy()
+        model.train()
+        if s == "head":
+            model.eval()            # frozen backbone keeps its ImageNet batch-norm statistics
+            model.head.train()
+        total, seen, t0 = 0.0, 0, time.time()
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {ep + 1}/{len(plan)} {s}", unit="batch",
+                   disable=not progress, leave=False)
+        for step in bar:
+            # cosine decay over the stage, linear warm-up over the first 100 steps of fine-tuning
+            t = (e_in_stage * steps_per_epoch + step) / max(n_stage * steps_per_epoch, 1)
+            lr = base_lr * 0.5 * (1 + math.cos(math.pi * t))
+            if s == "finetune" and cfg.pretrained and e_in_stage == 0:
+                lr *= min(1.0, (step + 1) / 100)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            xb = to_input(xtr[idx], mean, std, g)
+            yb = torch.from_numpy(ytr[idx]).float()
+            target = yb * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+            loss = F.binary_cross_entropy_with_logits(model(xb), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{lr:.1e}")
+        bar.close()
+        z = predict_arrays(model, xva, mean, std)
+        vm = M.binary_metrics(yva, M.sigmoid(z))
+        row = {"epoch": ep + 1, "stage": s, "train_loss": total / seen, "val_auc": vm["roc_auc"],
+               "val_accuracy": vm["accuracy"], "val_balanced_accuracy": vm["balanced_accuracy"],
+               "seconds": round(time.time() - t0, 1)}
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"epoch {ep + 1}/{len(plan)} [{s}] loss {row['train_loss']:.4f}  val auc {vm['roc_auc']:.4f} "
+              f"acc {vm['accuracy']:.4f}  ({row['seconds']:.0f}s)", flush=True)
+        if vm["roc_auc"] > state["best_auc"]:
+            state.update(best_auc=vm["roc_auc"], best_epoch=ep + 1, bad_epochs=0)
+            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                      str(run / "best_weights.safetensors"))
+        elif s == "finetune":
+            state["bad_epochs"] += 1
+            if state["bad_epochs"] >= cfg.patience:
+                print(f"early stopping: no validation improvement for {cfg.patience} epochs", flush=True)
+                state["stopped"] = True
+        state["next"] = ep + 1
+        state["seconds"] = time.time() - t_start
+        _save_resume(run, model, opt, state)
+
+    # --- finalize: best weights -> calibration, threshold, not-a-cell statistics, self-describing record
+    model.load_state_dict(load_file(str(run / "best_weights.safetensors")), strict=True)
+    z_va, f_va = predict_arrays(model, xva, mean, std, features=True)
+    T = M.fit_temperature(z_va, yva)
+    p_va = M.sigmoid(z_va / T)
+    if cfg.target_sensitivity:
+        thr, rule = M.threshold_for_sensitivity(yva, p_va, cfg.target_sensitivity), \
+            f"sensitivity >= {cfg.target_sensitivity} on validation"
+    else:
+        thr, rule = M.threshold_max_balanced_accuracy(yva, p_va), "max balanced accuracy on validation"
+    n_fit = min(len(xtr), 6000)
+    sub = np.random.default_rng(cfg.seed).choice(len(xtr), n_fit, replace=False)
+    _, f_tr = predict_arrays(model, xtr[sub], mean, std, features=True)
+    ood = fit_ood(f_tr, ytr[sub])
+    s_va = ood_score_np(f_va, ood)
+    ood_thr = float(np.quantile(s_va, 0.98))  # 98% of validation cells pass
+    val = M.binary_metrics(yva, p_va, thr)
+    record = Record(
+        arch=cfg.model, input_size=cfg.image_size, mean=tuple(mean), std=tuple(std),
+        threshold=thr, temperature=T, ood_threshold=ood_thr,
+        extra={
+            "threshold_rule": rule,
+            "val_metrics": {k: v for k, v in val.items()},
+            "val_ece": M.ece(yva, p_va), "val_ece_uncalibrated": M.ece(yva, M.sigmoid(z_va)),
+            "val_ood_pass_rate": float((s_va <= ood_thr).mean()),
+            "best_epoch": state["best_epoch"], "epochs_run": state["next"],
+            "train_seconds": round(state.get("seconds", 0.0), 1),
+            "split": parts, "split_sha256": split_sha, "data_fingerprint": D.fingerprint(items),
+            "n_train_images": len(xtr), "n_val_images": len(xva),
+            "config": asdict(cfg), "git_commit": git_commit(), "torch": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+    save_checkpoint(run / "best.safetensors", model, record, ood)
+    print(f"best epoch {state['best_epoch']}: val auc {val['roc_auc']:.4f}, accuracy {val['accuracy']:.4f} at "
+          f"threshold {thr:.3f} (T={T:.2f}); checkpoint {run / 'best.safetensors'}", flush=True)
+    return run / "best.safetensors"
