@@ -8,13 +8,20 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import random
 import re
+import sys
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .preprocess import ImageError, load_uint8
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 # Folder names accepted for each class (matched case-insensitively).
@@ -200,6 +207,59 @@ def fingerprint(items: list[Item]) -> str:
     return h.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------- data to arrays
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MALARIA_DETECT_CACHE", Path.home() / ".cache" / "malaria-detect"))
+
+
+def load_arrays(items: list[Item], size: int, workers: int = 2, desc: str = "decoding",
+                use_cache: bool = True, progress: bool = True):
+    """Decode and resize every image once -> (uint8 N,S,S,3 array, labels, kept items, errors).
+
+    Cached on disk by a hash of (absolute path, size, mtime, resize size) so later runs start fast.
+    Unreadable images are reported and skipped.
+    """
+    key = hashlib.sha256()
+    for it in items:
+        st = it.path.stat() if it.path.exists() else None
+        key.update(f"{it.path.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
+    key.update(f"size={size}".encode())
+    cpath = cache_dir() / f"cells-{key.hexdigest()[:20]}.npz"
+    if use_cache and cpath.exists():
+        z = np.load(cpath, allow_pickle=False)
+        keep = z["keep"]
+        errors = [(items[i].path, "unreadable (cached)") for i in np.nonzero(~keep)[0]]
+        return z["x"], np.array([it.label for it in items])[keep], [it for it, k in zip(items, keep) if k], errors
+
+    def one(it):
+        try:
+            return load_uint8(it.path, size), None
+        except ImageError as e:
+            return None, str(e)
+
+    x = np.zeros((len(items), size, size, 3), np.uint8)
+    keep = np.ones(len(items), bool)
+    errors = []
+    with ThreadPoolExecutor(workers) as ex:
+        for i, (arr, err) in enumerate(tqdm(ex.map(one, items), total=len(items), desc=desc, unit="img",
+                                            leave=False, disable=not progress)):
+            if err:
+                keep[i] = False
+                errors.append((items[i].path, err))
+            else:
+                x[i] = arr
+    for p, err in errors:
+        print(f"warning: skipped unreadable image {p}: {err}", file=sys.stderr)
+    x = x[keep]
+    if use_cache:
+        cpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cpath.with_suffix(".tmp.npz")
+        np.savez(tmp, x=x, keep=keep)
+        tmp.replace(cpath)
+    return x, np.array([it.label for it in items])[keep], [it for it, k in zip(items, keep) if k], errors
+
+
 # ---------------------------------------------------------------- check-data
 
 def _inspect(path: Path):
@@ -216,8 +276,7 @@ def _inspect(path: Path):
 
 def check_data(root: str | Path, patient_csv=None, workers: int = 2, progress: bool = True) -> dict:
     """Counts per class and patient, unreadable files, exact duplicates (pixel hash), size statistics."""
-    import numpy as np
-    from tqdm import tqdm
+
 
     items = find_images(root, patient_csv)
     by_path = {it.path: it for it in items}
@@ -266,7 +325,7 @@ def download(dest: str | Path, url: str = NIH_URL, sha256: str | None = NIH_SHA2
     import urllib.request
     import zipfile
 
-    from tqdm import tqdm
+
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,7 @@ class EfficientNetLite(nn.Module):
 class SimpleCNN(nn.Module):
     """From-scratch baseline: four conv-BN-ReLU stages, same GAP + linear head."""
 
-    def __init__(self, widths=(32, 64, 128, 256), dropout: float = 0.2):
+    def __init__(self, widths=(16, 32, 64, 128), dropout: float = 0.2):
         super().__init__()
         layers, cin = [], 3
         for w in widths:

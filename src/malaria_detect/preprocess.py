@@ -48,8 +48,11 @@ class Record:
         return cls(**d)
 
 
-def open_rgb(src) -> Image.Image:
-    """Open a path, bytes or file object as an RGB image; raises ImageError with a clear message."""
+def open_rgb(src, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open a path, bytes or file object as an RGB image; raises ImageError with a clear message.
+
+    The pixel count is checked from the header, before anything is decoded, so a small file that
+    declares a huge image (a decompression bomb) is refused without allocating it."""
     try:
         if isinstance(src, (bytes, bytearray)):
             if not src:
@@ -59,8 +62,8 @@ def open_rgb(src) -> Image.Image:
             raise ImageError("empty file (0 bytes)")
         with Image.open(src) as im:
             w, h = im.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise ImageError(f"image too large: {w}x{h} pixels (limit {MAX_IMAGE_PIXELS:,})")
+            if w * h > max_pixels:
+                raise ImageError(f"image too large: {w}x{h} pixels (limit {max_pixels:,})")
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (0, 0, 0, 255))  # NIH crops have a black surround

@@ -13,14 +13,10 @@ Run directory layout (runs/NAME/):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +29,8 @@ from tqdm import tqdm
 from . import data as D
 from . import metrics as M
 from .models import IMAGENET_MEAN, IMAGENET_STD, LITE_VARIANTS, create_model
-from .preprocess import ImageError, Record, load_uint8
+from .data import load_arrays
+from .preprocess import Record
 
 
 @dataclass
@@ -61,59 +58,6 @@ class TrainConfig:
     target_sensitivity: float | None = None  # else threshold = max balanced accuracy on validation
     workers: int = 2
     threads: int = 0              # torch threads (0 = all cores)
-
-
-# ---------------------------------------------------------------- data to arrays
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MALARIA_DETECT_CACHE", Path.home() / ".cache" / "malaria-detect"))
-
-
-def load_arrays(items: list[D.Item], size: int, workers: int = 2, desc: str = "decoding",
-                use_cache: bool = True):
-    """Decode and resize every image once -> (uint8 N,S,S,3 array, labels, kept items, errors).
-
-    Cached on disk by a hash of (absolute path, size, mtime, resize size) so later runs start fast.
-    Unreadable images are reported and skipped.
-    """
-    key = hashlib.sha256()
-    for it in items:
-        st = it.path.stat() if it.path.exists() else None
-        key.update(f"{it.path.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
-    key.update(f"size={size}".encode())
-    cpath = cache_dir() / f"cells-{key.hexdigest()[:20]}.npz"
-    if use_cache and cpath.exists():
-        z = np.load(cpath, allow_pickle=False)
-        keep = z["keep"]
-        errors = [(items[i].path, "unreadable (cached)") for i in np.nonzero(~keep)[0]]
-        return z["x"], np.array([it.label for it in items])[keep], [it for it, k in zip(items, keep) if k], errors
-
-    def one(it):
-        try:
-            return load_uint8(it.path, size), None
-        except ImageError as e:
-            return None, str(e)
-
-    x = np.zeros((len(items), size, size, 3), np.uint8)
-    keep = np.ones(len(items), bool)
-    errors = []
-    with ThreadPoolExecutor(workers) as ex:
-        for i, (arr, err) in enumerate(tqdm(ex.map(one, items), total=len(items), desc=desc, unit="img",
-                                            leave=False)):
-            if err:
-                keep[i] = False
-                errors.append((items[i].path, err))
-            else:
-                x[i] = arr
-    for p, err in errors:
-        print(f"warning: skipped unreadable image {p}: {err}", file=sys.stderr)
-    x = x[keep]
-    if use_cache:
-        cpath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cpath.with_suffix(".tmp.npz")
-        np.savez(tmp, x=x, keep=keep)
-        tmp.replace(cpath)
-    return x, np.array([it.label for it in items])[keep], [it for it, k in zip(items, keep) if k], errors
 
 
 # ---------------------------------------------------------------- augmentation (on batches, in torch)

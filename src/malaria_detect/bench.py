@@ -1,0 +1,101 @@
+"""`malaria-detect benchmark`: latency and throughput on this CPU for ONNX fp32, ONNX int8 and
+PyTorch eager, side by side in one run, with each one's accuracy on the labelled sample."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data as D
+from . import metrics as M
+
+REPO_SAMPLE = Path(__file__).resolve().parents[2] / "samples"
+
+
+def _latency(fn, x1, n=200, warmup=20):
+    for _ in range(warmup):
+        fn(x1)
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn(x1)
+        ts.append(time.perf_counter() - t)
+    return float(np.percentile(ts, 50) * 1e3), float(np.percentile(ts, 95) * 1e3)
+
+
+def _throughput(fn, x, batch=64, min_seconds=3.0):
+    fn(x[:batch])
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        for i in range(0, len(x), batch):
+            fn(x[i:i + batch])
+            n += len(x[i:i + batch])
+    return n / (time.perf_counter() - t0)
+
+
+def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_latency: int = 200) -> dict:
+    from .predict import Predictor, bundled_model_path
+
+    sample = Path(sample) if sample else REPO_SAMPLE
+    items = D.find_images(sample)
+    fp32 = Predictor.load(model)
+    rec = fp32.record
+    x, y, kept, _ = D.load_arrays(items, rec.input_size, use_cache=False, progress=False)
+    engines = {"onnx fp32": fp32}
+    int8_path = Path(int8_model) if int8_model else bundled_model_path().with_name("malaria_lite0_int8.onnx")
+    if int8_path.exists():
+        engines["onnx int8"] = Predictor.load(int8_path)
+    rows = []
+    for name, pred in engines.items():
+        p = pred.probability(pred.run(x)[0])
+        acc = M.binary_metrics(y, p, pred.record.threshold)["accuracy"]
+        p50, p95 = _latency(lambda a: pred.run(a), x[:1], n_latency)
+        thr = _throughput(lambda a: pred.run(a), x)
+        t = time.perf_counter()
+        pred.predict([it.path for it in kept], workers=2)
+        e2e = len(kept) / (time.perf_counter() - t)
+        rows.append({"engine": name, "file": pred.path.name, "size_mb": round(pred.path.stat().st_size / 2**20, 2),
+                     "accuracy_sample": acc, "latency_p50_ms": p50, "latency_p95_ms": p95,
+                     "throughput_cells_s": thr, "end_to_end_files_cells_s": e2e})
+    ckpt = checkpoint or os.environ.get("MALARIA_DETECT_CHECKPOINT")
+    try:
+        import torch
+
+        from .export import ExportWrapper
+        from .preprocess import normalize
+        from .train import load_checkpoint
+    except ImportError:
+        torch = None
+    if torch is not None and ckpt and Path(ckpt).exists():
+        model_t, rec_t, ood = load_checkpoint(ckpt)
+        w = ExportWrapper(model_t, ood).eval()
+
+        def run_t(a):
+            with torch.inference_mode():
+                return w(torch.from_numpy(normalize(a, rec_t)))
+
+        z = np.concatenate([run_t(x[i:i + 128])[0].numpy() for i in range(0, len(x), 128)])
+        acc = M.binary_metrics(y, M.sigmoid(z / rec_t.temperature), rec_t.threshold)["accuracy"]
+        p50, p95 = _latency(run_t, x[:1], n_latency)
+        rows.append({"engine": "pytorch eager", "file": Path(ckpt).name,
+                     "size_mb": round(Path(ckpt).stat().st_size / 2**20, 2), "accuracy_sample": acc,
+                     "latency_p50_ms": p50, "latency_p95_ms": p95, "throughput_cells_s": _throughput(run_t, x),
+                     "end_to_end_files_cells_s": None})
+    return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "input_size": rec.input_size, "n_sample": len(x), "sample": str(sample), "rows": rows}
+
+
+def format_benchmark(r: dict) -> str:
+    lines = [f"{r['n_sample']} sample cells at {r['input_size']}px on {r['machine']}",
+             f"| engine | model file | MB | accuracy (sample) | latency p50 ms | p95 ms | batch cells/s | "
+             f"files->CSV cells/s |", "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        e2e = row["end_to_end_files_cells_s"]
+        lines.append(f"| {row['engine']} | {row['file']} | {row['size_mb']} | {row['accuracy_sample']:.4f} | "
+                     f"{row['latency_p50_ms']:.2f} | {row['latency_p95_ms']:.2f} | {row['throughput_cells_s']:.0f} | "
+                     f"{'' if e2e is None else f'{e2e:.0f}'} |")
+    return "\n".join(lines)

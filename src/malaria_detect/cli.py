@@ -1,0 +1,302 @@
+"""The `malaria-detect` command: thin argument parsing around the modules."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import warnings
+from pathlib import Path
+
+DESCRIPTION = """\
+malaria-detect: is a red blood cell in a Giemsa-stained thin-smear image parasitized or uninfected?
+A research and screening aid, not a diagnosis.
+
+Typical use:
+  malaria-detect predict cells/ --csv results.csv      classify every image in a folder (no PyTorch needed)
+  malaria-detect serve                                 web app and REST API at http://127.0.0.1:8000
+  malaria-detect evaluate --data DIR                   honest figures on patients the model never saw
+  malaria-detect train --data DIR --out runs/NAME      train your own model (needs the [train] extra)
+"""
+
+
+def _add_common_model(p, help_extra=""):
+    p.add_argument("--model", default=None,
+                   help="model file (.onnx, or a training checkpoint .safetensors / run folder); "
+                        "default: the bundled model" + help_extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="malaria-detect", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="classify cell images (files and folders, recursively)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--model", default=None, help="ONNX model; default: the bundled model")
+    p.add_argument("--csv", default=None, help="write one row per image: path,label,p_parasitized,ood,error")
+    p.add_argument("--heatmaps", default=None, metavar="DIR", help="write a heatmap overlay PNG per image here")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations (8x slower)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
+    p = sub.add_parser("evaluate", help="metrics, CIs and plots on a labelled folder (patient-disjoint)")
+    _add_common_model(p)
+    p.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/ subfolders")
+    p.add_argument("--split", default="test", choices=["test", "val", "all"],
+                   help="test: the model's held-out test patients (default); all: every image (external data)")
+    p.add_argument("--out", default=None, help="folder for report.json and PNG plots")
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    p.add_argument("--patients", default=None, help="CSV file,patient for data without NIH file names")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over patients (0 = no CIs)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (ONNX models)")
+
+    p = sub.add_parser("train", help="train a model (transfer learning or the scratch baseline)")
+    p.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/ subfolders")
+    p.add_argument("--out", required=True, help="run folder, e.g. runs/lite0")
+    p.add_argument("--model", default="efficientnet_lite0",
+                   choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "simple_cnn"])
+    p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--head-epochs", type=int, default=1, help="stage 1: frozen backbone, head only")
+    p.add_argument("--epochs", type=int, default=6, help="stage 2: fine-tuning epochs")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
+    p.add_argument("--lr-head", type=float, default=3e-3)
+    p.add_argument("--finetune-blocks", type=int, default=0, help="0 = all layers; N = only the top N blocks")
+    p.add_argument("--patience", type=int, default=3, help="early stopping patience (epochs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", type=float, nargs=3, default=[0.7, 0.1, 0.2], metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of patients (default 0.7 0.1 0.2)")
+    p.add_argument("--split-file", default=None, help="reuse a saved split.json (same test patients)")
+    p.add_argument("--patients", default=None, help="CSV file,patient for data without NIH file names")
+    p.add_argument("--max-train-images", type=int, default=0, help="subsample training images (quick runs)")
+    p.add_argument("--target-sensitivity", type=float, default=None,
+                   help="set the threshold for this validation sensitivity (default: max balanced accuracy)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out from its last epoch")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+
+    p = sub.add_parser("export", help="checkpoint -> ONNX (+ int8), re-validated with ONNX Runtime")
+    p.add_argument("--checkpoint", required=True, help="run folder or .safetensors checkpoint")
+    p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--int8", action="store_true", help="write a statically quantized int8 model")
+    p.add_argument("--data", default=None, help="training data folder (validation patients for --int8 and "
+                                                "--target-sensitivity, and for re-validation)")
+    p.add_argument("--sample", default=None, help="folder of images to re-validate ONNX vs PyTorch on")
+    p.add_argument("--target-sensitivity", type=float, default=None)
+
+    p = sub.add_parser("cv", help="patient-grouped k-fold cross-validation (mean +- sd of every metric)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--model", default="efficientnet_lite0",
+                   help="an architecture to train per fold (efficientnet_lite0, simple_cnn, ...) or a model "
+                        "file (.onnx/.safetensors) to score per patient fold")
+    p.add_argument("--out", default="runs/cv")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--head-epochs", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--max-train-images", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("check-data", help="counts per class and patient, unreadable files, duplicates, sizes")
+    p.add_argument("data")
+    p.add_argument("--patients", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("download", help="download the public NIH cell_images.zip and unpack it")
+    p.add_argument("dest", help="folder to unpack into")
+    p.add_argument("--url", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--sha256", default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("serve", help="web app + REST API (default http://127.0.0.1:8000)")
+    p.add_argument("--model", default=None, help="ONNX model; default: the bundled model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+    p = sub.add_parser("benchmark", help="latency and throughput: ONNX fp32, ONNX int8, PyTorch")
+    p.add_argument("--model", default=None, help="ONNX model; default: the bundled model")
+    p.add_argument("--int8-model", default=None, help="int8 ONNX model to compare (default: the bundled one)")
+    p.add_argument("--checkpoint", default=None, help="torch checkpoint for the PyTorch eager column")
+    p.add_argument("--sample", default=None, help="labelled image folder (default: the bundled sample)")
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_predict(a):
+    from tqdm import tqdm
+
+    from .predict import Predictor, heatmap_overlay, iter_image_paths
+
+    pred = Predictor.load(a.model)
+    paths = list(iter_image_paths(a.paths))
+    if not paths:
+        raise SystemExit("error: no images found in " + " ".join(a.paths))
+    with tqdm(total=len(paths), desc="predicting", unit="img", disable=a.json or not sys.stderr.isatty()) as bar:
+        results = pred.predict(paths, batch_size=a.batch_size, tta=a.tta, heatmaps=bool(a.heatmaps),
+                               workers=a.workers, progress=bar)
+    if a.heatmaps:
+        hdir = Path(a.heatmaps)
+        hdir.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(results):
+            if r.cam is not None:
+                name = f"{i:05d}_{Path(r.source).stem}_heatmap.png"
+                heatmap_overlay(r.source, r.cam).save(hdir / name)
+    rows = [r.row() for r in results]
+    if a.csv:
+        with open(a.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["path", "label", "p_parasitized", "ood", "error"])
+            w.writeheader()
+            w.writerows(rows)
+    ok = [r for r in results if not r.error]
+    n_par = sum(r.label == "Parasitized" for r in ok)
+    n_ood = sum(bool(r.ood) for r in ok)
+    summary = {"images": len(results), "Parasitized": n_par, "Uninfected": len(ok) - n_par,
+               "parasitized_fraction": n_par / len(ok) if ok else None, "not_a_cell": n_ood,
+               "errors": len(results) - len(ok)}
+    if a.json:
+        print(json.dumps({"results": rows, "summary": summary}, indent=1))
+        return 0
+    if not a.csv or len(rows) <= 20:
+        for r in rows:
+            msg = f"ERROR {r['error']}" if r["error"] else \
+                f"{r['label']:<12} p={float(r['p_parasitized']):.3f}" + ("  NOT A CELL?" if r["ood"] == "true" else "")
+            print(f"{r['path']}\t{msg}")
+    frac = f"{summary['parasitized_fraction']:.1%}" if ok else "n/a"
+    print(f"\n{summary['images']} images: {n_par} Parasitized, {len(ok) - n_par} Uninfected "
+          f"(parasitized fraction {frac}); {n_ood} flagged as not a cell; {summary['errors']} unreadable"
+          + (f"\nresults written to {a.csv}" if a.csv else "")
+          + (f"\nheatmaps written to {a.heatmaps}" if a.heatmaps else ""))
+    return 0
+
+
+def cmd_evaluate(a):
+    from .evaluate import evaluate, format_report
+
+    r = evaluate(a.model, a.data, a.split, a.out, a.patients, n_boot=a.bootstrap, tta=a.tta,
+                 progress=not a.json)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(format_report(r))
+        if a.out:
+            print(f"report and plots written to {a.out}")
+    return 0
+
+
+def cmd_train(a):
+    try:
+        from .train import TrainConfig, train
+    except ImportError as e:
+        raise SystemExit(f"error: training needs PyTorch: pip install 'malaria-detect[train]' ({e})")
+    cfg = TrainConfig(data=a.data, out=a.out, model=a.model, pretrained=not a.no_pretrained,
+                      image_size=a.image_size, batch_size=a.batch_size, head_epochs=a.head_epochs,
+                      epochs=a.epochs, lr=a.lr, lr_head=a.lr_head, finetune_blocks=a.finetune_blocks,
+                      patience=a.patience, seed=a.seed, split=list(a.split), split_file=a.split_file,
+                      patients_csv=a.patients, max_train_images=a.max_train_images,
+                      target_sensitivity=a.target_sensitivity, threads=a.threads)
+    if cfg.head_epochs == 0 and cfg.epochs == 0:
+        raise SystemExit("error: nothing to train (--head-epochs 0 --epochs 0)")
+    train(cfg, resume=a.resume, progress=sys.stderr.isatty())
+    return 0
+
+
+def cmd_export(a):
+    from .export import export
+
+    r = export(a.checkpoint, a.out, int8=a.int8, target_sensitivity=a.target_sensitivity,
+               sample_dir=a.sample, data_dir=a.data)
+    print(json.dumps(r, indent=1))
+    return 0
+
+
+def cmd_cv(a):
+    from .cv import cross_validate, format_cv
+
+    r = cross_validate(a.data, a.folds, a.model, a.out, epochs=a.epochs, head_epochs=a.head_epochs,
+                       image_size=a.image_size, max_train_images=a.max_train_images, seed=a.seed)
+    print(json.dumps(r) if a.json else format_cv(r))
+    return 0
+
+
+def cmd_check_data(a):
+    from .data import check_data
+
+    r = check_data(a.data, a.patients, progress=not a.json and sys.stderr.isatty())
+    if a.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    print(f"{r['root']}: {r['n_images']} images, {r['n_patients']} patients")
+    for k, v in r["per_class"].items():
+        print(f"  {k:<12} {v}")
+    infected = sum(1 for c in r["per_patient"].values() if c["Parasitized"])
+    print(f"  patients with parasitized cells: {infected}; healthy-only: {r['n_patients'] - infected}")
+    if r["patients_without_id"]:
+        print(f"  WARNING: {r['patients_without_id']} images have no patient id: splits cannot be patient-disjoint")
+    w, h = r["size"]["width"], r["size"]["height"]
+    print(f"  width min/median/max {w[0]}/{w[1]:.0f}/{w[2]}, height {h[0]}/{h[1]:.0f}/{h[2]}")
+    print(f"  unreadable: {len(r['unreadable'])}")
+    for b in r["unreadable"][:20]:
+        print(f"    {b['file']}: {b['error']}")
+    print(f"  exact duplicate groups (same pixels): {len(r['duplicate_groups'])}, "
+          f"with conflicting labels: {len(r['duplicates_with_conflicting_labels'])}")
+    for g in r["duplicate_groups"][:10]:
+        print("    " + "  =  ".join(g))
+    return 0
+
+
+def cmd_download(a):
+    from .data import NIH_SHA256, NIH_URL, download
+
+    folder = download(a.dest, a.url or NIH_URL, a.sha256 or NIH_SHA256)
+    print(f"dataset ready in {folder}")
+    return 0
+
+
+def cmd_serve(a):
+    from .serve.app import run
+
+    run(model=a.model, host=a.host, port=a.port)
+    return 0
+
+
+def cmd_benchmark(a):
+    from .bench import format_benchmark, run_benchmark
+
+    r = run_benchmark(a.model, a.int8_model, a.checkpoint, a.sample)
+    print(json.dumps(r, indent=1) if a.json else format_benchmark(r))
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "evaluate": cmd_evaluate, "train": cmd_train, "export": cmd_export,
+            "cv": cmd_cv, "check-data": cmd_check_data, "download": cmd_download, "serve": cmd_serve,
+            "benchmark": cmd_benchmark}
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if not a.command:
+        ap.print_help()
+        return 2
+    from .data import DataError
+    from .preprocess import ImageError
+
+    warnings.simplefilter("always", UserWarning)
+    warnings.formatwarning = lambda msg, cat, *args, **kw: f"WARNING: {msg}\n"
+    try:
+        return COMMANDS[a.command](a)
+    except (DataError, ImageError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

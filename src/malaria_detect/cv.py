@@ -1,0 +1,79 @@
+"""Patient-grouped k-fold cross-validation: mean +- sd of every metric over folds.
+
+With an architecture name, one model is trained per fold (needs torch): fold i's patients are the
+test set, a tenth of the other patients the validation set, the rest the training set.
+With a model file (.onnx / .safetensors) nothing is trained: the fixed model is scored on each
+patient fold, which shows how much its figures vary between groups of patients (folds holding
+patients it was trained on are flagged as leaked).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import data as D
+from .metrics import METRIC_NAMES
+
+
+def cross_validate(data_dir, folds: int = 5, model: str = "efficientnet_lite0", out="runs/cv", epochs: int = 6,
+                   head_epochs: int = 1, image_size: int = 96, max_train_images: int = 0, seed: int = 0,
+                   patients_csv=None, n_boot: int = 0) -> dict:
+    from .evaluate import Scorer, evaluate
+
+    items = D.find_images(data_dir, patients_csv)
+    fold_patients = D.kfold_patients(items, folds, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    is_file = Path(model).suffix in (".onnx", ".safetensors") or Path(model).is_dir()
+    scorer = Scorer(model) if is_file else None
+    per_fold = []
+    for i, test in enumerate(fold_patients):
+        if is_file:
+            r = evaluate(None, data_dir, patients=test, scorer=scorer, n_boot=n_boot, progress=False)
+        else:
+            from .train import TrainConfig, train
+
+            rest = sorted(set(p for f in fold_patients for p in f) - set(test))
+            inner = D.split_patients(D.select(items, rest), (0.9, 0.1, 0.0), seed + i)
+            parts = {"train": inner["train"], "val": inner["val"], "test": test}
+            D.assert_disjoint(parts)
+            run = out / f"fold{i + 1}"
+            run.mkdir(parents=True, exist_ok=True)
+            split_file = out / f"fold{i + 1}_split.json"
+            D.save_split(parts, split_file, fold=i + 1, folds=folds, seed=seed)
+            if not (run / "best.safetensors").exists():
+                if (run / "state.json").exists():
+                    train(TrainConfig(data=str(data_dir), out=str(run)), resume=True, progress=False)
+                else:
+                    train(TrainConfig(data=str(data_dir), out=str(run), model=model, image_size=image_size,
+                                      epochs=epochs, head_epochs=head_epochs, seed=seed, split_file=str(split_file),
+                                      max_train_images=max_train_images, patients_csv=patients_csv),
+                          progress=False)
+            r = evaluate(run / "best.safetensors", data_dir, split="test", n_boot=n_boot, progress=False,
+                         patients_csv=patients_csv)
+        r.pop("per_patient", None)
+        r["fold"] = i + 1
+        per_fold.append(r)
+        print(f"fold {i + 1}/{folds}: accuracy {r['accuracy']:.4f}  auc {r['roc_auc']:.4f}  "
+              f"({r['n_patients']} patients, {r['n_images']} images)", flush=True)
+    summary = {k: {"mean": float(np.nanmean([f[k] for f in per_fold])),
+                   "sd": float(np.nanstd([f[k] for f in per_fold], ddof=1))} for k in METRIC_NAMES}
+    leaked = sorted({p for f in per_fold for p in f.get("leaked_patients", [])})
+    result = {"model": str(model), "folds": folds, "data": str(data_dir), "summary": summary,
+              "per_fold": per_fold, "leaked_patients": leaked}
+    (out / "cv.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_cv(r: dict) -> str:
+    lines = [f"{r['folds']}-fold patient-grouped cross-validation of {r['model']} on {r['data']}",
+             f"{'metric':<18}{'mean':>8}{'sd':>8}"]
+    for k, v in r["summary"].items():
+        lines.append(f"{k:<18}{v['mean']:>8.4f}{v['sd']:>8.4f}")
+    if r["leaked_patients"]:
+        lines.append(f"WARNING: {len(r['leaked_patients'])} scored patients were used to train this model: "
+                     f"these figures are NOT honest")
+    return "\n".join(lines)

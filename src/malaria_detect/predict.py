@@ -1,0 +1,205 @@
+"""Torch-free prediction: ONNX Runtime + NumPy + Pillow.
+
+    pred = Predictor.load()                 # the bundled model; or Predictor.load("model.onnx")
+    results = pred.predict(["cell.png", ...], heatmaps=True)
+
+The preprocessing (input size, mean/std, class names, threshold, temperature, not-a-cell
+threshold) is read from the model file's metadata, never declared here.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .data import IMAGE_EXTENSIONS
+from .preprocess import ImageError, Record, normalize, open_rgb, resize_uint8
+
+BUNDLED_MODEL = "malaria_lite0.onnx"
+
+
+def bundled_model_path() -> Path:
+    return Path(str(resources.files("malaria_detect") / "assets" / BUNDLED_MODEL))
+
+
+@dataclass
+class Prediction:
+    source: str
+    label: str | None = None
+    p_parasitized: float | None = None
+    ood: bool | None = None
+    ood_score: float | None = None
+    error: str | None = None
+    cam: np.ndarray | None = field(default=None, repr=False)  # (h, w) class-activation map, raw
+
+    def row(self) -> dict:
+        return {"path": self.source, "label": self.label or "",
+                "p_parasitized": "" if self.p_parasitized is None else f"{self.p_parasitized:.6f}",
+                "ood": "" if self.ood is None else str(self.ood).lower(), "error": self.error or ""}
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+
+def iter_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Files as given, folders recursively (image extensions only), in a stable order."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            yield from sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            yield p  # a missing or non-image file is reported in its row
+
+
+class Predictor:
+    def __init__(self, session, record: Record, path: Path):
+        self.session, self.record, self.path = session, record, path
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, threads: int | None = None) -> "Predictor":
+        import onnxruntime as ort
+
+        path = Path(path) if path else bundled_model_path()
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: model file not found")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ValueError(f"{path}: not a valid ONNX model ({e})") from None
+        meta = session.get_modelmeta().custom_metadata_map
+        if "malaria_detect_record" not in meta:
+            raise ValueError(f"{path}: not a malaria-detect model (no preprocessing record in its metadata)")
+        return cls(session, Record.from_json(meta["malaria_detect_record"]), path)
+
+    # ------------------------------------------------------------ arrays
+
+    def run(self, x_uint8: np.ndarray, batch_size: int = 64):
+        """(N,S,S,3) uint8 at the model's input size -> (logits, cams, ood_scores)."""
+        outs = [self.session.run(None, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
+                for i in range(0, len(x_uint8), batch_size)]
+        if not outs:
+            s = self.record.input_size // 32
+            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32), np.zeros(0, np.float32)
+        return tuple(np.concatenate([o[j] for o in outs]) for j in range(3))
+
+    def run_tta(self, x_uint8: np.ndarray, batch_size: int = 64):
+        """Average logits and scores over the 8 flips/rotations of the square input (CAM: identity view)."""
+        logits, scores = [], []
+        cams = None
+        for k in range(4):
+            for flip in (False, True):
+                v = np.rot90(x_uint8, k, axes=(1, 2))
+                v = v[:, :, ::-1] if flip else v
+                z, c, s = self.run(np.ascontiguousarray(v), batch_size)
+                logits.append(z)
+                scores.append(s)
+                if cams is None:
+                    cams = c
+        return np.mean(logits, 0), cams, np.mean(scores, 0)
+
+    def probability(self, logits: np.ndarray) -> np.ndarray:
+        return _sigmoid(np.asarray(logits, np.float64) / self.record.temperature)
+
+    def decide(self, logits, ood_scores):
+        p = self.probability(logits)
+        labels = np.where(p >= self.record.threshold, self.record.class_names[1], self.record.class_names[0])
+        thr = self.record.ood_threshold
+        ood = np.zeros(len(p), bool) if thr is None else np.asarray(ood_scores) > thr
+        return p, labels, ood
+
+    # ------------------------------------------------------------ files
+
+    def _decode(self, src):
+        try:
+            img = open_rgb(src)
+            return resize_uint8(img, self.record.input_size), None
+        except ImageError as e:
+            return None, str(e)
+        except Exception as e:  # never let one file stop a batch
+            return None, f"{type(e).__name__}: {e}"
+
+    def predict(self, sources: Sequence, names: Sequence[str] | None = None, batch_size: int = 64,
+                tta: bool = False, heatmaps: bool = False, workers: int = 2, progress=None) -> list[Prediction]:
+        """Predict on paths, bytes or PIL-readable file objects. Decoding runs on `workers` threads,
+        overlapping with inference. Unreadable inputs get a Prediction with `error` set."""
+        names = list(names) if names is not None else [str(s) for s in sources]
+        results: list[Prediction] = []
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            decoded = ex.map(self._decode, sources)
+            batch, batch_names = [], []
+
+            def flush():
+                if not batch:
+                    return
+                x = np.stack(batch)
+                z, cam, s = self.run_tta(x, batch_size) if tta else self.run(x, batch_size)
+                p, labels, ood = self.decide(z, s)
+                for i, n in enumerate(batch_names):
+                    results.append(Prediction(n, str(labels[i]), float(p[i]), bool(ood[i]), float(s[i]),
+                                              cam=cam[i] if heatmaps else None))
+                    if progress:
+                        progress.update(1)
+                batch.clear()
+                batch_names.clear()
+
+            for name, (arr, err) in zip(names, decoded):
+                if err:
+                    results.append(Prediction(name, error=err))
+                    if progress:
+                        progress.update(1)
+                    continue
+                batch.append(arr)
+                batch_names.append(name)
+                if len(batch) >= batch_size:
+                    flush()
+            flush()
+        order = {n: i for i, n in enumerate(names)}
+        results.sort(key=lambda r: order.get(r.source, 0))
+        return results
+
+    def predict_one(self, src, heatmap: bool = False, tta: bool = False) -> Prediction:
+        return self.predict([src], names=[str(src) if isinstance(src, (str, Path)) else "image"],
+                            heatmaps=heatmap, tta=tta, workers=1)[0]
+
+
+# ---------------------------------------------------------------- heatmaps
+
+def _colormap(v: np.ndarray) -> np.ndarray:
+    """Value in [0,1] -> RGB uint8 (a blue-cyan-yellow-red ramp, like 'jet')."""
+    v = np.clip(v, 0, 1)[..., None]
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.concatenate([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def cam_to_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Upsample a raw CAM to (h, w) = size[::-1] and scale it to [0, 1] (evidence for 'parasitized')."""
+    c = np.asarray(cam, np.float32)
+    c = c - c.min()
+    c = c / c.max() if c.max() > 0 else c
+    img = Image.fromarray((c * 255).astype(np.uint8)).resize(size, Image.BICUBIC)
+    return np.asarray(img, np.float32) / 255.0
+
+
+def heatmap_overlay(src, cam: np.ndarray, alpha: float = 0.45, min_size: int = 192) -> Image.Image:
+    """The cell with its class-activation map blended on top (PIL RGB image)."""
+    img = src if isinstance(src, Image.Image) else open_rgb(src)
+    if min(img.size) < min_size:  # upscale small crops so the overlay is readable
+        s = min_size / min(img.size)
+        img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
+    heat = _colormap(cam_to_map(cam, img.size))
+    base = np.asarray(img, np.float32)
+    out = (1 - alpha) * base + alpha * heat.astype(np.float32)
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))

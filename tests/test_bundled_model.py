@@ -1,0 +1,132 @@
+"""The bundled model on real held-out cells: accuracy, calibration record, heatmaps, not-a-cell."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from malaria_detect import data as D
+from malaria_detect.cli import main
+from malaria_detect.predict import cam_to_map
+
+
+def test_record_is_complete(bundled):
+    r = bundled.record
+    assert r.arch == "efficientnet_lite0" and r.class_names == ("Uninfected", "Parasitized")
+    assert r.mean == (0.5, 0.5, 0.5) and r.std == (0.5, 0.5, 0.5) and r.input_size >= 64
+    assert 0 < r.threshold < 1 and r.temperature > 0 and r.ood_threshold > 0
+    ex = r.extra
+    assert {"split", "split_sha256", "data_fingerprint", "config", "val_metrics", "test_metrics"} <= set(ex)
+    assert ex["val_ood_pass_rate"] >= 0.95
+    assert ex["test_metrics"]["accuracy"] >= 0.96  # measured on the held-out test patients at export
+
+
+def test_sample_comes_from_unseen_patients_and_is_classified_well(samples, capsys):
+    assert main(["evaluate", "--data", str(samples), "--split", "all", "--json", "--bootstrap", "200"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["leaked_patients"] == [] and "warning" not in r
+    assert {"accuracy", "precision", "recall", "specificity", "f1", "mcc", "roc_auc", "confusion_matrix",
+            "n_images", "n_patients"} <= set(r)
+    assert set(r["confusion_matrix"]) == {"tp", "fp", "tn", "fn"}
+    assert r["n_images"] == 221 and r["n_patients"] == 32
+    assert r["accuracy"] >= 0.93 and r["roc_auc"] >= 0.97
+    lo, hi = r["ci95"]["accuracy"]
+    assert lo <= r["accuracy"] <= hi
+
+
+def test_leaked_patients_are_reported(tmp_path, bundled, samples, capsys):
+    """Scoring cells of a patient the model trained on must be flagged as not honest."""
+    train_patient = bundled.record.extra["split"]["train"][0]
+    src = sorted((samples / "Uninfected").iterdir())[0]
+    for cls in ("Parasitized", "Uninfected"):
+        (tmp_path / cls).mkdir()
+    (tmp_path / "Uninfected" / f"{train_patient}_thinF_x.webp").write_bytes(src.read_bytes())
+    (tmp_path / "Parasitized" / src.name).write_bytes(src.read_bytes())
+    assert main(["evaluate", "--data", str(tmp_path), "--split", "all", "--json", "--bootstrap", "0"]) == 0
+    out = capsys.readouterr()
+    r = json.loads(out.out)
+    assert r["leaked_patients"] == [train_patient] and "NOT AN HONEST FIGURE" in r["warning"]
+    assert "NOT AN HONEST FIGURE" in out.err
+
+
+def test_evaluate_writes_plots(tmp_path, samples):
+    assert main(["evaluate", "--data", str(samples), "--split", "all", "--out", str(tmp_path), "--bootstrap", "50"]) == 0
+    for name in ("confusion_matrix.png", "roc_curve.png", "reliability.png", "report.json"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert Image.open(tmp_path / "roc_curve.png").size[0] > 300
+
+
+def test_heatmap_peak_lies_on_the_cell(bundled, samples):
+    paths = sorted((samples / "Parasitized").iterdir())
+    res = bundled.predict(paths, heatmaps=True)
+    on_cell, n = 0, 0
+    for p, r in zip(paths, res):
+        if r.label != "Parasitized":
+            continue
+        img = np.asarray(Image.open(p).convert("RGB"), np.float32)
+        heat = cam_to_map(r.cam, (img.shape[1], img.shape[0]))
+        y, x = np.unravel_index(np.argmax(heat), heat.shape)
+        cell = img.mean(2) > 15  # NIH crops: the cell on a black surround
+        n += 1
+        on_cell += bool(cell[y, x])
+    assert n >= 60 and on_cell / n >= 0.95, (on_cell, n)
+
+
+def _non_cells() -> dict[str, Image.Image]:
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page", "text",
+                 "horse", "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel"):
+        arr = getattr(data, name)()
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        img = Image.fromarray(arr).convert("RGB")
+        out[name] = img
+        w, h = img.size
+        out[name + "_crop"] = img.crop((w // 4, h // 4, w // 4 + min(w, h) // 3, h // 4 + min(w, h) // 3))
+    for i in range(4):
+        out[f"noise{i}"] = Image.fromarray(rng.integers(0, 256, (120, 120, 3), dtype=np.uint8))
+    for c in [(0, 0, 0), (255, 255, 255), (128, 128, 128), (255, 0, 0), (40, 200, 60), (20, 40, 220)]:
+        out[f"solid{c}"] = Image.new("RGB", (100, 100), c)
+    shot = Image.new("RGB", (400, 260), "white")  # a screenshot-like image: text and boxes
+    d = ImageDraw.Draw(shot)
+    for i in range(10):
+        d.text((10, 10 + 24 * i), f"Settings  row {i}  value {i * 37}", fill="black")
+        d.rectangle((300, 10 + 24 * i, 390, 28 + 24 * i), outline="blue")
+    out["screenshot"] = shot
+    return out
+
+
+def test_not_a_cell_inputs_are_flagged(bundled):
+    imgs = _non_cells()
+    res = bundled.predict(list(imgs.values()), names=list(imgs))
+    flagged = [r.source for r in res if r.ood]
+    assert len(flagged) / len(res) >= 0.9, [r.source for r in res if not r.ood]
+
+
+def test_held_out_cells_mostly_pass_the_not_a_cell_check(bundled, samples):
+    res = bundled.predict([it.path for it in D.find_images(samples)])
+    assert np.mean([r.ood for r in res]) <= 0.05
+
+
+def test_tta_runs_and_agrees(bundled, samples):
+    paths = sorted((samples / "Uninfected").iterdir())[:16] + sorted((samples / "Parasitized").iterdir())[:16]
+    a = bundled.predict(paths)
+    b = bundled.predict(paths, tta=True)
+    assert sum(x.label == y.label for x, y in zip(a, b)) >= 28
+    assert all(0 <= r.p_parasitized <= 1 for r in b)
+
+
+def test_benchmark_command_reports_each_engine():
+    from malaria_detect.bench import run_benchmark
+
+    r = run_benchmark(n_latency=5)
+    engines = [row["engine"] for row in r["rows"]]
+    assert engines[0] == "onnx fp32"
+    for row in r["rows"]:
+        assert row["latency_p50_ms"] > 0 and row["throughput_cells_s"] > 0 and row["accuracy_sample"] > 0.9
