@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from malaria_detect import data as D
 from malaria_detect.cli import main
 from malaria_detect.predict import cam_to_map
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from non_cells import non_cell_images  # noqa: E402
 
 
 def test_record_is_complete(bundled):
@@ -75,35 +80,8 @@ def test_heatmap_peak_lies_on_the_cell(bundled, samples):
     assert n >= 60 and on_cell / n >= 0.95, (on_cell, n)
 
 
-def _non_cells() -> dict[str, Image.Image]:
-    from skimage import data
-
-    rng = np.random.default_rng(0)
-    out = {}
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page", "text",
-                 "horse", "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel"):
-        arr = getattr(data, name)()
-        if arr.dtype == bool:
-            arr = arr.astype(np.uint8) * 255
-        img = Image.fromarray(arr).convert("RGB")
-        out[name] = img
-        w, h = img.size
-        out[name + "_crop"] = img.crop((w // 4, h // 4, w // 4 + min(w, h) // 3, h // 4 + min(w, h) // 3))
-    for i in range(4):
-        out[f"noise{i}"] = Image.fromarray(rng.integers(0, 256, (120, 120, 3), dtype=np.uint8))
-    for c in [(0, 0, 0), (255, 255, 255), (128, 128, 128), (255, 0, 0), (40, 200, 60), (20, 40, 220)]:
-        out[f"solid{c}"] = Image.new("RGB", (100, 100), c)
-    shot = Image.new("RGB", (400, 260), "white")  # a screenshot-like image: text and boxes
-    d = ImageDraw.Draw(shot)
-    for i in range(10):
-        d.text((10, 10 + 24 * i), f"Settings  row {i}  value {i * 37}", fill="black")
-        d.rectangle((300, 10 + 24 * i, 390, 28 + 24 * i), outline="blue")
-    out["screenshot"] = shot
-    return out
-
-
-def test_not_a_cell_inputs_are_flagged(bundled):
-    imgs = _non_cells()
+def test_not_a_cell_inputs_are_flagged(bundled, samples):
+    imgs = non_cell_images(samples)
     res = bundled.predict(list(imgs.values()), names=list(imgs))
     flagged = [r.source for r in res if r.ood]
     assert len(flagged) / len(res) >= 0.9, [r.source for r in res if not r.ood]
@@ -130,3 +108,12 @@ def test_benchmark_command_reports_each_engine():
     assert engines[0] == "onnx fp32"
     for row in r["rows"]:
         assert row["latency_p50_ms"] > 0 and row["throughput_cells_s"] > 0 and row["accuracy_sample"] > 0.9
+
+
+def test_cv_scores_a_fixed_onnx_model_per_patient_fold(samples, bundled, tmp_path, capsys):
+    assert main(["cv", "--data", str(samples), "--folds", "3", "--model", str(bundled.path), "--out",
+                 str(tmp_path), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(r["per_fold"]) == 3 and r["leaked_patients"] == []
+    assert sum(f["n_patients"] for f in r["per_fold"]) == 32
+    assert r["summary"]["accuracy"]["mean"] > 0.9

@@ -84,3 +84,15 @@ def test_simple_cnn_baseline_trains_end_to_end(samples, tmp_path):
     assert rec.arch == "simple_cnn" and rec.extra["config"]["pretrained"] is False
     rows = (tmp_path / "cnn" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["stage"] for r in rows] == ["finetune"]
+
+
+def test_cv_trains_one_model_per_patient_fold(samples, tmp_path):
+    from malaria_detect.cv import cross_validate, format_cv
+
+    r = cross_validate(samples, folds=2, model="simple_cnn", out=tmp_path / "cv", epochs=1, head_epochs=0,
+                       image_size=32, max_train_images=48)
+    assert [f["fold"] for f in r["per_fold"]] == [1, 2] and r["leaked_patients"] == []
+    tested = [set(json.loads((tmp_path / "cv" / f"fold{i}_split.json").read_text())["parts"]["test"]) for i in (1, 2)]
+    assert not tested[0] & tested[1] and len(tested[0] | tested[1]) == 32
+    assert sum(f["n_images"] for f in r["per_fold"]) == 221
+    assert "accuracy" in format_cv(r) and set(r["summary"]["accuracy"]) == {"mean", "sd"}

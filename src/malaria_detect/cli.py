@@ -145,7 +145,7 @@ def cmd_predict(a):
         for i, r in enumerate(results):
             if r.cam is not None:
                 name = f"{i:05d}_{Path(r.source).stem}_heatmap.png"
-                heatmap_overlay(r.source, r.cam).save(hdir / name)
+                heatmap_overlay(r.source, r.cam, pred.record.temperature).save(hdir / name)
     rows = [r.row() for r in results]
     if a.csv:
         with open(a.csv, "w", newline="") as f:

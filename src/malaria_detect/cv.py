@@ -10,6 +10,7 @@ patients it was trained on are flagged as leaked).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def cross_validate(data_dir, folds: int = 5, model: str = "efficientnet_lite0", 
         r["fold"] = i + 1
         per_fold.append(r)
         print(f"fold {i + 1}/{folds}: accuracy {r['accuracy']:.4f}  auc {r['roc_auc']:.4f}  "
-              f"({r['n_patients']} patients, {r['n_images']} images)", flush=True)
+              f"({r['n_patients']} patients, {r['n_images']} images)", file=sys.stderr, flush=True)
     summary = {k: {"mean": float(np.nanmean([f[k] for f in per_fold])),
                    "sd": float(np.nanstd([f[k] for f in per_fold], ddof=1))} for k in METRIC_NAMES}
     leaked = sorted({p for f in per_fold for p in f.get("leaked_patients", [])})

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .preprocess import ImageError, load_uint8
+from .preprocess import ImageError, load_uint8, open_rgb
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 # Folder names accepted for each class (matched case-insensitively).
@@ -263,15 +263,11 @@ def load_arrays(items: list[Item], size: int, workers: int = 2, desc: str = "dec
 # ---------------------------------------------------------------- check-data
 
 def _inspect(path: Path):
-    from PIL import Image
     try:
-        if path.stat().st_size == 0:
-            return path, None, "empty file (0 bytes)"
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            return path, (im.size, hashlib.sha1(im.tobytes()).hexdigest()), None
-    except Exception as e:  # any decoder error: report and skip
-        return path, None, f"{type(e).__name__}: {e}"
+        im = open_rgb(path)
+        return path, (im.size, hashlib.sha1(im.tobytes()).hexdigest()), None
+    except ImageError as e:  # any decoder error: report and skip
+        return path, None, str(e)
 
 
 def check_data(root: str | Path, patient_csv=None, workers: int = 2, progress: bool = True) -> dict:

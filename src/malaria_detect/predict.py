@@ -184,22 +184,32 @@ def _colormap(v: np.ndarray) -> np.ndarray:
     return (np.concatenate([r, g, b], -1) * 255).astype(np.uint8)
 
 
-def cam_to_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Upsample a raw CAM to (h, w) = size[::-1] and scale it to [0, 1] (evidence for 'parasitized')."""
+def cam_to_map(cam: np.ndarray, size: tuple[int, int], temperature: float | None = None) -> np.ndarray:
+    """Upsample a raw CAM to (h, w) = size[::-1], as values in [0, 1].
+
+    With `temperature`, each location's logit contribution is mapped through the model's calibrated
+    sigmoid, so the colours are absolute (cool = evidence for uninfected, hot = for parasitized);
+    without it the map is min-max scaled (only where the network looked most)."""
     c = np.asarray(cam, np.float32)
-    c = c - c.min()
-    c = c / c.max() if c.max() > 0 else c
-    img = Image.fromarray((c * 255).astype(np.uint8)).resize(size, Image.BICUBIC)
-    return np.asarray(img, np.float32) / 255.0
+    if temperature:
+        c = 1.0 / (1.0 + np.exp(-np.clip(c / temperature, -30, 30)))
+    else:
+        c = c - c.min()
+        c = c / c.max() if c.max() > 0 else c
+    img = Image.fromarray(c.astype(np.float32), mode="F").resize(size, Image.BICUBIC)
+    return np.clip(np.asarray(img, np.float32), 0, 1)
 
 
-def heatmap_overlay(src, cam: np.ndarray, alpha: float = 0.45, min_size: int = 192) -> Image.Image:
-    """The cell with its class-activation map blended on top (PIL RGB image)."""
+def heatmap_overlay(src, cam: np.ndarray, temperature: float | None = None, alpha: float = 0.5,
+                    min_size: int = 192) -> Image.Image:
+    """The cell with its class-activation map blended on top (PIL RGB image); the black surround
+    of a segmented cell is left as it is."""
     img = src if isinstance(src, Image.Image) else open_rgb(src)
     if min(img.size) < min_size:  # upscale small crops so the overlay is readable
         s = min_size / min(img.size)
         img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
-    heat = _colormap(cam_to_map(cam, img.size))
+    heat = _colormap(cam_to_map(cam, img.size, temperature)).astype(np.float32)
     base = np.asarray(img, np.float32)
-    out = (1 - alpha) * base + alpha * heat.astype(np.float32)
+    a = alpha * (base.mean(-1, keepdims=True) > 12)
+    out = (1 - a) * base + a * heat
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))

@@ -16,7 +16,9 @@ from PIL import Image, UnidentifiedImageError
 
 # Refuse images that declare more pixels than this before decoding them (decompression bombs).
 MAX_IMAGE_PIXELS = 40_000_000
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# open_rgb() checks every image's declared size itself (with a clear message) before decoding;
+# Pillow's own warning/error at other sizes is switched off so there is one rule, not two.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageError(Exception):
@@ -53,6 +55,8 @@ def open_rgb(src, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
 
     The pixel count is checked from the header, before anything is decoded, so a small file that
     declares a huge image (a decompression bomb) is refused without allocating it."""
+    if isinstance(src, Image.Image):  # already decoded (e.g. by the web app)
+        return src if src.mode == "RGB" else src.convert("RGB")
     try:
         if isinstance(src, (bytes, bytearray)):
             if not src:

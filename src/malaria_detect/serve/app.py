@@ -58,9 +58,9 @@ class PredictionOut(BaseModel):
     error: str | None = None
 
 
-def _heatmap_png(img, cam) -> str:
+def _heatmap_png(img, cam, temperature: float) -> str:
     buf = io.BytesIO()
-    heatmap_overlay(img, cam).save(buf, format="PNG", optimize=False, compress_level=1)
+    heatmap_overlay(img, cam, temperature).save(buf, format="PNG", optimize=False, compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                 out.append(PredictionOut(
                     filename=name, label=r.label, p_parasitized=r.p_parasitized, ood=r.ood,
                     ood_score=r.ood_score, error=r.error,
-                    heatmap=_heatmap_png(img, r.cam) if r.cam is not None else None).model_dump())
+                    heatmap=_heatmap_png(img, r.cam, pred.record.temperature) if r.cam is not None else None).model_dump())
         return out
 
     @app.middleware("http")
