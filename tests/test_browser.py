@@ -17,8 +17,8 @@ import pytest
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-PICKS = ["Parasitized/C116P77ThinF_IMG_20150930_171844_cell_94.webp",
-         "Uninfected/C116P77ThinF_IMG_20150930_171219_cell_157.webp"]
+PICKS = ["Parasitized/C118P79ThinF_IMG_20151002_105735_cell_153.webp",
+         "Uninfected/C83P44ThinF_IMG_20150817_134820_cell_100.webp"]
 
 
 def _require_browser():

@@ -12,7 +12,7 @@ from PIL import Image
 
 from malaria_detect import data as D
 from malaria_detect.cli import main
-from malaria_detect.predict import cam_to_map
+from malaria_detect.predict import cam_peak_xy, cam_to_map, heatmap_overlay
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from non_cells import non_cell_images  # noqa: E402
@@ -72,12 +72,15 @@ def test_heatmap_peak_lies_on_the_cell(bundled, samples):
         if r.label != "Parasitized":
             continue
         img = np.asarray(Image.open(p).convert("RGB"), np.float32)
-        heat = cam_to_map(r.cam, (img.shape[1], img.shape[0]))
-        y, x = np.unravel_index(np.argmax(heat), heat.shape)
+        x, y = cam_peak_xy(r.cam, (img.shape[1], img.shape[0]))
         cell = img.mean(2) > 15  # NIH crops: the cell on a black surround
         n += 1
         on_cell += bool(cell[y, x])
     assert n >= 60 and on_cell / n >= 0.95, (on_cell, n)
+    # the rendered overlay is the cell's size and keeps the black surround uncoloured
+    over = np.asarray(heatmap_overlay(Image.open(paths[0]).convert("RGB"), res[0].cam, bundled.record.temperature))
+    assert over.shape[0] >= 192 and over[0, 0].max() < 15
+    assert cam_to_map(res[0].cam, (50, 40)).shape == (40, 50)
 
 
 def test_not_a_cell_inputs_are_flagged(bundled, samples):

@@ -21,7 +21,7 @@ def test_tiny_run_writes_a_self_describing_checkpoint(tiny_run):
     assert ex["split"] == load_split(tiny_run / "split.json")
     assert ex["split_sha256"] == T.D.file_sha256(tiny_run / "split.json")
     assert ex["config"]["image_size"] == 64 and "val_metrics" in ex and "data_fingerprint" in ex
-    assert set(ood) == {"ood.means", "ood.proj", "ood.inv_var", "ood.inv_sigma2"}
+    assert set(ood) == {f"ood.{i}.{k}" for i in (0, 1) for k in ("means", "prec", "scale")}
     rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["head", "finetune"]
     sidecar = json.loads((tiny_run / "best.json").read_text())

@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="training data folder (validation patients for --int8 and "
                                                 "--target-sensitivity, and for re-validation)")
     p.add_argument("--sample", default=None, help="folder of images to re-validate ONNX vs PyTorch on")
-    p.add_argument("--target-sensitivity", type=float, default=None)
+    p.add_argument("--target-sensitivity", type=float, default=None,
+                   help="choose the threshold that reaches this sensitivity on the validation patients")
+    p.add_argument("--max-int8-drop", type=float, default=0.5,
+                   help="refuse an int8 model whose validation accuracy drops by more points than this (0.5)")
 
     p = sub.add_parser("cv", help="patient-grouped k-fold cross-validation (mean +- sd of every metric)")
     p.add_argument("--data", required=True)
@@ -209,7 +212,7 @@ def cmd_export(a):
     from .export import export
 
     r = export(a.checkpoint, a.out, int8=a.int8, target_sensitivity=a.target_sensitivity,
-               sample_dir=a.sample, data_dir=a.data)
+               sample_dir=a.sample, data_dir=a.data, max_int8_drop=a.max_int8_drop / 100)
     print(json.dumps(r, indent=1))
     return 0
 

@@ -4,7 +4,7 @@ outputs, re-validated with ONNX Runtime; optional int8 (static QDQ) quantization
 Graph outputs (batch axis dynamic):
     logit      (N,)       raw logit of 'parasitized' (the Predictor divides by the temperature)
     cam        (N, h, w)  class-activation map: head.weight . features[:, y, x] + head.bias
-    ood_score  (N,)       class-conditional PPCA-Mahalanobis distance of the pooled features
+    ood_score  (N,)       not-a-cell score: Mahalanobis distance of early/mid feature statistics
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from . import data as D
 from . import metrics as M
 from .preprocess import Record, normalize
 from .data import load_arrays
-from .train import load_checkpoint
+from .train import load_checkpoint, tap_stats
 
 OUTPUTS = ["logit", "cam", "ood_score"]
 PROB_TOLERANCE = 1e-4   # max |p_onnx - p_torch| allowed on the sample images (fp32)
@@ -32,20 +32,21 @@ class ExportWrapper(nn.Module):
     def __init__(self, model: nn.Module, ood: dict):
         super().__init__()
         self.model = model
+        self.n_taps = len({k.split(".")[1] for k in ood})
         for k, v in ood.items():
             self.register_buffer(k.replace(".", "_"), torch.as_tensor(v))
 
     def forward(self, x):
-        f = self.model.forward_features(x)                     # (N, C, h, w)
+        f, taps = self.model.forward_taps(x)                   # (N, C, h, w), early/mid maps
         fc = self.model.head.fc
         cam = torch.einsum("nchw,c->nhw", f, fc.weight[0]) + fc.bias[0]
-        pooled = f.mean((2, 3))
-        logit = fc(pooled).squeeze(1)
-        d = pooled[:, None, :] - self.ood_means[None]          # (N, 2, C)
-        z = d @ self.ood_proj                                  # (N, 2, k)
-        inside = (z * z * self.ood_inv_var).sum(-1)
-        resid = (d * d).sum(-1) - (z * z).sum(-1)
-        score = (inside + resid * self.ood_inv_sigma2).min(1).values
+        logit = fc(f.mean((2, 3))).squeeze(1)
+        scores = []
+        for i, s in enumerate(tap_stats(taps)):
+            d = s[:, None, :] - getattr(self, f"ood_{i}_means")[None]        # (N, 2, D)
+            q = torch.einsum("ncd,de,nce->nc", d, getattr(self, f"ood_{i}_prec"), d)
+            scores.append(q.min(1).values * getattr(self, f"ood_{i}_scale"))
+        score = torch.stack(scores, 1).max(1).values
         return logit, cam, score
 
 

@@ -16,6 +16,7 @@ import importlib
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -107,12 +108,23 @@ class EfficientNetLite(nn.Module):
         self.act = nn.ReLU6(inplace=True)
         self.num_features = 1280
         self.head = _Head(1280, dropout)
+        # the last block of the 2nd and of the 4th stage (stride 8 and 16): low- and mid-level statistics
+        ends = list(np.cumsum([1 if i in (0, len(_LITE_STAGES) - 1) else int(math.ceil(depth * st[0]))
+                               for i, st in enumerate(_LITE_STAGES)]) - 1)
+        self.tap_blocks = (int(ends[2]), int(ends[3]))
+
+    def forward_taps(self, x):
+        """-> (final feature map, [early and middle feature maps]) for the not-a-cell score."""
+        taps = []
+        x = self.act(self._bn0(self._conv_stem(x)))
+        for i, b in enumerate(self._blocks):
+            x = b(x)
+            if i in self.tap_blocks:
+                taps.append(x)
+        return self.act(self._bn1(self._conv_head(x))), taps
 
     def forward_features(self, x):
-        x = self.act(self._bn0(self._conv_stem(x)))
-        for b in self._blocks:
-            x = b(x)
-        return self.act(self._bn1(self._conv_head(x)))
+        return self.forward_taps(x)[0]
 
     def forward_head(self, f):
         return self.head(f)
@@ -142,8 +154,17 @@ class SimpleCNN(nn.Module):
                        nn.MaxPool2d(2)]
             cin = w
         self.features = nn.Sequential(*layers[:-1])  # no pool after the last stage: keep CAM resolution
+        self.tap_layers = (12, 19)  # the ReLU ending the 2nd and the 3rd stage
         self.num_features = cin
         self.head = _Head(cin, dropout)
+
+    def forward_taps(self, x):
+        taps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.tap_layers:
+                taps.append(x)
+        return x, taps
 
     def forward_features(self, x):
         return self.features(x)

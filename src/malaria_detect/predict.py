@@ -196,8 +196,16 @@ def cam_to_map(cam: np.ndarray, size: tuple[int, int], temperature: float | None
     else:
         c = c - c.min()
         c = c / c.max() if c.max() > 0 else c
-    img = Image.fromarray(c.astype(np.float32), mode="F").resize(size, Image.BICUBIC)
+    img = Image.fromarray(c.astype(np.float32), mode="F").resize(size, Image.BILINEAR)  # no overshoot
     return np.clip(np.asarray(img, np.float32), 0, 1)
+
+
+def cam_peak_xy(cam: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
+    """Image coordinates (x, y) of the strongest CAM location: the centre of that feature-map cell's
+    footprint in an image of `size` = (width, height)."""
+    i, j = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    h, w = cam.shape
+    return int((j + 0.5) / w * size[0]), int((i + 0.5) / h * size[1])
 
 
 def heatmap_overlay(src, cam: np.ndarray, temperature: float | None = None, alpha: float = 0.5,
