@@ -101,54 +101,51 @@ def evaluate(model: str | Path | None, data_dir: str | Path, split: str = "test"
 
 
 def write_plots(out: Path, y, p, m, threshold) -> list[str]:
+    """confusion_matrix.png, roc_curve.png and reliability.png in `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     files = []
-    cm = m["confusion_matrix"]
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    grid = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
-    ax.imshow(grid, cmap="Blues")
-    for (i, j), v in np.ndenumerate(grid):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > grid.max() / 2 else "black", fontsize=14)
-    ax.set_xticks([0, 1], ["Uninfected", "Parasitized"])
-    ax.set_yticks([0, 1], ["Uninfected", "Parasitized"])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"confusion matrix (threshold {threshold:.2f})")
-    fig.tight_layout()
-    fig.savefig(out / "confusion_matrix.png", dpi=120)
-    plt.close(fig)
-    files.append(str(out / "confusion_matrix.png"))
 
-    fpr, tpr, _ = M.roc_curve(y, p)
-    fig, ax = plt.subplots(figsize=(4.2, 4))
-    ax.plot(fpr, tpr, lw=2, label=f"AUC = {m['roc_auc']:.4f}")
-    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
-    ax.scatter([1 - m["specificity"]], [m["recall"]], color="red", zorder=3, label="operating point")
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title("ROC curve (Parasitized = positive)")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "roc_curve.png", dpi=120)
-    plt.close(fig)
-    files.append(str(out / "roc_curve.png"))
+    def figure(name, title, xlabel, ylabel, draw, size=(4.2, 4)):
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        files.append(str(out / name))
 
-    conf, acc, count = M.reliability(y, p)
-    fig, ax = plt.subplots(figsize=(4.2, 4))
-    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
-    ax.plot(conf, acc, "o-", label=f"ECE = {M.ece(y, p):.4f}")
-    ax.set_xlabel("predicted p(parasitized)")
-    ax.set_ylabel("observed fraction parasitized")
-    ax.set_title("reliability diagram")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=120)
-    plt.close(fig)
-    files.append(str(out / "reliability.png"))
+    def confusion(ax):
+        cm = m["confusion_matrix"]
+        grid = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
+        ax.imshow(grid, cmap="Blues")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=14,
+                    color="white" if v > grid.max() / 2 else "black")
+        ax.set_xticks([0, 1], ["Uninfected", "Parasitized"])
+        ax.set_yticks([0, 1], ["Uninfected", "Parasitized"])
+
+    def roc(ax):
+        fpr, tpr, _ = M.roc_curve(y, p)
+        ax.plot(fpr, tpr, lw=2, label=f"AUC = {m['roc_auc']:.4f}")
+        ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
+        ax.scatter([1 - m["specificity"]], [m["recall"]], color="red", zorder=3, label="operating point")
+        ax.legend(loc="lower right")
+
+    def reliability(ax):
+        conf, acc, _ = M.reliability(y, p)
+        ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
+        ax.plot(conf, acc, "o-", label=f"ECE = {M.ece(y, p):.4f}")
+        ax.legend(loc="upper left")
+
+    figure("confusion_matrix.png", f"confusion matrix (threshold {threshold:.2f})", "predicted", "true",
+           confusion, (4.2, 3.8))
+    figure("roc_curve.png", "ROC curve (Parasitized = positive)", "1 - specificity", "sensitivity", roc)
+    figure("reliability.png", "reliability diagram", "predicted p(parasitized)", "observed fraction parasitized",
+           reliability)
     return files
 
 
