@@ -10,6 +10,7 @@ threshold) is read from the model file's metadata, never declared here.
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -134,39 +135,47 @@ class Predictor:
         """Predict on paths, bytes or PIL-readable file objects. Decoding runs on `workers` threads,
         overlapping with inference. Unreadable inputs get a Prediction with `error` set."""
         names = list(names) if names is not None else [str(s) for s in sources]
-        results: list[Prediction] = []
+        results: list[Prediction | None] = [None] * len(names)
+        batch, batch_idx = [], []
+
+        def flush():
+            if not batch:
+                return
+            x = np.stack(batch)
+            z, cam, s = self.run_tta(x, batch_size) if tta else self.run(x, batch_size)
+            p, labels, ood = self.decide(z, s)
+            for k, i in enumerate(batch_idx):
+                results[i] = Prediction(names[i], str(labels[k]), float(p[k]), bool(ood[k]), float(s[k]),
+                                        cam=cam[k] if heatmaps else None)
+            if progress:
+                progress.update(len(batch))
+            batch.clear()
+            batch_idx.clear()
+
         with ThreadPoolExecutor(max(1, workers)) as ex:
-            decoded = ex.map(self._decode, sources)
-            batch, batch_names = [], []
-
-            def flush():
-                if not batch:
-                    return
-                x = np.stack(batch)
-                z, cam, s = self.run_tta(x, batch_size) if tta else self.run(x, batch_size)
-                p, labels, ood = self.decide(z, s)
-                for i, n in enumerate(batch_names):
-                    results.append(Prediction(n, str(labels[i]), float(p[i]), bool(ood[i]), float(s[i]),
-                                              cam=cam[i] if heatmaps else None))
-                    if progress:
-                        progress.update(1)
-                batch.clear()
-                batch_names.clear()
-
-            for name, (arr, err) in zip(names, decoded):
+            for i, (arr, err) in enumerate(self._decode_ahead(sources, ex, window=4 * batch_size)):
                 if err:
-                    results.append(Prediction(name, error=err))
+                    results[i] = Prediction(names[i], error=err)
                     if progress:
                         progress.update(1)
                     continue
                 batch.append(arr)
-                batch_names.append(name)
+                batch_idx.append(i)
                 if len(batch) >= batch_size:
                     flush()
             flush()
-        order = {n: i for i, n in enumerate(names)}
-        results.sort(key=lambda r: order.get(r.source, 0))
         return results
+
+    def _decode_ahead(self, sources, ex, window: int):
+        """Decoded images in input order, with at most `window` decodes in flight on the worker
+        threads, so decoding overlaps inference and memory stays bounded for any number of files."""
+        pending = deque()
+        for src in sources:
+            pending.append(ex.submit(self._decode, src))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     def predict_one(self, src, heatmap: bool = False, tta: bool = False) -> Prediction:
         return self.predict([src], names=[str(src) if isinstance(src, (str, Path)) else "image"],
