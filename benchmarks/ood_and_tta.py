@@ -45,7 +45,7 @@ def main():
     z_tta, _, _ = pred.run_tta(x)
     t_tta = time.perf_counter() - t
     flagged_cells = float((s > rec.ood_threshold).mean())
-    print(f"not-a-cell threshold {rec.ood_threshold:.1f} (98th percentile of validation cells)")
+    print(f"not-a-cell threshold {rec.ood_threshold:.1f} (passes 99% of validation cells)")
     print("| input set | images | flagged not-a-cell |")
     print("|---|---|---|")
     print(f"| non-cell images (photos, crops, noise, solid colours, screenshot, smear field) | {len(res)} | "
