@@ -196,12 +196,13 @@ def _colormap(v: np.ndarray) -> np.ndarray:
 def cam_to_map(cam: np.ndarray, size: tuple[int, int], temperature: float | None = None) -> np.ndarray:
     """Upsample a raw CAM to (h, w) = size[::-1], as values in [0, 1].
 
-    With `temperature`, each location's logit contribution is mapped through the model's calibrated
-    sigmoid, so the colours are absolute (cool = evidence for uninfected, hot = for parasitized);
-    without it the map is min-max scaled (only where the network looked most)."""
+    With `temperature`: only evidence *for* parasitized is coloured, relative to the strongest
+    location but never less than a logit contribution of 3 T (p = 0.95), so an uninfected cell with
+    a faint positive spot stays cool while a parasitized cell shows where its evidence peaks.
+    Without it the map is min-max scaled."""
     c = np.asarray(cam, np.float32)
     if temperature:
-        c = 1.0 / (1.0 + np.exp(-np.clip(c / temperature, -30, 30)))
+        c = np.clip(c, 0, None) / max(float(c.max()), 3.0 * temperature)
     else:
         c = c - c.min()
         c = c / c.max() if c.max() > 0 else c
