@@ -111,3 +111,19 @@ def test_not_a_malaria_model_is_refused(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     with pytest.raises(ValueError, match="not a valid ONNX model"):
         Predictor.load(tmp_path / "junk.onnx")
+
+
+def test_export_target_sensitivity_sets_the_operating_point(tiny_run, tmp_path, samples):
+    pytest.importorskip("torch")
+    from malaria_detect import metrics as M
+    from malaria_detect.export import export
+
+    r = export(tiny_run, tmp_path / "sens.onnx", target_sensitivity=0.98, data_dir=samples)
+    pred = Predictor.load(tmp_path / "sens.onnx")
+    assert pred.record.extra["threshold_rule"] == "sensitivity >= 0.98 on validation"
+    assert pred.record.extra["val_metrics"]["recall"] >= 0.98
+    val = D.select(D.find_images(samples), pred.record.extra["split"]["val"])
+    x, y, _, _ = D.load_arrays(val, pred.record.input_size, use_cache=False, progress=False)
+    p = pred.probability(pred.run(x)[0])
+    assert M.binary_metrics(y, p, pred.record.threshold)["recall"] >= 0.98
+    assert "test_metrics" in r and r["test_metrics"]["n_patients"] >= 1

@@ -160,11 +160,18 @@ def reliability(y, p, n_bins: int = 15):
     return conf, acc, count
 
 
+def _between(thr: np.ndarray, i: int) -> float:
+    """A threshold halfway between ROC point i's score and the next lower score, so that tiny
+    numerical differences (ONNX vs PyTorch) cannot flip the examples at the boundary."""
+    hi = min(float(thr[i]), 1.0) if np.isfinite(thr[i]) else 1.0
+    lo = float(thr[i + 1]) if i + 1 < len(thr) else max(hi - 1e-3, 0.0)
+    return (hi + lo) / 2
+
+
 def threshold_max_balanced_accuracy(y, p) -> float:
     """Threshold on p that maximises (sensitivity + specificity) / 2 (Youden's J)."""
     fpr, tpr, thr = roc_curve(y, p)
-    i = int(np.argmax(tpr - fpr))
-    return float(min(thr[i], 1.0)) if np.isfinite(thr[i]) else 0.5
+    return _between(thr, int(np.argmax(tpr - fpr)))
 
 
 def threshold_for_sensitivity(y, p, target: float) -> float:
@@ -173,4 +180,4 @@ def threshold_for_sensitivity(y, p, target: float) -> float:
     ok = np.nonzero(tpr >= target)[0]
     if not len(ok):
         raise ValueError(f"no threshold reaches sensitivity {target}")
-    return float(min(thr[ok[0]], 1.0))
+    return _between(thr, int(ok[0]))
