@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_onnx_matches_pytorch_and_carries_the_record(tiny_run, tiny_onnx, samples):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from malaria_detect.export import torch_outputs
     from malaria_detect.train import load_checkpoint
 

@@ -91,8 +91,8 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
 
 def format_benchmark(r: dict) -> str:
     lines = [f"{r['n_sample']} sample cells at {r['input_size']}px on {r['machine']}",
-             f"| engine | model file | MB | accuracy (sample) | latency p50 ms | p95 ms | batch cells/s | "
-             f"files->CSV cells/s |", "|---|---|---|---|---|---|---|---|"]
+             "| engine | model file | MB | accuracy (sample) | latency p50 ms | p95 ms | batch cells/s | "
+             "files->CSV cells/s |", "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         e2e = row["end_to_end_files_cells_s"]
         lines.append(f"| {row['engine']} | {row['file']} | {row['size_mb']} | {row['accuracy_sample']:.4f} | "

@@ -9,7 +9,6 @@ Graph outputs (batch axis dynamic):
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -191,6 +190,3 @@ def export(checkpoint: str | Path, out: str | Path, int8: bool = False, target_s
     report["bytes"] = out.stat().st_size
     return report
 
-
-def main_json(report: dict) -> str:
-    return json.dumps(report, indent=1)
