@@ -59,7 +59,7 @@ def test_predict_cli_csv_with_bad_files_and_heatmaps(tiny_onnx, samples, tmp_pat
                         "--csv", str(out), "--heatmaps", str(tmp_path / "heat")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(out)))
-    assert list(rows[0]) == ["path", "label", "p_parasitized", "ood", "error"]
+    assert list(rows[0]) == ["path", "label", "p_parasitized", "ood", "error", "heatmap"]
     assert len(rows) == 6
     by = {Path(row["path"]).name: row for row in rows}
     for p in good:
@@ -70,6 +70,9 @@ def test_predict_cli_csv_with_bad_files_and_heatmaps(tiny_onnx, samples, tmp_pat
     assert by["text.png"]["error"] and by["truncated.webp"]["error"]
     assert "3 unreadable" in r.stdout and "parasitized fraction" in r.stdout
     assert len(list((tmp_path / "heat").glob("*.png"))) == 3
+    for p in good:
+        assert Path(by[p.name]["heatmap"]).parent == tmp_path / "heat" and Path(by[p.name]["heatmap"]).exists()
+    assert by["empty.png"]["heatmap"] == ""
 
 
 def test_importing_the_predictor_does_not_import_torch():

@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify cell images (files and folders, recursively)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--model", default=None, help="ONNX model; default: the bundled model")
-    p.add_argument("--csv", default=None, help="write one row per image: path,label,p_parasitized,ood,error")
-    p.add_argument("--heatmaps", default=None, metavar="DIR", help="write a heatmap overlay PNG per image here")
+    p.add_argument("--csv", default=None, help="write one row per image: path,label,p_parasitized,ood,error "
+                                               "(+ heatmap with --heatmaps)")
+    p.add_argument("--heatmaps", default=None, metavar="DIR",
+                   help="write a heatmap overlay PNG per image here; its path goes in the CSV's heatmap column")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations (8x slower)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
@@ -142,17 +144,21 @@ def cmd_predict(a):
     with tqdm(total=len(paths), desc="predicting", unit="img", disable=a.json or not sys.stderr.isatty()) as bar:
         results = pred.predict(paths, batch_size=a.batch_size, tta=a.tta, heatmaps=bool(a.heatmaps),
                                workers=a.workers, progress=bar)
+    rows = [r.row() for r in results]
+    fields = ["path", "label", "p_parasitized", "ood", "error"]
     if a.heatmaps:
         hdir = Path(a.heatmaps)
         hdir.mkdir(parents=True, exist_ok=True)
-        for i, r in enumerate(results):
+        fields.append("heatmap")
+        for i, (r, row) in enumerate(zip(results, rows)):
+            row["heatmap"] = ""
             if r.cam is not None:
-                name = f"{i:05d}_{Path(r.source).stem}_heatmap.png"
-                heatmap_overlay(r.source, r.cam, pred.record.temperature).save(hdir / name)
-    rows = [r.row() for r in results]
+                out = hdir / f"{i:05d}_{Path(r.source).stem}_heatmap.png"
+                heatmap_overlay(r.source, r.cam, pred.record.temperature).save(out)
+                row["heatmap"] = str(out)
     if a.csv:
         with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["path", "label", "p_parasitized", "ood", "error"])
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
     ok = [r for r in results if not r.error]
