@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/compare_models.py --data ../shared/data/nih-cells
 
 Rows (each trained on the shipped model's training patients, scored on its test patients):
-  - the shipped EfficientNet-Lite0 transfer model (bundled ONNX)
-  - frozen ImageNet backbone + linear head only (no fine-tuning)        runs/frozen
-  - simple_cnn trained from scratch                                     runs/scratch
+  - the shipped EfficientNet-Lite0 transfer model (bundled ONNX, 112 px)
+  - frozen ImageNet backbone + linear head only (no fine-tuning), 96 px runs/frozen
+  - simple_cnn trained from scratch, 96 px                             runs/scratch
   - EMFET 2.0 (hand-crafted features + random forest), in its own venv  benchmarks/.emfet-venv
 Missing runs are trained first (CPU: ~5 min frozen, ~15 min scratch); existing ones are reused.
 """
@@ -46,13 +46,13 @@ def main():
 
     frozen = runs / "frozen"
     if not (frozen / "best.safetensors").exists():
-        _train(["--data", a.data, "--out", str(frozen), "--split-file", str(split), "--head-epochs", "3",
+        _train(["--data", a.data, "--out", str(frozen), "--split-file", str(split), "--head-epochs", "3", "--image-size", "96",
                 "--epochs", "0"] + (["--resume"] if (frozen / "state.json").exists() else []))
     rows.append(("EfficientNet-Lite0, frozen backbone + linear head", evaluate(frozen, a.data, n_boot=0,
                                                                                  progress=False)))
     scratch = runs / "scratch"
     if not (scratch / "best.safetensors").exists():
-        _train(["--data", a.data, "--out", str(scratch), "--split-file", str(split), "--model", "simple_cnn",
+        _train(["--data", a.data, "--out", str(scratch), "--split-file", str(split), "--model", "simple_cnn", "--image-size", "96",
                 "--epochs", "8", "--lr", "3e-3"] + (["--resume"] if (scratch / "state.json").exists() else []))
     rows.append(("simple_cnn from scratch", evaluate(scratch, a.data, n_boot=0, progress=False)))
 

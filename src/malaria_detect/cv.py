@@ -19,8 +19,8 @@ from . import data as D
 from .metrics import METRIC_NAMES
 
 
-def cross_validate(data_dir, folds: int = 5, model: str = "efficientnet_lite0", out="runs/cv", epochs: int = 6,
-                   head_epochs: int = 1, image_size: int = 96, max_train_images: int = 0, seed: int = 0,
+def cross_validate(data_dir, folds: int = 5, model: str = "efficientnet_lite0", out="runs/cv", epochs: int = 5,
+                   head_epochs: int = 1, image_size: int = 112, max_train_images: int = 0, seed: int = 0,
                    patients_csv=None, n_boot: int = 0) -> dict:
     from .evaluate import Scorer, evaluate
 

@@ -39,10 +39,10 @@ class TrainConfig:
     out: str
     model: str = "efficientnet_lite0"
     pretrained: bool = True
-    image_size: int = 96
+    image_size: int = 112
     batch_size: int = 64
     head_epochs: int = 1          # stage 1: frozen backbone, head only
-    epochs: int = 6               # stage 2: fine-tuning (the scratch model trains only this stage)
+    epochs: int = 5               # stage 2: fine-tuning (the scratch model trains only this stage)
     lr_head: float = 3e-3
     lr: float = 1e-3              # fine-tuning peak learning rate (cosine decay, 1 epoch... warm-up)
     weight_decay: float = 1e-4
