@@ -90,7 +90,7 @@ class Predictor:
         outs = [self.session.run(None, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
                 for i in range(0, len(x_uint8), batch_size)]
         if not outs:
-            s = self.record.input_size // 32
+            s = -(-self.record.input_size // 32)  # stride-32 feature map, rounded up like the network
             return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32), np.zeros(0, np.float32)
         return tuple(np.concatenate([o[j] for o in outs]) for j in range(3))
 
