@@ -184,13 +184,23 @@ class Predictor:
 
 # ---------------------------------------------------------------- heatmaps
 
+# matplotlib's 'inferno' at 33 evenly spaced points (RGB 0-255): perceptually uniform, readable in
+# greyscale and by colour-blind readers; black = no evidence, pale yellow = strongest. The web page's
+# legend (static/style.css, --inferno) uses the same colours.
+_INFERNO = np.array([
+    0, 0, 4, 4, 3, 18, 11, 7, 36, 21, 11, 55, 33, 12, 74, 47, 10, 91, 61, 9, 101, 74, 12, 107,
+    87, 16, 110, 100, 21, 110, 113, 25, 110, 125, 30, 109, 138, 34, 106, 151, 39, 102, 163, 44, 97, 176, 49, 91,
+    188, 55, 84, 199, 62, 76, 210, 70, 68, 219, 80, 59, 228, 90, 49, 235, 102, 40, 241, 115, 29, 246, 128, 19,
+    249, 142, 9, 251, 157, 7, 252, 172, 17, 251, 188, 33, 249, 203, 53, 245, 219, 76, 242, 234, 105, 243, 246, 138,
+    252, 255, 164], np.float32).reshape(33, 3)
+
+
 def _colormap(v: np.ndarray) -> np.ndarray:
-    """Value in [0,1] -> RGB uint8 (a blue-cyan-yellow-red ramp, like 'jet')."""
-    v = np.clip(v, 0, 1)[..., None]
-    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
-    return (np.concatenate([r, g, b], -1) * 255).astype(np.uint8)
+    """Value in [0,1] -> RGB uint8 on the 'inferno' scale (linear between the table's points)."""
+    x = np.clip(np.asarray(v, np.float32), 0, 1) * (len(_INFERNO) - 1)
+    i = np.minimum(x.astype(np.int64), len(_INFERNO) - 2)
+    f = (x - i)[..., None]
+    return ((1 - f) * _INFERNO[i] + f * _INFERNO[i + 1] + 0.5).astype(np.uint8)
 
 
 def cam_to_map(cam: np.ndarray, size: tuple[int, int], temperature: float | None = None) -> np.ndarray:
