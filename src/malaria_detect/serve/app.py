@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from ..data import IMAGE_EXTENSIONS
 from ..predict import Prediction, Predictor, heatmap_overlay
 from ..preprocess import ImageError, open_rgb
+from .docs import add_offline_docs
 
 STATIC = Path(__file__).parent / "static"
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/tiff", "image/bmp", "image/x-ms-bmp",
@@ -78,7 +79,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         app.state.predictor = predictor or Predictor.load(settings.model)
         yield
 
-    app = FastAPI(title="malaria-detect", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="malaria-detect", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Screening aid for Giemsa-stained thin-smear red-cell crops: parasitized or "
                               "uninfected. Not a diagnosis.")
     app.state.settings = settings
@@ -164,6 +165,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    add_offline_docs(app)  # /docs and /redoc from local files (no CDN), /favicon.ico
     return app
 
 
