@@ -256,6 +256,24 @@ def test_keyboard_one_tab_stop_to_upload_and_model_details(server, browser):
     _shot(browser, "desktop-model-details")
 
 
+def test_a_second_mode_gets_tabs(server, browser):
+    """The page is built for more than one mode (e.g. whole fields): registering one adds tabs."""
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server)
+    assert not browser.find_element(By.ID, "mode-tabs").is_displayed()  # one mode: no tab list
+    browser.execute_script("""const p = document.createElement('section');
+        p.id = 'mode-test'; p.className = 'mode-panel'; p.textContent = 'second mode';
+        document.querySelector('main').append(p);
+        malariaDetect.registerMode({id: 'test', title: 'Whole fields', panel: p});""")
+    tabs = browser.find_elements(By.CSS_SELECTOR, "#mode-tabs [role=tab]")
+    assert [t.text for t in tabs] == ["Single cells", "Whole fields"]
+    assert browser.find_element(By.ID, "mode-cells").is_displayed()
+    tabs[1].click()
+    assert not browser.find_element(By.ID, "mode-cells").is_displayed()
+    assert browser.find_element(By.ID, "mode-test").is_displayed() and tabs[1].get_attribute("aria-selected") == "true"
+
+
 def test_api_docs_render_offline(server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

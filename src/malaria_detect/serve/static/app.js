@@ -2,8 +2,9 @@
 //
 // Layout of this file: shared helpers (DOM, the model record, the API, CSV, file drop, the larger
 // view), then one factory per mode. A mode owns a <section class="mode-panel" data-mode="ID"
-// data-title="TITLE"> in index.html and is added with registerMode(); the tab list appears by itself
-// once two modes are registered. Today there is one mode: "Single cells" (cellsMode below).
+// data-title="TITLE"> in index.html and is added with registerMode({id, title, panel}); the tab list
+// appears by itself once two modes are registered. Today there is one mode: "Single cells"
+// (cellsMode below). The helpers are exported as window.malariaDetect for a mode in another script.
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -437,5 +438,8 @@
   });
   $("model-link").addEventListener("click", () => { $("model-details").open = true; });
   registerMode(cellsMode($("mode-cells")));
-  // A second mode (e.g. whole microscope fields) would be: registerMode(fieldsMode($("mode-fields")));
+  // A second mode (e.g. whole microscope fields) lives in its own <section class="mode-panel"> and
+  // script, and registers itself: malariaDetect.registerMode({id, title, panel}).
+  window.malariaDetect = { registerMode, showMode, api, model, modelReady, el, pct, plural, fileDrop,
+    downloadCsv, viewer, legend };
 })();
