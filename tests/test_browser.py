@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv as csv_module
+import io
 import os
 import shutil
 import socket
@@ -167,7 +169,7 @@ def test_examples_errors_not_a_cell_sort_filter_and_larger_view(server, browser,
     examples[-1].click()  # four cells in one image
     field = _wait_cards(browser, 2)[1]
     assert field.find_element(By.CSS_SELECTOR, ".label").text == "Not a cell"
-    bad = tmp_path / "broken.png"
+    bad = tmp_path / "=broken.png"  # a name a spreadsheet would take for a formula
     bad.write_bytes(b"this is not an image")
     browser.find_element(By.ID, "file-input").send_keys(
         "\n".join([str(samples / PICKS[1]), str(bad), str(samples / NOT_A_CELL)]))
@@ -192,7 +194,7 @@ def test_examples_errors_not_a_cell_sort_filter_and_larger_view(server, browser,
 
     Select(browser.find_element(By.ID, "sort")).select_by_value("p-desc")  # unreadable files last
     assert probs() == ["parasitized-1.webp", NOT_A_CELL.split("/")[1], "smear-field.webp", Path(PICKS[1]).name,
-                       "broken.png"]
+                       "=broken.png"]
     Select(browser.find_element(By.ID, "sort")).select_by_value("upload")
     assert probs()[:2] == ["parasitized-1.webp", "smear-field.webp"]
     browser.find_element(By.ID, "only-pos").click()
@@ -227,6 +229,12 @@ def test_examples_errors_not_a_cell_sort_filter_and_larger_view(server, browser,
             browser.switch_to.active_element.send_keys(Keys.ESCAPE)
         finally:
             _phone(browser, False)
+    browser.find_element(By.ID, "download-csv").click()
+    csv = browser.execute_async_script("""const done = arguments[0];
+        window.__blobs.filter((b) => b.type.startsWith('text/csv')).pop().text().then(done);""")
+    rows = list(csv_module.reader(io.StringIO(csv)))[1:]
+    assert [r[0] for r in rows][2:] == [Path(PICKS[1]).name, "'=broken.png", Path(NOT_A_CELL).name]  # upload order
+    assert rows[1][1:4] == ["Parasitized", rows[1][2], "true"] and rows[3][4].startswith("not an image")
     browser.find_element(By.ID, "clear").click()
     assert not _cards(browser) and not browser.find_element(By.ID, "summary").is_displayed()
 

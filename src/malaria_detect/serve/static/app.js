@@ -59,9 +59,12 @@
     },
   };
 
+  // Like the command line's CSV: a cell that a spreadsheet would run as a formula (= + - @ tab CR
+  // first, e.g. from an uploaded file's name) gets a leading apostrophe.
   function downloadCsv(filename, header, rows) {
     const cell = (v) => {
-      const s = v === null || v === undefined ? "" : String(v);
+      let s = v === null || v === undefined ? "" : String(v);
+      if (/^[=+\-@\t\r]/.test(s)) s = "'" + s;
       return /[",\r\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
     };
     const text = [header].concat(rows).map((r) => r.map(cell).join(",")).join("\n") + "\n";
