@@ -58,6 +58,7 @@ class TrainConfig:
     target_sensitivity: float | None = None  # else threshold = max balanced accuracy on validation
     workers: int = 2
     threads: int = 0              # torch threads (0 = all cores)
+    robust_aug: bool = False      # + stain (optical density), gamma, blur and scale jitter: for other labs
 
 
 # ---------------------------------------------------------------- augmentation (on batches, in torch)
@@ -74,15 +75,18 @@ def _hue_rotate(x, angle):
     return torch.einsum("nij,njhw->nihw", m, x)
 
 
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, g: torch.Generator, robust: bool = False) -> torch.Tensor:
     """Cells have no orientation and smears differ in stain colour: flips, 90-degree rotations and
-    brightness / contrast / saturation / hue jitter. x: (N,3,H,W) float in [0,1]."""
+    brightness / contrast / saturation / hue jitter. With `robust`, also what differs between labs
+    and microscopes (`robust_jitter`). x: (N,3,H,W) float in [0,1]."""
     n = x.shape[0]
     u = lambda lo, hi: torch.empty(n, 1, 1, 1).uniform_(lo, hi, generator=g)  # noqa: E731
     flip = torch.rand(n, generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     k = torch.randint(0, 4, (n,), generator=g)
     x = torch.stack([torch.rot90(xi, int(ki), (1, 2)) for xi, ki in zip(x, k)])
+    if robust:
+        x = robust_jitter(x, g)
     x = x * u(0.75, 1.25)                                            # brightness
     mean = x.mean((1, 2, 3), keepdim=True)
     x = (x - mean) * u(0.75, 1.25) + mean                            # contrast
@@ -92,10 +96,51 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp_(0, 1)
 
 
-def to_input(xb_uint8: np.ndarray, mean, std, g: torch.Generator | None = None) -> torch.Tensor:
+def robust_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Other labs' stains, lamps, optics and magnifications, on (N,3,H,W) in [0,1]:
+    - stain: each channel's optical density (-log of transmitted light, which is what a stain's
+      amount changes linearly) scaled by 0.7-1.3 and shifted by +-0.05;
+    - gamma 0.7-1.4 (camera response);
+    - focus: Gaussian blur (sigma 0.5-1.5 px) on 30 % of the images;
+    - magnification: zoom 0.8-1.2 (black outside, like a segmented crop) on half of the images."""
+    n = x.shape[0]
+    u = lambda lo, hi, *s: torch.empty(n, *s).uniform_(lo, hi, generator=g)  # noqa: E731
+    black = x.amax(1, keepdim=True) < 0.02          # the mask's black surround stays black
+    od = -torch.log(x.clamp(1 / 255, 1))
+    od = od * u(0.7, 1.3, 3, 1, 1) + u(-0.05, 0.05, 3, 1, 1)
+    x = torch.exp(-od.clamp_min(0)).clamp(0, 1) ** u(0.7, 1.4, 1, 1, 1)
+    x = torch.where(black, torch.zeros_like(x), x)
+    blur = torch.rand(n, generator=g) < 0.3
+    if blur.any():
+        sig = u(0.5, 1.5)[blur]
+        r = torch.arange(-3, 4, dtype=x.dtype)
+        k1 = torch.exp(-(r[None] ** 2) / (2 * sig[:, None] ** 2))
+        k1 = k1 / k1.sum(1, keepdim=True)                              # (m, 7)
+        xb = x[blur]
+        m = xb.shape[0]
+        kh = k1.repeat_interleave(3, 0)[:, None, None, :]              # (3m,1,1,7)
+        kv = k1.repeat_interleave(3, 0)[:, None, :, None]
+        y = xb.reshape(1, 3 * m, *xb.shape[2:])
+        y = F.conv2d(F.pad(y, (3, 3, 0, 0), mode="replicate"), kh, groups=3 * m)
+        y = F.conv2d(F.pad(y, (0, 0, 3, 3), mode="replicate"), kv, groups=3 * m)
+        x = x.clone()
+        x[blur] = y.reshape_as(xb)
+    zoom = torch.rand(n, generator=g) < 0.5
+    if zoom.any():
+        s = u(0.8, 1.2)[zoom]
+        theta = torch.zeros(len(s), 2, 3, dtype=x.dtype)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1 / s
+        grid = F.affine_grid(theta, list(x[zoom].shape), align_corners=False)
+        x = x.clone()
+        x[zoom] = F.grid_sample(x[zoom], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x
+
+
+def to_input(xb_uint8: np.ndarray, mean, std, g: torch.Generator | None = None,
+             robust: bool = False) -> torch.Tensor:
     x = torch.from_numpy(xb_uint8).permute(0, 3, 1, 2).float().div_(255)
     if g is not None:
-        x = augment(x, g)
+        x = augment(x, g, robust)
     x = (x - torch.tensor(mean)[None, :, None, None]) / torch.tensor(std)[None, :, None, None]
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -329,7 +374,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            xb = to_input(xtr[idx], mean, std, g)
+            xb = to_input(xtr[idx], mean, std, g, cfg.robust_aug)
             yb = torch.from_numpy(ytr[idx]).float()
             target = yb * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
             loss = F.binary_cross_entropy_with_logits(model(xb), target)
