@@ -17,7 +17,7 @@ $(VENV)/.core: pyproject.toml $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,test]'
+	$(BIN)/pip install -q -e '.[train,test,scale]'
 	touch $(VENV)/.core $@
 
 install: $(VENV)/.core
