@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -149,12 +151,13 @@ def to_input(xb_uint8: np.ndarray, mean, std, g: torch.Generator | None = None,
 def predict_arrays(model, x_uint8: np.ndarray, mean, std, batch_size: int = 256, features: bool = False):
     """Logits (and the tapped layers' statistics, for the not-a-cell model) of a uint8 array."""
     model.eval()
+    device = next(model.parameters()).device
     logits, stats = [], []
     for i in range(0, len(x_uint8), batch_size):
-        f, taps = model.forward_taps(to_input(x_uint8[i:i + batch_size], mean, std))
-        logits.append(model.forward_head(f))
+        f, taps = model.forward_taps(to_input(x_uint8[i:i + batch_size], mean, std).to(device))
+        logits.append(model.forward_head(f).cpu())
         if features:
-            stats.append(tap_stats(taps))
+            stats.append([t.cpu() for t in tap_stats(taps)])
     z = torch.cat(logits).numpy() if logits else np.zeros(0, np.float32)
     if not features:
         return z
@@ -273,6 +276,88 @@ def _load_resume(run: Path, model, opt) -> dict:
     return json.loads((run / "state.json").read_text())
 
 
+# ---------------------------------------------------------------- several processes (torchrun)
+
+class Ranks:
+    """This process's place among torchrun's processes. Without torchrun every method is a no-op
+    and train() is exactly the single-process loop.
+
+    Under `torchrun --nproc-per-node N -m malaria_detect.cli train ...` (DDP; gloo on CPU, nccl
+    with one GPU per process): rank 0 makes the patient split and fills the image cache while the
+    others wait, then they read both; every rank takes its shard of each batch of the shared
+    per-epoch permutation (the global batch stays --batch-size, so the schedule is the
+    single-process one) and DistributedDataParallel averages the gradients; rank 0 alone
+    validates, writes the run folder and decides early stopping, which it sends to the others."""
+
+    def __init__(self):
+        self.active = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+        self.rank = int(os.environ["RANK"]) if self.active else 0
+        self.world = int(os.environ["WORLD_SIZE"]) if self.active else 1
+        self.is_main = self.rank == 0
+        self.device = torch.device("cpu")
+        self.started = False
+        if self.active:
+            import torch.distributed as dist
+
+            if torch.cuda.is_available():
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                self.started = True
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    @contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (writing what the others then read), then the others."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def batch(self, batch_size: int) -> int:
+        return -(-batch_size // self.world)
+
+    def shard(self, order: np.ndarray) -> np.ndarray:
+        """This rank's part of a permutation, as DistributedSampler does it (padded by wrapping
+        around, so every rank takes the same number of steps)."""
+        if self.world == 1:
+            return order
+        order = np.concatenate([order, order[:(-len(order)) % self.world]])
+        return order[self.rank::self.world]
+
+    def wrap(self, model):
+        """DDP over the parameters that train now (built again when the stage changes them)."""
+        if not self.active:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def sum(self, *xs: float) -> tuple:
+        if not self.active:
+            return xs
+        t = torch.tensor(xs, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return tuple(t.tolist())
+
+    def share(self, obj):
+        """Rank 0's object, on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def finish(self) -> None:
+        self.barrier()
+        if self.started:
+            torch.distributed.destroy_process_group()
+
+
 # ---------------------------------------------------------------- the loop
 
 def _optimizer(model, cfg: TrainConfig, stage: str):
@@ -293,6 +378,8 @@ def _optimizer(model, cfg: TrainConfig, stage: str):
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     run = Path(cfg.out)
+    ranks = Ranks()  # torchrun's processes, or just this one
+    say = print if ranks.is_main else (lambda *a, **k: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if resume:
@@ -302,21 +389,27 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         cfg = TrainConfig(**{**saved, "data": cfg.data or saved["data"]})
     elif (run / "state.json").exists():
         raise D.DataError(f"{run} already holds a run; use --resume to continue it or choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
     if cfg.model == "simple_cnn":
         cfg.pretrained, cfg.head_epochs = False, 0
-    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if ranks.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.tmp").write_text(json.dumps(asdict(cfg), indent=1))
+        (run / "config.tmp").replace(run / "config.json")  # whole, for ranks reading it to resume
 
     # --- data and the patient-disjoint split
     items = D.find_images(cfg.data, cfg.patients_csv)
     split_path = run / "split.json"
-    if resume or cfg.split_file:
-        parts = D.load_split(split_path if resume else cfg.split_file)
-        if not resume:
-            D.save_split(parts, split_path, source=str(cfg.split_file), seed=cfg.seed)
-    else:
-        parts = D.split_patients(items, tuple(cfg.split), cfg.seed)
-        D.save_split(parts, split_path, fractions=cfg.split, seed=cfg.seed, data_fingerprint=D.fingerprint(items))
+    with ranks.main_first():  # the split is made once, by rank 0; the other ranks read it
+        if not ranks.is_main:
+            parts = D.load_split(split_path)
+        elif resume or cfg.split_file:
+            parts = D.load_split(split_path if resume else cfg.split_file)
+            if not resume:
+                D.save_split(parts, split_path, source=str(cfg.split_file), seed=cfg.seed)
+        else:
+            parts = D.split_patients(items, tuple(cfg.split), cfg.seed)
+            D.save_split(parts, split_path, fractions=cfg.split, seed=cfg.seed,
+                         data_fingerprint=D.fingerprint(items))
     split_sha = D.file_sha256(split_path)
     D.assert_disjoint(parts)
     tr_items, va_items = D.select(items, parts["train"]), D.select(items, parts["val"])
@@ -325,46 +418,54 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if cfg.max_train_images and len(tr_items) > cfg.max_train_images:
         rng = np.random.default_rng(cfg.seed)
         tr_items = [tr_items[i] for i in sorted(rng.choice(len(tr_items), cfg.max_train_images, replace=False))]
-    print(f"data: {len(items)} images, {len({i.patient for i in items})} patients; "
-          f"train {len(tr_items)} images / {len(parts['train'])} patients, "
-          f"val {len(va_items)} / {len(parts['val'])}, test patients held out: {len(parts['test'])}", flush=True)
-    xtr, ytr, tr_items, _ = load_arrays(tr_items, cfg.image_size, cfg.workers, "decoding train")
-    xva, yva, va_items, _ = load_arrays(va_items, cfg.image_size, cfg.workers, "decoding val")
+    say(f"data: {len(items)} images, {len({i.patient for i in items})} patients; "
+        f"train {len(tr_items)} images / {len(parts['train'])} patients, "
+        f"val {len(va_items)} / {len(parts['val'])}, test patients held out: {len(parts['test'])}", flush=True)
+    with ranks.main_first():  # rank 0 decodes into the cache; the other ranks then read the cache
+        xtr, ytr, tr_items, _ = load_arrays(tr_items, cfg.image_size, cfg.workers, "decoding train")
+        xva, yva, va_items, _ = load_arrays(va_items, cfg.image_size, cfg.workers, "decoding val")
 
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.model in LITE_VARIANTS else ((0.5,) * 3, (0.5,) * 3)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, pretrained=cfg.pretrained, dropout=cfg.dropout)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(ranks.device, memory_format=torch.channels_last)
+    if ranks.rank:
+        torch.manual_seed(cfg.seed + ranks.rank)  # other dropout masks than rank 0's
 
     stages = [("head", cfg.head_epochs)] * (cfg.head_epochs > 0) + [("finetune", cfg.epochs)]
     plan = [(s, e) for s, n in stages for e in range(n)]  # one entry per epoch
     state = {"next": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "stopped": False}
-    opt, stage = None, None
+    opt, stage, net = None, None, None
     if resume:
         stage = plan[min(json.loads((run / "state.json").read_text())["next"], len(plan)) - 1][0]
         opt, _ = _optimizer(model, cfg, stage)
         state = _load_resume(run, model, opt)
-        print(f"resuming {run} at epoch {state['next'] + 1}/{len(plan)}", flush=True)
+        say(f"resuming {run} at epoch {state['next'] + 1}/{len(plan)}", flush=True)
 
-    steps_per_epoch = math.ceil(len(xtr) / cfg.batch_size)
+    batch = ranks.batch(cfg.batch_size)  # per rank
+    steps_per_epoch = math.ceil(len(ranks.shard(np.arange(len(xtr)))) / batch)
     t_start = time.time() - state.get("seconds", 0.0)
     while state["next"] < len(plan) and not state["stopped"]:
         ep = state["next"]
         s, e_in_stage = plan[ep]
         if s != stage:
             opt, base_lr = _optimizer(model, cfg, s)
-            stage = s
+            stage, net = s, None
+        if net is None:
+            net = ranks.wrap(model)  # after _optimizer: DDP averages the gradients of what trains now
         base_lr = cfg.lr_head if s == "head" else cfg.lr
         n_stage = dict(stages)[s]
         g = torch.Generator().manual_seed(cfg.seed * 1000 + ep)  # deterministic per epoch: resume-safe
-        order = torch.randperm(len(xtr), generator=g).numpy()
-        model.train()
+        order = ranks.shard(torch.randperm(len(xtr), generator=g).numpy())  # this rank's part
+        if ranks.rank:  # the same permutation on every rank, other augmentations than rank 0's
+            g.manual_seed(cfg.seed * 1000 + ep + 7919 * ranks.rank)
+        net.train()
         if s == "head":
-            model.eval()            # frozen backbone keeps its ImageNet batch-norm statistics
+            net.eval()              # frozen backbone keeps its ImageNet batch-norm statistics
             model.head.train()
         total, seen, t0 = 0.0, 0, time.time()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {ep + 1}/{len(plan)} {s}", unit="batch",
-                   disable=not progress, leave=False)
+                   disable=not progress or not ranks.is_main, leave=False)
         for step in bar:
             # cosine decay over the stage, linear warm-up over the first 100 steps of fine-tuning
             t = (e_in_stage * steps_per_epoch + step) / max(n_stage * steps_per_epoch, 1)
@@ -373,11 +474,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 lr *= min(1.0, (step + 1) / 100)
             for group in opt.param_groups:
                 group["lr"] = lr
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            xb = to_input(xtr[idx], mean, std, g, cfg.robust_aug)
-            yb = torch.from_numpy(ytr[idx]).float()
+            idx = order[step * batch:(step + 1) * batch]
+            xb = to_input(xtr[idx], mean, std, g, cfg.robust_aug).to(ranks.device)
+            yb = torch.from_numpy(ytr[idx]).float().to(ranks.device)
             target = yb * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
-            loss = F.binary_cross_entropy_with_logits(model(xb), target)
+            loss = F.binary_cross_entropy_with_logits(net(xb), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -385,27 +486,34 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{lr:.1e}")
         bar.close()
-        z = predict_arrays(model, xva, mean, std)
-        vm = M.binary_metrics(yva, M.sigmoid(z))
-        row = {"epoch": ep + 1, "stage": s, "train_loss": total / seen, "val_auc": vm["roc_auc"],
-               "val_accuracy": vm["accuracy"], "val_balanced_accuracy": vm["balanced_accuracy"],
-               "seconds": round(time.time() - t0, 1)}
-        with open(run / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"epoch {ep + 1}/{len(plan)} [{s}] loss {row['train_loss']:.4f}  val auc {vm['roc_auc']:.4f} "
-              f"acc {vm['accuracy']:.4f}  ({row['seconds']:.0f}s)", flush=True)
-        if vm["roc_auc"] > state["best_auc"]:
-            state.update(best_auc=vm["roc_auc"], best_epoch=ep + 1, bad_epochs=0)
-            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-                      str(run / "best_weights.safetensors"))
-        elif s == "finetune":
-            state["bad_epochs"] += 1
-            if state["bad_epochs"] >= cfg.patience:
-                print(f"early stopping: no validation improvement for {cfg.patience} epochs", flush=True)
-                state["stopped"] = True
-        state["next"] = ep + 1
-        state["seconds"] = time.time() - t_start
-        _save_resume(run, model, opt, state)
+        total, seen = ranks.sum(total, seen)  # the epoch's loss over every rank's shard
+        if ranks.is_main:  # validation, the run folder and early stopping: rank 0's
+            z = predict_arrays(model, xva, mean, std)
+            vm = M.binary_metrics(yva, M.sigmoid(z))
+            row = {"epoch": ep + 1, "stage": s, "train_loss": total / seen, "val_auc": vm["roc_auc"],
+                   "val_accuracy": vm["accuracy"], "val_balanced_accuracy": vm["balanced_accuracy"],
+                   "seconds": round(time.time() - t0, 1)}
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"epoch {ep + 1}/{len(plan)} [{s}] loss {row['train_loss']:.4f}  val auc {vm['roc_auc']:.4f} "
+                  f"acc {vm['accuracy']:.4f}  ({row['seconds']:.0f}s)", flush=True)
+            if vm["roc_auc"] > state["best_auc"]:
+                state.update(best_auc=vm["roc_auc"], best_epoch=ep + 1, bad_epochs=0)
+                save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                          str(run / "best_weights.safetensors"))
+            elif s == "finetune":
+                state["bad_epochs"] += 1
+                if state["bad_epochs"] >= cfg.patience:
+                    print(f"early stopping: no validation improvement for {cfg.patience} epochs", flush=True)
+                    state["stopped"] = True
+            state["next"] = ep + 1
+            state["seconds"] = time.time() - t_start
+            _save_resume(run, model, opt, state)
+        state = ranks.share(state)
+
+    if not ranks.is_main:
+        ranks.finish()  # waits for rank 0's checkpoint
+        return run / "best.safetensors"
 
     # --- finalize: best weights -> calibration, threshold, not-a-cell statistics, self-describing record
     model.load_state_dict(load_file(str(run / "best_weights.safetensors")), strict=True)
@@ -442,4 +550,5 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     save_checkpoint(run / "best.safetensors", model, record, ood)
     print(f"best epoch {state['best_epoch']}: val auc {val['roc_auc']:.4f}, accuracy {val['accuracy']:.4f} at "
           f"threshold {thr:.3f} (T={T:.2f}); checkpoint {run / 'best.safetensors'}", flush=True)
+    ranks.finish()
     return run / "best.safetensors"
