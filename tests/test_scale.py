@@ -111,6 +111,41 @@ def test_a_dead_worker_is_retried_and_no_row_is_lost(ray_local, bundled, tmp_pat
     same(single[:9] + single[10:], got[:9] + got[10:])                # its neighbours were run again, one by one
 
 
+@needs_ray
+def test_cli_predict_with_ray_writes_the_same_csv(ray_local, tmp_path, capsys):
+    import csv
+
+    import pyarrow.parquet as pq
+
+    from malaria_detect import cli
+
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for p in cells(8):
+        shutil.copy(p, folder)
+    (folder / "notes.png").write_text("not an image")
+    assert cli.main(["predict", str(folder), "--csv", str(tmp_path / "one.csv")]) == 0
+    assert cli.main(["predict", str(folder), "--csv", str(tmp_path / "ray.csv"), "--ray", "local",
+                     "--parquet", str(tmp_path / "pq")]) == 0
+    one, dist = (list(csv.DictReader(open(tmp_path / f"{n}.csv"))) for n in ("one", "ray"))
+    assert len(one) == 17 and [r["path"] for r in dist] == [r["path"] for r in one]
+    for a, b in zip(one, dist):
+        assert (b["label"], b["ood"], b["error"]) == (a["label"], a["ood"], a["error"])
+        assert a["error"] or abs(float(a["p_parasitized"]) - float(b["p_parasitized"])) <= 1e-5
+    assert pq.read_table(tmp_path / "pq").num_rows == 17
+    assert "17 images" in capsys.readouterr().out
+
+
+def test_cli_refuses_ray_options_that_do_not_go_together(tmp_path):
+    from malaria_detect import cli
+
+    with pytest.raises(SystemExit, match="--heatmaps is not available with --ray"):
+        cli.main(["predict", str(SAMPLES), "--ray", "local", "--heatmaps", str(tmp_path / "h")])
+    with pytest.raises(SystemExit, match="go with --ray"):
+        cli.main(["predict", str(SAMPLES), "--parquet", str(tmp_path / "pq")])
+    assert not (tmp_path / "h").exists()
+
+
 FIELDS = ROOT / "samples" / "fields"
 
 

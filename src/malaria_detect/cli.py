@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run on Ray (needs the [scale] extra): local (start one here), auto (the cluster this "
+                        "machine is in) or ray://HOST:PORT; PATHs may then also be URIs (s3://, gs://, ...)")
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a --ray local instance (default: all)")
+    p.add_argument("--parquet", default=None, metavar="DIR",
+                   help="with --ray: also write the rows (+ idx, ood_score) as Parquet files here (folder or URI)")
+
 
     p = sub.add_parser("evaluate", help="metrics, CIs and plots on a labelled folder (patient-disjoint)")
     _add_common_model(p)
@@ -137,13 +144,23 @@ def cmd_predict(a):
 
     from .predict import Predictor, heatmap_overlay, iter_image_paths
 
-    pred = Predictor.load(a.model)
-    paths = list(iter_image_paths(a.paths))
-    if not paths:
-        raise SystemExit("error: no images found in " + " ".join(a.paths))
-    with tqdm(total=len(paths), desc="predicting", unit="img", disable=a.json or not sys.stderr.isatty()) as bar:
-        results = pred.predict(paths, batch_size=a.batch_size, tta=a.tta, heatmaps=bool(a.heatmaps),
-                               workers=a.workers, progress=bar)
+    if a.ray and a.heatmaps:
+        raise SystemExit("error: --heatmaps is not available with --ray; run without --ray for heatmaps")
+    if not a.ray and (a.parquet or a.ray_cpus):
+        raise SystemExit("error: --parquet and --ray-cpus go with --ray")
+    if a.ray:  # the same rows from a Ray actor pool (scale.py); the rest of this command is shared
+        from .scale import predict_ray
+
+        results = predict_ray(a.paths, address=a.ray, model=a.model, batch_size=a.batch_size, tta=a.tta,
+                              num_cpus=a.ray_cpus, parquet=a.parquet, progress=not a.json)
+    else:
+        pred = Predictor.load(a.model)
+        paths = list(iter_image_paths(a.paths))
+        if not paths:
+            raise SystemExit("error: no images found in " + " ".join(a.paths))
+        with tqdm(total=len(paths), desc="predicting", unit="img", disable=a.json or not sys.stderr.isatty()) as bar:
+            results = pred.predict(paths, batch_size=a.batch_size, tta=a.tta, heatmaps=bool(a.heatmaps),
+                                   workers=a.workers, progress=bar)
     rows = [r.row() for r in results]
     fields = ["path", "label", "p_parasitized", "ood", "error"]
     if a.heatmaps:

@@ -65,12 +65,16 @@ def connect(address: str, num_cpus: int | None = None) -> bool:
     A Ray already initialized in this process (a test, a notebook) is used as it is."""
     if address not in ("local", "auto") and not address.startswith("ray://"):
         raise ValueError(f"--ray {address!r}: use local, auto or ray://HOST:PORT")
+    if num_cpus is not None and num_cpus < 1:
+        raise ValueError(f"--ray-cpus must be at least 1, got {num_cpus}")
     ray = _ray()
     if ray.is_initialized():
         return False
     if address == "local":
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="warning")
+    elif num_cpus:
+        raise ValueError("--ray-cpus sets the CPUs of --ray local only: a cluster has its own")
     else:
         ray.init(address=address, log_to_driver=False, logging_level="warning")
     return True
