@@ -160,7 +160,7 @@ def test_examples_errors_not_a_cell_sort_filter_and_larger_view(server, browser,
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     _open(browser, server)
-    examples = browser.find_elements(By.CSS_SELECTOR, "button.example")
+    examples = browser.find_elements(By.CSS_SELECTOR, "#mode-cells button.example")
     assert len(examples) == 5
     examples[0].click()  # a parasitized cell
     (card,) = _wait_cards(browser, 1)
@@ -251,7 +251,9 @@ def test_keyboard_one_tab_stop_to_upload_and_model_details(server, browser):
         .filter((e) => e.tabIndex >= 0 && !e.disabled).map((e) => e.id);""")
     assert tabbable == ["file-input"]
     link = browser.find_element(By.ID, "model-link")
-    link.send_keys(Keys.TAB)
+    link.send_keys(Keys.TAB)  # the selected mode tab (one tab stop: arrows move between the tabs) ...
+    assert browser.switch_to.active_element.get_attribute("id") == "tab-cells"
+    ActionChains(browser).send_keys(Keys.TAB).perform()  # ... then the upload
     assert browser.switch_to.active_element.get_attribute("id") == "file-input"
     ActionChains(browser).send_keys(Keys.TAB).perform()  # (send_keys on a file input would upload)
     assert "example" in browser.switch_to.active_element.get_attribute("class")
@@ -264,22 +266,30 @@ def test_keyboard_one_tab_stop_to_upload_and_model_details(server, browser):
     _shot(browser, "desktop-model-details")
 
 
-def test_a_second_mode_gets_tabs(server, browser):
-    """The page is built for more than one mode (e.g. whole fields): registering one adds tabs."""
+def test_modes_are_tabs(server, browser):
+    """Two modes (single cells, whole fields) are tabs; arrows move between them; a further mode
+    that registers itself gets its own tab."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     _open(browser, server)
-    assert not browser.find_element(By.ID, "mode-tabs").is_displayed()  # one mode: no tab list
-    browser.execute_script("""const p = document.createElement('section');
-        p.id = 'mode-test'; p.className = 'mode-panel'; p.textContent = 'second mode';
-        document.querySelector('main').append(p);
-        malariaDetect.registerMode({id: 'test', title: 'Whole fields', panel: p});""")
     tabs = browser.find_elements(By.CSS_SELECTOR, "#mode-tabs [role=tab]")
     assert [t.text for t in tabs] == ["Single cells", "Whole fields"]
     assert browser.find_element(By.ID, "mode-cells").is_displayed()
-    tabs[1].click()
+    assert not browser.find_element(By.ID, "mode-fields").is_displayed()
+    tabs[0].send_keys(Keys.ARROW_RIGHT)
+    assert browser.switch_to.active_element == tabs[1] and tabs[1].get_attribute("aria-selected") == "true"
+    assert browser.find_element(By.ID, "mode-fields").is_displayed()
     assert not browser.find_element(By.ID, "mode-cells").is_displayed()
-    assert browser.find_element(By.ID, "mode-test").is_displayed() and tabs[1].get_attribute("aria-selected") == "true"
+    browser.execute_script("""const p = document.createElement('section');
+        p.id = 'mode-test'; p.className = 'mode-panel'; p.textContent = 'third mode';
+        document.querySelector('main').append(p);
+        malariaDetect.registerMode({id: 'test', title: 'Third', panel: p});""")
+    tabs = browser.find_elements(By.CSS_SELECTOR, "#mode-tabs [role=tab]")
+    assert [t.text for t in tabs] == ["Single cells", "Whole fields", "Third"]
+    tabs[2].click()
+    assert not browser.find_element(By.ID, "mode-fields").is_displayed()
+    assert browser.find_element(By.ID, "mode-test").is_displayed() and tabs[2].get_attribute("aria-selected") == "true"
 
 
 def test_api_docs_render_offline(server, browser):
@@ -293,3 +303,281 @@ def test_api_docs_render_offline(server, browser):
     external = browser.execute_script("""return performance.getEntriesByType('resource').map((e) => e.name)
         .filter((u) => !u.startsWith(location.origin));""")
     assert external == []
+
+
+# ---------------------------------------------------------------- whole fields (fields.js, POST /smear)
+FIELD = "fields/PA171771.JPG"
+
+
+def _fields_mode(browser, server):
+    """The page in its whole-field mode, keeping every /smear answer the page gets in window.__smear."""
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server)
+    browser.execute_script("""window.__smear = []; const orig = window.fetch;
+        window.fetch = async (u, o) => { const r = await orig(u, o);
+          if (String(u).startsWith('/smear')) window.__smear.push(await r.clone().json()); return r; };""")
+    browser.find_element(By.ID, "tab-fields").click()
+    assert browser.find_element(By.ID, "field-dropzone").is_displayed()
+
+
+def _wait_analysed(browser, timeout=60):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, timeout).until(
+        lambda d: d.find_element(By.ID, "fields-status").text.startswith(("Analysed", "None of the")))
+    return browser.find_element(By.ID, "fields-status").text
+
+
+def _text(browser, id_):
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.ID, id_).text
+
+
+def _pct(x):  # as the page writes parasitemia
+    return f"{100 * x:.2f}%"
+
+
+def _kinds(cells, pos="Parasitized"):
+    return ["ood" if c["ood"] else "unc" if c["label"] is None else "pos" if c["label"] == pos else "neg"
+            for c in cells]
+
+
+def _csv(browser):
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "fields-csv").click()
+    text = browser.execute_async_script("""const done = arguments[0];
+        window.__blobs.filter((b) => b.type.startsWith('text/csv')).pop().text().then(done);""")
+    return list(csv_module.reader(io.StringIO(text)))
+
+
+def test_fields_mode_real_fields_counts_boxes_zoom_csv_and_error_card(server, browser, samples, tmp_path):
+    """A real field, the same field's corner as TIFF (which Chromium cannot show: the page falls back
+    to the server's annotated copy) and a broken file, analysed by the real server and model. Every
+    figure on the page must agree with the server's answer, whichever model is bundled."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    _fields_mode(browser, server)
+    tiff = tmp_path / "corner.tif"
+    Image.open(samples / FIELD).crop((0, 0, 480, 360)).save(tiff)
+    bad = tmp_path / "=broken.jpg"
+    bad.write_bytes(b"this is not an image")
+    browser.find_element(By.ID, "field-input").send_keys("\n".join([str(samples / FIELD), str(tiff), str(bad)]))
+    status = _wait_analysed(browser)
+    answers = browser.execute_script("return window.__smear")
+    assert len(answers) == 3  # one request per field, in upload order
+    recs = [a["fields"][0] for a in answers]
+    assert [r["image"] for r in recs] == ["PA171771.JPG", "corner.tif", "=broken.jpg"]
+    whole, corner, broken = recs
+    assert "error" not in whole and "error" not in corner and "not an image" in broken["error"]
+    cells = whole["cells"] + corner["cells"]
+    kinds = _kinds(cells)
+    assert status.startswith(f"Analysed 2 fields: {len(cells)} cells found ({kinds.count('pos')} Parasitized, "
+                             f"{kinds.count('ood')} not a cell). 1 of the 3 files could not be analysed")
+
+    cards = browser.find_elements(By.CSS_SELECTOR, "#fields-results .field-card")
+    assert len(cards) == 3
+    for card, rec in zip(cards[:2], recs[:2]):
+        # one box per cell, drawn as the answer says; the picture is the field, its full size
+        rects = card.find_elements(By.CSS_SELECTOR, "svg.boxes rect.cell")
+        assert len(rects) == rec["n_cells"] > 0
+        assert [r.get_attribute("class").split()[1] for r in rects] == _kinds(rec["cells"])
+        assert [int(rects[0].get_attribute(k)) for k in ("x", "y", "width", "height")] == [
+            rec["cells"][0]["box"][0], rec["cells"][0]["box"][1],
+            rec["cells"][0]["box"][2] - rec["cells"][0]["box"][0], rec["cells"][0]["box"][3] - rec["cells"][0]["box"][1]]
+        assert len(card.find_elements(By.CSS_SELECTOR, ".tag")) == _kinds(rec["cells"]).count("pos")
+        img = card.find_element(By.CSS_SELECTOR, "img.field-img")
+        assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img) == [
+            rec["width"], rec["height"]]
+        stats = browser.execute_script("""return Object.fromEntries([...arguments[0].querySelectorAll('.field-stats div')]
+            .map((d) => [d.querySelector('dt').textContent, d.querySelector('dd').textContent]))""", card)
+        assert stats["Cells"] == str(rec["n_cells"]) and stats["Not a cell"] == str(rec["n_not_a_cell"])
+        assert stats["Parasitized"] == str(rec["n_parasitized"])
+        pm = rec["parasitemia"]
+        assert stats["Parasitemia"] == ("–" if pm is None else f"{_pct(pm)} (95 % CI {100 * rec['parasitemia_ci95'][0]:.2f}–"
+                                                                f"{_pct(rec['parasitemia_ci95'][1])})")
+        assert card.find_element(By.CSS_SELECTOR, "a.button-link").get_attribute("href").startswith("data:image/jpeg")
+    assert "from-overlay" not in cards[0].get_attribute("class")  # the JPEG is shown as uploaded
+    assert "from-overlay" in cards[1].get_attribute("class")  # the TIFF: the server's annotated copy
+    # the broken file: an error card with the reason
+    assert "error" in cards[2].get_attribute("class") and "not an image" in cards[2].text
+    assert not cards[2].find_elements(By.TAG_NAME, "img")
+
+    # pooled counts, as the server pools them
+    c = {k: whole[k] + corner[k] for k in ("n_cells", "n_parasitized", "n_not_a_cell", "n_classified")}
+    assert [_text(browser, i) for i in ("f-fields", "f-cells", "f-par", "f-ood", "f-err")] == [
+        "in 2 fields", str(c["n_cells"]), str(c["n_parasitized"]), str(c["n_not_a_cell"]), "1"]
+    if c["n_classified"]:
+        assert _text(browser, "f-pm") == _pct(c["n_parasitized"] / c["n_classified"])
+    else:
+        assert _text(browser, "f-pm") == "–"
+    assert _text(browser, "fields-note") == answers[0]["summary"]["note"] or c["n_classified"] >= 500
+
+    # the gallery: every cell called parasitized (and not "not a cell"), largest p first
+    items = browser.find_elements(By.CSS_SELECTOR, "#gallery-list .gallery-item")
+    assert len(items) == kinds.count("pos")
+    ps = [float(i.get_attribute("data-p")) for i in items]
+    assert ps == sorted(ps, reverse=True)
+    assert browser.find_element(By.ID, "gallery-empty").is_displayed() == (not items)
+
+    # zoom: buttons, keys, fit
+    card, view = cards[0], cards[0].find_element(By.CSS_SELECTOR, ".field-view")
+    stage = card.find_element(By.CSS_SELECTOR, ".field-stage")
+    fit_w = stage.size["width"]
+    assert abs(fit_w - view.size["width"]) <= 2 or abs(stage.size["height"] - view.size["height"]) <= 2
+    _shot(browser, "fields-desktop")
+    card.find_element(By.CSS_SELECTOR, "button.z-in").click()
+    assert stage.size["width"] == pytest.approx(1.5 * fit_w, abs=2)
+    assert "%" in card.find_element(By.CSS_SELECTOR, ".zoom-level").text
+    view.send_keys("+")
+    assert stage.size["width"] == pytest.approx(2.25 * fit_w, abs=3)
+    scrolled = browser.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth", view)
+    assert scrolled  # zoomed in, the view pans by scrolling
+    browser.execute_script("arguments[0].scrollIntoView()", card)
+    _shot(browser, "fields-desktop-zoomed")
+    view.send_keys("0")
+    assert stage.size["width"] == pytest.approx(fit_w, abs=1)
+    card.find_element(By.CSS_SELECTOR, "button.z-one").click()
+    assert stage.size["width"] == whole["width"]
+    card.find_element(By.CSS_SELECTOR, "button.z-fit").click()
+
+    # the CSV: one row per cell, the smear command's columns; the broken file has no rows
+    rows = _csv(browser)
+    assert rows[0] == ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border"]
+    assert len(rows) == 1 + len(cells)
+    first = whole["cells"][0]
+    assert rows[1] == ["PA171771.JPG", "0", *map(str, first["box"]), first["label"] or "",
+                       "" if first["p_parasitized"] is None else f"{first['p_parasitized']:.6f}",
+                       str(first["ood"]).lower(), str(first["border"]).lower()]
+    assert {r[0] for r in rows[1:]} == {"PA171771.JPG", "corner.tif"}
+
+    if SHOTS:
+        _phone(browser, True)
+        try:
+            browser.execute_script("window.scrollTo(0, 0)")
+            _shot(browser, "fields-phone-top")
+            browser.execute_script("document.getElementById('fields-summary').scrollIntoView()")
+            _shot(browser, "fields-phone-summary")
+            browser.execute_script("document.querySelector('#fields-results .field-card').scrollIntoView()")
+            _shot(browser, "fields-phone-field")
+        finally:
+            _phone(browser, False)
+    browser.find_element(By.ID, "fields-clear").click()
+    assert not browser.find_elements(By.CSS_SELECTOR, "#fields-results .field-card")
+    assert not browser.find_element(By.ID, "fields-summary").is_displayed()
+
+
+def _fabricated(name="field-PA171772.jpg"):
+    """An answer of the shape POST /smear gives, with cells of every kind, for the gallery's sake
+    (the bundled model may call no cell parasitized on these fields)."""
+    def cell(box, label, p, ood=False, border=False):
+        return {"box": box, "label": label, "p_parasitized": p, "ood": ood, "border": border}
+
+    cells = [cell([100, 100, 170, 168], "Uninfected", 0.02),
+             cell([500, 300, 572, 370], "Parasitized", 0.71),
+             cell([900, 600, 968, 666], "Parasitized", 0.98),
+             cell([40, 700, 110, 770], "Parasitized", 0.995, ood=True),   # not a cell: no gallery
+             cell([300, 820, 372, 890], "Parasitized", 0.86, border=True),
+             cell([700, 60, 770, 130], "Uninfected", 0.10),
+             cell([1200, 400, 1280, 470], None, None, border=True)]     # not classified
+    counts = {"n_cells": 7, "n_classified": 5, "n_parasitized": 3, "n_not_a_cell": 1, "n_unclassified": 1,
+              "parasitemia": 0.6, "parasitemia_ci95": [0.2307, 0.8824]}
+    field = {"image": name, "width": 1280, "height": 960, "cells": cells, **counts, "cell_diameter_px": 68.0}
+    return {"fields": [field], "summary": {**counts, "n_fields": 1, "n_errors": 0, "note": "only 5 red cells"}}
+
+
+def test_fields_gallery_zooms_to_each_parasitized_cell(server, browser):
+    """The gallery with cells called parasitized: a test-only stub of fetch answers /smear with a
+    fabricated answer for an example field (the field's picture is the real example)."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from malaria_detect.smear import wilson
+
+    _fields_mode(browser, server)
+    answer = _fabricated()
+    browser.execute_script("""const answer = arguments[0], orig = window.fetch;
+        window.fetch = (u, o) => String(u).startsWith('/smear')
+          ? new Promise((ok) => setTimeout(() => ok(new Response(JSON.stringify(answer),
+              {headers: {'content-type': 'application/json'}})), 300))
+          : orig(u, o);""", answer)
+    examples = browser.find_elements(By.CSS_SELECTOR, "button.field-example")
+    assert 1 <= len(examples) <= 2
+    examples[1 if len(examples) > 1 else 0].click()
+    # the status line says what the server is doing while it works
+    WebDriverWait(browser, 10).until(lambda d: _text(d, "fields-status").startswith("Analysing field 1 of 1"))
+    assert browser.find_element(By.ID, "fields-progress").is_displayed()
+    _wait_analysed(browser)
+    assert not browser.find_element(By.ID, "fields-progress").is_displayed()
+
+    # counts, parasitemia with its Wilson interval, and the WHO note for so few cells
+    assert [_text(browser, i) for i in ("f-cells", "f-par", "f-ood", "f-pm")] == ["7", "3", "1", "60.00%"]
+    lo, hi = wilson(3, 5)
+    assert _text(browser, "f-ci") == f"95 % CI {100 * lo:.2f}–{100 * hi:.2f}%"
+    assert "WHO" in _text(browser, "fields-note") and "only 5 red cells" in _text(browser, "fields-note")
+    card = browser.find_element(By.CSS_SELECTOR, "#fields-results .field-card")
+    kinds = [r.get_attribute("class") for r in card.find_elements(By.CSS_SELECTOR, "rect.cell")]
+    assert kinds == ["cell " + k for k in _kinds(answer["fields"][0]["cells"])]
+    assert [t.text for t in card.find_elements(By.CSS_SELECTOR, ".tag")] == ["0.71", "0.98", "0.86"]
+
+    # the gallery: the three cells called parasitized, largest p first, each a crop of the field
+    items = browser.find_elements(By.CSS_SELECTOR, "#gallery-list .gallery-item")
+    assert [i.get_attribute("data-p") for i in items] == ["0.98", "0.86", "0.71"]
+    assert [i.get_attribute("data-cell") for i in items] == ["2", "4", "1"]
+    assert "(3)" in _text(browser, "gallery-title") and not browser.find_element(By.ID, "gallery-empty").is_displayed()
+    for it in items:  # the crop is cut from the picture: not the black background
+        mean = browser.execute_script("""const c = arguments[0].querySelector('canvas');
+            const d = c.getContext('2d').getImageData(c.width / 4, c.height / 4, c.width / 2, c.height / 2).data;
+            let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i] + d[i + 1] + d[i + 2];
+            return s / (d.length / 4) / 3;""", it)
+        assert mean > 60, mean
+    browser.execute_script("document.getElementById('fields-summary').scrollIntoView()")
+    _shot(browser, "fields-gallery-desktop")
+
+    # a click zooms the field to the cell, outlines it and moves focus to the field
+    view = card.find_element(By.CSS_SELECTOR, ".field-view")
+    items[1].click()
+    rect = card.find_element(By.CSS_SELECTOR, "rect.cell[data-cell='4']")
+    assert "focus" in rect.get_attribute("class")
+    assert browser.switch_to.active_element == view
+    box, port = (browser.execute_script("const r = arguments[0].getBoundingClientRect();"
+                                        "return [r.left, r.top, r.right, r.bottom]", e) for e in (rect, view))
+    assert port[0] <= box[0] and box[2] <= port[2] and port[1] <= box[1] and box[3] <= port[3], (box, port)
+    assert box[2] - box[0] >= (port[2] - port[0]) / 4  # zoomed in: the cell is large enough to judge
+    assert browser.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth", view)
+    assert "cell 4" in _text(browser, "fields-status")
+    _shot(browser, "fields-gallery-zoomed")
+    if SHOTS:
+        _phone(browser, True)
+        try:
+            browser.execute_script("document.getElementById('fields-gallery').scrollIntoView()")
+            _shot(browser, "fields-phone-gallery")
+            browser.execute_script("document.querySelector('#gallery-list .gallery-item').click()")
+            _shot(browser, "fields-phone-gallery-zoomed")
+        finally:
+            _phone(browser, False)
+    # keyboard: back to the gallery, Enter on the next crop, then 0 fits the field again
+    back = card.find_element(By.CSS_SELECTOR, "button.back")
+    assert back.is_displayed()
+    back.click()
+    active = browser.switch_to.active_element
+    assert active.get_attribute("class") == "gallery-item"
+    items[2].send_keys(Keys.ENTER)
+    assert "focus" in card.find_element(By.CSS_SELECTOR, "rect.cell[data-cell='1']").get_attribute("class")
+    assert "focus" not in rect.get_attribute("class")
+    browser.switch_to.active_element.send_keys("0")
+    assert not browser.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth + 1", view)
+    # the CSV writes every cell, empty where the answer has none
+    rows = _csv(browser)
+    assert len(rows) == 8 and rows[7] == ["field-PA171772.jpg", "6", "1200", "400", "1280", "470", "", "", "false", "true"]
+    assert rows[4][6:9] == ["Parasitized", "0.995000", "true"]
+    # the page's own interval agrees with smear.wilson
+    assert json.loads(browser.execute_script("return JSON.stringify(malariaDetect.fields.wilson(3, 5))")) == \
+        pytest.approx([lo, hi])
