@@ -262,6 +262,7 @@ def test_keyboard_one_tab_stop_to_upload_and_model_details(server, browser):
     panel = browser.find_element(By.ID, "model-panel")
     WebDriverWait(browser, 5).until(lambda d: panel.is_displayed() and "Decision" in panel.text)
     assert "Parasitized when p(Parasitized) ≥ 0.5" in panel.text and "Specificity" in panel.text
+    assert "fields per request" in panel.text  # the whole-field limits too
     assert "{" not in panel.text
     _shot(browser, "desktop-model-details")
 

@@ -139,6 +139,10 @@
     if (m.limits) {
       fact("Upload limits", `${m.limits.max_files} files per request · ${mib(m.limits.max_file_bytes)} per file · ` +
         `${+(m.limits.max_pixels / 1e6).toFixed(1)} megapixels per image`);
+      if (m.limits.max_fields) {
+        fact("Whole fields", `${m.limits.max_fields} fields per request · ${mib(m.limits.max_field_bytes)} per field · ` +
+          `${+(m.limits.max_field_pixels / 1e6).toFixed(1)} megapixels per field`);
+      }
     }
     fact("Intended use", m.intended_use);
     panel.append(dl);
