@@ -162,7 +162,9 @@ def test_model_limits_for_fields(client):
 def test_page_serves_the_fields_mode_and_its_examples(client):
     index = client.get("/").text
     assert '<script src="/static/fields.js"></script>' in index
-    assert client.get("/static/fields.js").status_code == 200
+    js = client.get("/static/fields.js").text
+    assert "/smear" in js and "https://" not in js  # nothing from elsewhere (only the SVG namespace name)
+    assert [u for u in re.findall(r"https?://[^\s\"'`]+", js) if u != "http://www.w3.org/2000/svg"] == []
     examples = re.findall(r'data-field="([^"]+)"', index)
     assert 1 <= len(examples) <= 2
     for src in examples:
