@@ -1,6 +1,7 @@
 """Images that are not a single red-cell crop, for measuring the not-a-cell (ood) flag:
-scikit-image's sample photos and crops of them, noise, solid colours, a screenshot-like image
-and a 'smear field' tiled from several cells."""
+scikit-image's sample photos and crops of them, noise, solid colours, a screenshot-like image,
+a 'smear field' tiled from several cells, and (with `fields_dir`) real whole smear fields and
+crops of them that hold several cells (2.5-4 cell diameters across)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ SKIMAGE = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon"
            "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel")
 
 
-def non_cell_images(cells_dir: str | Path | None = None) -> dict[str, Image.Image]:
+def non_cell_images(cells_dir: str | Path | None = None, fields_dir: str | Path | None = None) -> dict[str, Image.Image]:
     from skimage import data
 
     rng = np.random.default_rng(0)
@@ -44,4 +45,11 @@ def non_cell_images(cells_dir: str | Path | None = None) -> dict[str, Image.Imag
             c = Image.open(p).convert("RGB").resize((140, 140))
             field.paste(c, (150 * (i % 4) + 5, 150 * (i // 4) + 5))
         out["smear_field"] = field
+    if fields_dir:  # real fields (another lab) and windows of them holding several cells
+        for p in sorted(Path(fields_dir).glob("*.JPG")):
+            f = Image.open(p).convert("RGB")
+            out[p.stem] = f
+            for k, side in enumerate((180, 180, 220, 260)):
+                x, y = rng.integers(0, f.width - side), rng.integers(0, f.height - side)
+                out[f"{p.stem}_window{k}"] = f.crop((x, y, x + side, y + side))
     return out

@@ -85,8 +85,45 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
                      "size_mb": round(Path(ckpt).stat().st_size / 2**20, 2), "accuracy_sample": acc,
                      "latency_p50_ms": p50, "latency_p95_ms": p95, "throughput_cells_s": _throughput(run_t, x),
                      "end_to_end_files_cells_s": None})
+    notes = []
+    if "onnx int8" not in engines:
+        notes.append(f"no int8 row: {int8_path.name} does not exist (make one with export --int8; give --int8-model)")
+    if not any(r["engine"] == "pytorch eager" for r in rows):
+        notes.append("no PyTorch row: " + ("PyTorch is not installed" if torch is None else
+                                           "no checkpoint given (--checkpoint runs/NAME/best.safetensors)"))
     return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "input_size": rec.input_size, "n_sample": len(x), "sample": str(sample), "rows": rows}
+            "input_size": rec.input_size, "n_sample": len(x), "sample": str(sample), "rows": rows,
+            "fields": field_speed(engines), "notes": notes}
+
+
+def field_speed(engines: dict, folder: Path | None = None, repeat: int = 3) -> list[dict]:
+    """Whole fields, end to end (image file -> JSON record: decode, segment, crop, classify, count),
+    per engine, on the sample fields; with the share of time spent segmenting."""
+    from .segment import segment_cells
+    from .preprocess import open_rgb
+    from .smear import FIELD_MAX_PIXELS, analyze_field
+
+    folder = folder or REPO_SAMPLE / "fields"
+    paths = sorted(folder.glob("*.JPG")) if folder.is_dir() else []
+    if not paths:
+        return []
+    t = time.perf_counter()
+    for _ in range(repeat):
+        for p in paths:
+            segment_cells(np.asarray(open_rgb(p, FIELD_MAX_PIXELS, max_side=None)))
+    seg = (time.perf_counter() - t) / (repeat * len(paths))
+    out = []
+    for name, pred in engines.items():
+        analyze_field(pred, paths[0])  # warm-up
+        t, n_cells = time.perf_counter(), 0
+        for _ in range(repeat):
+            for p in paths:
+                n_cells += analyze_field(pred, p)["n_cells"]
+        dt = time.perf_counter() - t
+        out.append({"engine": name, "fields": len(paths), "fields_s": repeat * len(paths) / dt,
+                    "cells_s": n_cells / dt, "segment_s_per_field": seg,
+                    "cells_per_field": n_cells / (repeat * len(paths))})
+    return out
 
 
 def format_benchmark(r: dict) -> str:
@@ -98,4 +135,12 @@ def format_benchmark(r: dict) -> str:
         lines.append(f"| {row['engine']} | {row['file']} | {row['size_mb']} | {row['accuracy_sample']:.4f} | "
                      f"{row['latency_p50_ms']:.2f} | {row['latency_p95_ms']:.2f} | {row['throughput_cells_s']:.0f} | "
                      f"{'' if e2e is None else f'{e2e:.0f}'} |")
+    if r.get("fields"):
+        f0 = r["fields"][0]
+        lines += ["", f"whole fields ({f0['fields']} sample fields, ~{f0['cells_per_field']:.0f} cells each; "
+                      "image file -> JSON record):",
+                  "| engine | fields/s | cells/s | segmentation s/field |", "|---|---|---|---|"]
+        lines += [f"| {f['engine']} | {f['fields_s']:.2f} | {f['cells_s']:.0f} | {f['segment_s_per_field']:.3f} |"
+                  for f in r["fields"]]
+    lines += [f"note: {n}" for n in r.get("notes", [])]
     return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Cells from another lab: per-domain accuracy, not-a-cell flag and site calibration (`adapt`).
+
+    .venv/bin/python benchmarks/other_labs.py --models OLD.onnx NEW.onnx [--adapt-model NEW.onnx] [--draws 5]
+
+Needs the IML cells cut by `malaria-detect cut-cells` (see MODEL_CARD.md):
+    runs/data/iml_val   block PA171770-799 (the pool a lab's labelled cells are drawn from for adapt)
+    runs/data/iml_test  block PA1718xx, HELD OUT: every figure on IML below is measured there
+
+Prints, side by side in one run:
+1. per domain x model: NIH test patients (4,752 cells), IML held-out cells cut by their boxes
+   (background kept, as a person crops them) and IML held-out cells as the whole-field pipeline
+   masks them: accuracy, sensitivity, specificity, ROC-AUC, ECE, % flagged not-a-cell;
+2. not-a-cell images flagged (photos, noise, solid colours, screenshot, tiled cells, whole smear
+   fields, windows of fields holding several cells);
+3. the adapt learning curve: 25/50/100/200 labelled cells (half of each class; `--draws` random draws)
+   from the PA171770-799 pool -> sensitivity, specificity, ECE on the held-out box crops, mean +- sd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from malaria_detect import data as D  # noqa: E402
+from malaria_detect import metrics as M  # noqa: E402
+from malaria_detect.adapt import adapt  # noqa: E402
+from malaria_detect.predict import Predictor  # noqa: E402
+from non_cells import non_cell_images  # noqa: E402
+
+NIH = ROOT.parent / "shared" / "data" / "nih-cells"
+
+
+def crops(folder: Path, tag: str) -> list:
+    """Items of a cut-cells folder whose file name ends with _{tag}.png (box, mask)."""
+    return [it for it in D.find_images(folder) if it.path.stem.endswith("_" + tag)]
+
+
+def scores(pred: Predictor, items) -> dict:
+    x, y, _, _ = D.load_arrays(items, pred.record.input_size, progress=False)
+    z, _, s = pred.run(x)
+    p = pred.probability(z)
+    m = M.binary_metrics(y, p, pred.record.threshold)
+    m["ece"] = M.ece(y, p)
+    m["ood_rate"] = float(np.mean(s > pred.record.ood_threshold))
+    m["n"] = len(y)
+    return m
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", required=True, help="ONNX models to compare")
+    ap.add_argument("--adapt-model", default=None, help="model to calibrate with adapt (default: the last)")
+    ap.add_argument("--iml-val", default=str(ROOT / "runs/data/iml_val"))
+    ap.add_argument("--iml-test", default=str(ROOT / "runs/data/iml_test"))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200])
+    ap.add_argument("--draws", type=int, default=5)
+    a = ap.parse_args()
+    preds = {Path(m).name: Predictor.load(m) for m in a.models}
+    first = next(iter(preds.values()))
+    nih = D.select(D.find_images(NIH), first.record.extra["split"]["test"])
+    nih = [it for it in nih if not it.patient.startswith("IML-")]
+    domains = {"NIH test patients": nih,
+               "IML PA1718 (held out), cut by box": crops(Path(a.iml_test), "box"),
+               "IML PA1718 (held out), pipeline mask": crops(Path(a.iml_test), "mask")}
+    pool = crops(Path(a.iml_val), "box")
+    adapted = {}
+    tmp = Path(tempfile.mkdtemp(prefix="adapt-bench-"))
+    base_model = a.adapt_model or a.models[-1]
+    rng = np.random.default_rng(0)
+    curve = {}
+    for n in a.sizes:
+        rows = []
+        for k in range(a.draws):
+            folder = tmp / f"n{n}_{k}"
+            pos = [it for it in pool if it.label == 1]
+            neg = [it for it in pool if it.label == 0]
+            chosen = list(rng.choice(len(pos), min(n // 2, len(pos)), replace=False))
+            chosen_neg = list(rng.choice(len(neg), n - len(chosen), replace=False))
+            for it in [pos[i] for i in chosen] + [neg[i] for i in chosen_neg]:
+                d = folder / it.label_name
+                d.mkdir(parents=True, exist_ok=True)
+                (d / it.path.name).symlink_to(it.path.resolve())
+            out = tmp / f"n{n}_{k}.onnx"
+            adapt(folder, out, base_model)
+            m = scores(Predictor.load(out), domains["IML PA1718 (held out), cut by box"])
+            rows.append((m["recall"], m["specificity"], m["ece"], m["ood_rate"]))
+            if n == 100 and k == 0:
+                adapted[f"{Path(base_model).name} + adapt on 100 IML cells"] = Predictor.load(out)
+        curve[n] = np.array(rows)
+    print("| domain | model | cells | accuracy | sensitivity | specificity | ROC-AUC | ECE | flagged not-a-cell |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dname, items in domains.items():
+        for mname, pred in {**preds, **adapted}.items():
+            m = scores(pred, items)
+            print(f"| {dname} | {mname} | {m['n']} | {m['accuracy']:.4f} | {m['recall']:.4f} | {m['specificity']:.4f} | "
+                  f"{m['roc_auc']:.4f} | {m['ece']:.3f} | {100 * m['ood_rate']:.1f}% |")
+    imgs = non_cell_images(ROOT / "samples", ROOT / "samples" / "fields")
+    print(f"\nnot-a-cell images flagged ({len(imgs)} images: photos, crops, noise, solid colours, screenshot, "
+          "tiled cells, 4 whole IML fields, 16 windows of them holding several cells):")
+    for mname, pred in {**preds, **adapted}.items():
+        res = pred.predict(list(imgs.values()), names=list(imgs))
+        missed = [r.source for r in res if not r.ood]
+        print(f"- {mname}: {100 * (len(res) - len(missed)) / len(res):.1f}% flagged"
+              + (f"; not flagged: {', '.join(missed)}" if missed else ""))
+    print(f"\nadapt learning curve ({base_model}; {a.draws} draws of balanced labelled cells from IML "
+          "PA171770-799; measured on the held-out PA1718 box crops):")
+    print("| labelled cells | sensitivity | specificity | ECE | flagged not-a-cell |")
+    print("|---|---|---|---|---|")
+    for n, r in curve.items():
+        mu, sd = r.mean(0), r.std(0)
+        print(f"| {n} | {mu[0]:.3f} ± {sd[0]:.3f} | {mu[1]:.3f} ± {sd[1]:.3f} | {mu[2]:.3f} ± {sd[2]:.3f} | "
+              f"{100 * mu[3]:.1f}% |")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
