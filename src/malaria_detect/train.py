@@ -287,12 +287,14 @@ class Ranks:
     others wait, then they read both; every rank takes its shard of each batch of the shared
     per-epoch permutation (the global batch stays --batch-size, so the schedule is the
     single-process one) and DistributedDataParallel averages the gradients; rank 0 alone
-    validates, writes the run folder and decides early stopping, which it sends to the others."""
+    validates, writes the run folder and decides early stopping, which it sends to the others.
+    Several nodes: --out must be a folder that every node sees (split.json, resume state)."""
 
     def __init__(self):
         self.active = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
         self.rank = int(os.environ["RANK"]) if self.active else 0
         self.world = int(os.environ["WORLD_SIZE"]) if self.active else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.active else 0
         self.is_main = self.rank == 0
         self.device = torch.device("cpu")
         self.started = False
@@ -300,7 +302,7 @@ class Ranks:
             import torch.distributed as dist
 
             if torch.cuda.is_available():
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                self.device = torch.device("cuda", self.local_rank)
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
@@ -311,12 +313,15 @@ class Ranks:
             torch.distributed.barrier()
 
     @contextmanager
-    def main_first(self):
-        """Rank 0 runs the block first (writing what the others then read), then the others."""
-        if not self.is_main:
+    def in_turn(self):
+        """Rank 0 runs the block first, then the first process of every other node, then the rest:
+        what the block writes (split.json, a node's image cache) is written by one process and
+        read by those after it."""
+        turn = 0 if self.is_main else 1 if self.local_rank == 0 else 2
+        for _ in range(turn):
             self.barrier()
         yield
-        if self.is_main:
+        for _ in range(2 - turn):
             self.barrier()
 
     def batch(self, batch_size: int) -> int:
@@ -399,7 +404,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     # --- data and the patient-disjoint split
     items = D.find_images(cfg.data, cfg.patients_csv)
     split_path = run / "split.json"
-    with ranks.main_first():  # the split is made once, by rank 0; the other ranks read it
+    with ranks.in_turn():  # the split is made once, by rank 0; the other ranks read it
         if not ranks.is_main:
             parts = D.load_split(split_path)
         elif resume or cfg.split_file:
@@ -421,7 +426,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     say(f"data: {len(items)} images, {len({i.patient for i in items})} patients; "
         f"train {len(tr_items)} images / {len(parts['train'])} patients, "
         f"val {len(va_items)} / {len(parts['val'])}, test patients held out: {len(parts['test'])}", flush=True)
-    with ranks.main_first():  # rank 0 decodes into the cache; the other ranks then read the cache
+    with ranks.in_turn():  # each node's cache is filled by one process; the others then read it
         xtr, ytr, tr_items, _ = load_arrays(tr_items, cfg.image_size, cfg.workers, "decoding train")
         xva, yva, va_items, _ = load_arrays(va_items, cfg.image_size, cfg.workers, "decoding val")
 
