@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .preprocess import ImageError, load_uint8, open_rgb
+from .preprocess import DECODE_VERSION, ImageError, load_uint8, open_rgb
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 # Folder names accepted for each class (matched case-insensitively).
@@ -217,14 +217,15 @@ def load_arrays(items: list[Item], size: int, workers: int = 2, desc: str = "dec
                 use_cache: bool = True, progress: bool = True):
     """Decode and resize every image once -> (uint8 N,S,S,3 array, labels, kept items, errors).
 
-    Cached on disk by a hash of (absolute path, size, mtime, resize size) so later runs start fast.
-    Unreadable images are reported and skipped.
+    Cached on disk by a hash of (absolute path, size, mtime, resize size, decoder version) so later
+    runs start fast. Unreadable images (any decoder failure, any format but FORMATS) are reported
+    and skipped: one bad file never stops train, evaluate or export.
     """
     key = hashlib.sha256()
     for it in items:
         st = it.path.stat() if it.path.exists() else None
         key.update(f"{it.path.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
-    key.update(f"size={size}".encode())
+    key.update(f"size={size}|decode={DECODE_VERSION}".encode())
     cpath = cache_dir() / f"cells-{key.hexdigest()[:20]}.npz"
     if use_cache and cpath.exists():
         z = np.load(cpath, allow_pickle=False)
@@ -264,7 +265,7 @@ def load_arrays(items: list[Item], size: int, workers: int = 2, desc: str = "dec
 
 def _inspect(path: Path):
     try:
-        im = open_rgb(path)
+        im = open_rgb(path, max_side=None)  # full size: the size statistics are the files' own
         return path, (im.size, hashlib.sha1(im.tobytes()).hexdigest()), None
     except ImageError as e:  # any decoder error: report and skip
         return path, None, str(e)

@@ -8,21 +8,40 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import stat
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Refuse images that declare more pixels than this before decoding them (decompression bombs).
 MAX_IMAGE_PIXELS = 40_000_000
 # open_rgb() checks every image's declared size itself (with a clear message) before decoding;
 # Pillow's own warning/error at other sizes is switched off so there is one rule, not two.
 Image.MAX_IMAGE_PIXELS = None
+# The only formats decoded: other Pillow plugins (DDS, PSD, ICO, ...) are never tried on user files.
+FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+# Right after decoding, an image is shrunk to at most this many pixels a side (cells are ~130 px):
+# this bounds memory and the heatmap size for any upload. Whole smear fields need their own path.
+MAX_SIDE = 512
+# A model's network input side must lie in this range (pixels): a record asking for 20,000 is refused.
+INPUT_SIZE_RANGE = (16, 1024)
+# Bumped whenever open_rgb() can return different pixels for the same file (keys decode caches).
+DECODE_VERSION = 2
 
 
 class ImageError(Exception):
     """An input that is not a readable image; the message says why."""
+
+
+class RecordError(ValueError):
+    """A model's preprocessing record is missing a value or has one that cannot be right."""
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -45,44 +64,159 @@ class Record:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Record":
-        d = json.loads(text)
-        d["mean"], d["std"], d["class_names"] = tuple(d["mean"]), tuple(d["std"]), tuple(d["class_names"])
-        return cls(**d)
+        """Parse and validate a stored record; raises RecordError with a one-line message."""
+        try:
+            d = json.loads(text)
+        except (ValueError, TypeError) as e:
+            raise RecordError(f"the record is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise RecordError("the record is not a JSON object")
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise RecordError(f"unknown record keys: {', '.join(sorted(set(d) - known))}")
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        if required - set(d):
+            raise RecordError(f"missing record keys: {', '.join(sorted(required - set(d)))}")
+        for k in ("mean", "std", "class_names"):
+            if isinstance(d.get(k), list):
+                d[k] = tuple(d[k])
+        record = cls(**d)
+        record.validate()
+        return record
+
+    def validate(self) -> "Record":
+        """Raise RecordError unless every number the prediction path uses is usable."""
+        def bad(what):
+            raise RecordError(what)
+
+        if not isinstance(self.arch, str) or not self.arch:
+            bad(f"arch must be a name, got {self.arch!r}")
+        lo, hi = INPUT_SIZE_RANGE
+        if not isinstance(self.input_size, int) or isinstance(self.input_size, bool) or \
+                not lo <= self.input_size <= hi:
+            bad(f"input_size must be an integer from {lo} to {hi} pixels, got {self.input_size!r}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or len(v) != 3 or not all(_finite(x) for x in v):
+                bad(f"{name} must be 3 finite numbers (R, G, B), got {v!r}")
+        if not all(x > 0 for x in self.std):
+            bad(f"std must be > 0 for every channel, got {self.std!r}")
+        c = self.class_names
+        if not isinstance(c, (tuple, list)) or len(c) != 2 or not all(isinstance(x, str) and x for x in c) \
+                or c[0] == c[1]:
+            bad(f"class_names must be 2 different names (negative, positive), got {c!r}")
+        if not _finite(self.threshold) or not 0 < self.threshold < 1:
+            bad(f"threshold must be between 0 and 1 (exclusive), got {self.threshold!r}")
+        if not _finite(self.temperature) or self.temperature <= 0:
+            bad(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.ood_threshold is not None and not _finite(self.ood_threshold):
+            bad(f"ood_threshold must be a finite number or null, got {self.ood_threshold!r}")
+        if self.resize != "bilinear":
+            bad(f"resize must be 'bilinear', got {self.resize!r}")
+        if not isinstance(self.extra, dict):
+            bad(f"extra must be an object, got {type(self.extra).__name__}")
+        return self
 
 
-def open_rgb(src, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+class PixelBudget:
+    """Pixels a caller may still decode (the web app: one per request); open_rgb() takes from it."""
+
+    def __init__(self, pixels: int):
+        self.total = self.left = pixels
+
+    def take(self, w: int, h: int) -> None:
+        if w * h > self.left:
+            raise ImageError(f"over the request's pixel budget: {w}x{h} pixels, {self.left:,} of "
+                             f"{self.total:,} left; send it in another request")
+        self.left -= w * h
+
+
+def _regular_file(path: Path) -> None:
+    """Refuse what is not a regular, non-empty file before opening it (a FIFO would block forever)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file" + (" (a folder)" if stat.S_ISDIR(st.st_mode) else ""))
+    if st.st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float greyscale -> 8-bit 'L', scaled, not clipped.
+
+    The bit depth is inferred from the brightest pixel: microscope cameras often store 10, 12 or 14
+    bits in a 16-bit container, so the range is the smallest of 2^8, 2^10, ..., 2^16 - 1 that holds
+    the data (float images: [0, 1] when they fit, else their own maximum)."""
+    a = np.asarray(im, dtype=np.float32)
+    top = float(a.max()) if a.size else 0.0
+    if im.mode == "F" and top <= 1.0:
+        full = 1.0
+    else:
+        full = next((2.0 ** b - 1 for b in (8, 10, 12, 14, 16) if top <= 2 ** b - 1), top)
+    a *= 255.0 / full
+    np.clip(a, 0, 255, out=a)
+    return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = _to_8bit(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))  # NIH crops have a black surround
+        im = Image.alpha_composite(bg, im)
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def shrink(im: Image.Image, max_side: int | None) -> Image.Image:
+    """The image scaled down (aspect kept) so that neither side exceeds max_side; as is if it fits."""
+    w, h = im.size
+    if not max_side or max(w, h) <= max_side:
+        return im
+    s = max_side / max(w, h)
+    return im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR, reducing_gap=2.0)
+
+
+def open_rgb(src, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int | None = MAX_SIDE,
+             budget: PixelBudget | None = None) -> Image.Image:
     """Open a path, bytes or file object as an RGB image; raises ImageError with a clear message.
 
-    The pixel count is checked from the header, before anything is decoded, so a small file that
-    declares a huge image (a decompression bomb) is refused without allocating it."""
+    The one place images are decoded. The pixel count is checked from the header, before anything
+    is decoded, so a small file that declares a huge image (a decompression bomb) is refused without
+    allocating it; `budget` (if given) is charged the same count. Only FORMATS are decoded; EXIF
+    orientation is applied; 16-bit images are scaled to 8 bits; the result is shrunk to at most
+    `max_side` pixels a side. Any decoder failure becomes an ImageError for this image alone."""
     if isinstance(src, Image.Image):  # already decoded (e.g. by the web app)
-        return src if src.mode == "RGB" else src.convert("RGB")
+        return shrink(_to_rgb(src), max_side)
     try:
         if isinstance(src, (bytes, bytearray)):
             if not src:
                 raise ImageError("empty file (0 bytes)")
             src = io.BytesIO(src)
-        elif isinstance(src, (str, Path)) and Path(src).is_file() and Path(src).stat().st_size == 0:
-            raise ImageError("empty file (0 bytes)")
-        with Image.open(src) as im:
+        elif isinstance(src, (str, Path)):
+            _regular_file(Path(src))
+        with Image.open(src, formats=FORMATS) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"image too large: {w}x{h} pixels (limit {max_pixels:,})")
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (0, 0, 0, 255))  # NIH crops have a black surround
-                im = Image.alpha_composite(bg, im)
-            return im.convert("RGB")
+            if budget is not None:
+                budget.take(w, h)
+            if max_side and max(w, h) > 2 * max_side:
+                im.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2 to 1/8 scale (never below max_side)
+            ImageOps.exif_transpose(im, in_place=True)
+            return shrink(_to_rgb(im), max_side)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large: {e}") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image Pillow can read (png, jpg, webp, tif, bmp)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"cannot decode image: {e}") from None
+        raise ImageError("not an image in a supported format (png, jpg, webp, tif, bmp)") from None
+    except MemoryError:
+        raise ImageError("image too large to decode (out of memory)") from None
+    except Exception as e:  # any decoder failure (OSError, SyntaxError, NotImplementedError, struct.error...)
+        raise ImageError(f"cannot decode image: {e or type(e).__name__}") from None
 
 
 def resize_uint8(img: Image.Image, size: int) -> np.ndarray:
