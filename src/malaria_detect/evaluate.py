@@ -45,6 +45,10 @@ class Scorer:
             z, _, s = self.pred.run_tta(x_uint8) if self.tta else self.pred.run(x_uint8)
         else:
             z, _, s = self._torch_outputs(self.model, self.ood, self.record, x_uint8)
+        bad = int((~(np.isfinite(z) & np.isfinite(s))).sum())
+        if bad:  # metrics over NaN probabilities would be numbers that mean nothing
+            raise RuntimeError(f"{self.path}: the model's output is not a finite number for {bad} of {len(z)} "
+                               f"images: the model file may be damaged")
         return z, s
 
 

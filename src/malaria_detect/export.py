@@ -62,14 +62,22 @@ def export_onnx(model: nn.Module, record: Record, ood: dict, out: str | Path) ->
 
 
 def write_metadata(path: Path, record: Record) -> None:
+    """Store the (validated) record and a hash of the weights, which Predictor.load checks."""
     import onnx
 
+    from .predict import WEIGHTS_KEY, onnx_weights_sha256
+
+    record.validate()
     m = onnx.load(str(path))
     del m.metadata_props[:]
-    for k, v in {"malaria_detect_record": record.to_json(), "producer": "malaria-detect"}.items():
+    weights = onnx_weights_sha256(m.SerializeToString())
+    for k, v in {"malaria_detect_record": record.to_json(), "producer": "malaria-detect",
+                 WEIGHTS_KEY: weights}.items():
         p = m.metadata_props.add()
         p.key, p.value = k, v
     onnx.save(m, str(path))
+    if onnx_weights_sha256(Path(path).read_bytes()) != weights:  # serialisation must not move the weights
+        raise RuntimeError(f"{path}: the weights hash changed on saving; cannot store a checkable hash")
 
 
 def sample_arrays(record: Record, folder: str | Path) -> tuple[np.ndarray, np.ndarray]:

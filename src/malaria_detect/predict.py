@@ -9,6 +9,7 @@ threshold) is read from the model file's metadata, never declared here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +22,89 @@ import numpy as np
 from PIL import Image
 
 from .data import IMAGE_EXTENSIONS
-from .preprocess import ImageError, Record, normalize, open_rgb, resize_uint8
+from .preprocess import ImageError, Record, RecordError, normalize, open_rgb, resize_uint8, shrink
 
 BUNDLED_MODEL = "malaria_lite0.onnx"
+# ONNX metadata key holding onnx_weights_sha256() of the file, written by export; checked at load.
+WEIGHTS_KEY = "malaria_detect_weights_sha256"
+NON_FINITE = "the model's output is not a finite number (NaN or infinity): the model file may be damaged"
+HEATMAP_MAX_SIDE = 512  # heatmap overlays are at most this many pixels a side
+
+
+class ModelError(ValueError):
+    """A model file that must not be used (damaged, or not the file it claims to be)."""
 
 
 def bundled_model_path() -> Path:
     return Path(str(resources.files("malaria_detect") / "assets" / BUNDLED_MODEL))
+
+
+def bundled_sha256_path() -> Path:
+    """The bundled model's expected sha256, checked at every load. After replacing the bundled
+    model, refresh it: cd src/malaria_detect/assets && sha256sum malaria_lite0.onnx > malaria_lite0.onnx.sha256"""
+    return bundled_model_path().with_name(BUNDLED_MODEL + ".sha256")
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        if i >= len(b) or shift > 63:
+            raise ValueError("truncated protobuf varint")
+        v |= (b[i] & 0x7F) << shift
+        i += 1
+        if not b[i - 1] & 0x80:
+            return v, i
+        shift += 7
+
+
+def onnx_weights_sha256(blob: bytes) -> str:
+    """sha256 of an ONNX file's top-level protobuf fields except metadata_props (field 14): the graph
+    with all its weights, the opsets and the producer, but not the metadata that carries this hash.
+    Standard library only (the prediction path has no `onnx` package)."""
+    h, view, i = hashlib.sha256(), memoryview(blob), 0
+    while i < len(blob):
+        start = i
+        key, i = _varint(blob, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(blob, i)
+        elif wire == 2:
+            n, i = _varint(blob, i)
+            i += n
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"not an ONNX protobuf (wire type {wire})")
+        if i > len(blob):
+            raise ValueError("truncated ONNX protobuf")
+        if key >> 3 != 14:
+            h.update(view[start:i])
+    return h.hexdigest()
+
+
+def _check_bundled(path: Path, blob: bytes) -> None:
+    """The bundled model must match the sha256 stored next to it."""
+    if path.resolve() != bundled_model_path().resolve():
+        return
+    ref = bundled_sha256_path()
+    if not ref.is_file():
+        raise ModelError(f"{path}: {ref.name} is missing, the bundled model cannot be verified")
+    want = (ref.read_text().split() or [""])[0].lower()
+    got = hashlib.sha256(blob).hexdigest()
+    if got != want:
+        raise ModelError(f"{path}: sha256 {got[:16]}... does not match {ref.name} ({want[:16]}...): "
+                         f"the bundled model is damaged or was replaced without refreshing {ref.name}")
+
+
+def _check_weights(path: Path, blob: bytes, meta: dict) -> None:
+    """A model that carries a weights hash (every export since it was added) must match it."""
+    if WEIGHTS_KEY in meta:
+        try:
+            got = onnx_weights_sha256(blob)
+        except ValueError as e:
+            raise ModelError(f"{path}: {e}") from None
+        if got != meta[WEIGHTS_KEY]:
+            raise ModelError(f"{path}: its weights do not match the hash stored in it: the file is damaged")
 
 
 @dataclass
@@ -69,19 +146,26 @@ class Predictor:
         import onnxruntime as ort
 
         path = Path(path) if path else bundled_model_path()
-        if not path.exists():
+        if not path.is_file():
             raise FileNotFoundError(f"{path}: model file not found")
+        blob = path.read_bytes()  # verified, then run: the very bytes that were checked
+        _check_bundled(path, blob)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise ValueError(f"{path}: not a valid ONNX model ({e})") from None
+            raise ValueError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0] if str(e) else e!r})") from None
         meta = session.get_modelmeta().custom_metadata_map
         if "malaria_detect_record" not in meta:
             raise ValueError(f"{path}: not a malaria-detect model (no preprocessing record in its metadata)")
-        return cls(session, Record.from_json(meta["malaria_detect_record"]), path)
+        _check_weights(path, blob, meta)
+        try:
+            record = Record.from_json(meta["malaria_detect_record"])
+        except (RecordError, TypeError) as e:
+            raise RecordError(f"{path}: invalid model record: {e}") from None
+        return cls(session, record, path)
 
     # ------------------------------------------------------------ arrays
 
@@ -144,7 +228,11 @@ class Predictor:
             x = np.stack(batch)
             z, cam, s = self.run_tta(x, batch_size) if tta else self.run(x, batch_size)
             p, labels, ood = self.decide(z, s)
+            finite = np.isfinite(z) & np.isfinite(s) & np.isfinite(cam).reshape(len(cam), -1).all(1)
             for k, i in enumerate(batch_idx):
+                if not finite[k]:  # a damaged model: an error for this image, never a label
+                    results[i] = Prediction(names[i], error=NON_FINITE)
+                    continue
                 results[i] = Prediction(names[i], str(labels[k]), float(p[k]), bool(ood[k]), float(s[k]),
                                         cam=cam[k] if heatmaps else None)
             if progress:
@@ -229,10 +317,10 @@ def cam_peak_xy(cam: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
 
 
 def heatmap_overlay(src, cam: np.ndarray, temperature: float | None = None, alpha: float = 0.5,
-                    min_size: int = 192) -> Image.Image:
-    """The cell with its class-activation map blended on top (PIL RGB image); the black surround
-    of a segmented cell is left as it is."""
-    img = src if isinstance(src, Image.Image) else open_rgb(src)
+                    min_size: int = 192, max_size: int = HEATMAP_MAX_SIDE) -> Image.Image:
+    """The cell with its class-activation map blended on top (PIL RGB image, at most `max_size`
+    pixels a side); the black surround of a segmented cell is left as it is."""
+    img = shrink(src if isinstance(src, Image.Image) else open_rgb(src), max_size)
     if min(img.size) < min_size:  # upscale small crops so the overlay is readable
         s = min_size / min(img.size)
         img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
