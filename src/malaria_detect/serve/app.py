@@ -7,6 +7,8 @@ event loop. ONNX Runtime sessions are safe to call from several threads at once.
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import io
 import os
 from contextlib import asynccontextmanager
@@ -15,13 +17,17 @@ from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..data import IMAGE_EXTENSIONS
 from ..predict import Prediction, Predictor, heatmap_overlay
-from ..preprocess import ImageError, open_rgb
+from ..preprocess import ImageError, PixelBudget, open_rgb
 from .docs import add_offline_docs
 
 STATIC = Path(__file__).parent / "static"
@@ -29,9 +35,36 @@ IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/tiff", "image/bmp
                "image/jpg", "image/x-png"}
 
 
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    return int(v) if v not in (None, "") else default
+class SettingsError(ValueError):
+    """A server setting (environment variable or option) that cannot be used; the message names it."""
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    v = os.environ.get(name, "").strip()
+    if not v:
+        return default
+    try:
+        n = int(v)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {v!r}") from None
+    if n < 1:
+        raise SettingsError(f"{name} must be at least 1, got {n}")
+    return n
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    v = os.environ.get(name, "").strip().lower()
+    if not v:
+        return default
+    if v not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise SettingsError(f"{name} must be 1 or 0, got {v!r}")
+    return v in ("1", "true", "yes", "on")
+
+
+def parse_hosts(value: str | None) -> list[str]:
+    """'a.example, localhost' -> ['a.example', 'localhost']; empty -> ['*'] (any Host header)."""
+    hosts = [h.strip() for h in (value or "").split(",") if h.strip()]
+    return hosts or ["*"]
 
 
 @dataclass
@@ -39,14 +72,77 @@ class Settings:
     """Server settings; each can be overridden by an environment variable (MALARIA_DETECT_...)."""
 
     model: str | None = field(default_factory=lambda: os.environ.get("MALARIA_DETECT_MODEL") or None)
+    # whole-request limits: the body (counted as it streams) and the pixels decoded per request
+    max_request_bytes: int | None = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_REQUEST_BYTES", None))
+    max_request_pixels: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_REQUEST_PIXELS", 64_000_000))
     max_file_bytes: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FILE_BYTES", 10 * 2**20))
     max_files: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FILES", 64))
-    max_pixels: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_PIXELS", 16_000_000))
-    heatmaps: bool = field(default_factory=lambda: os.environ.get("MALARIA_DETECT_HEATMAPS", "1") != "0")
+    max_pixels: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_PIXELS", 4_000_000))
+    heatmaps: bool = field(default_factory=lambda: _env_bool("MALARIA_DETECT_HEATMAPS", True))
+    allowed_hosts: list[str] = field(default_factory=lambda: parse_hosts(os.environ.get("MALARIA_DETECT_ALLOWED_HOSTS")))
 
-    @property
-    def max_request_bytes(self) -> int:
-        return self.max_file_bytes * self.max_files + 2**20
+    def __post_init__(self):
+        if self.max_request_bytes is None:  # default: the files allowed, capped at 64 MiB
+            self.max_request_bytes = min(64 * 2**20, self.max_file_bytes * self.max_files + 2**20)
+        for k in ("max_request_bytes", "max_request_pixels", "max_file_bytes", "max_files", "max_pixels"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SettingsError(f"{k} must be a whole number of at least 1, got {v!r}")
+
+
+class _TooLarge(HTTPException):
+    def __init__(self, detail: str):
+        super().__init__(413, detail)
+
+
+class UploadLimit:
+    """Pure ASGI middleware: a request body over `max_bytes` gets 413. The bytes are counted as they
+    arrive, so a chunked upload (no Content-Length) is stopped at the cap instead of being read, and
+    spooled to disk, whole; a declared Content-Length over the cap is refused before reading."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            msg = f"upload too large: {int(length):,} bytes (limit {self.max_bytes:,} per request)"
+            return await JSONResponse({"detail": msg}, 413)(scope, receive, send)
+        seen, started = 0, False
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(f"upload too large: over {self.max_bytes:,} bytes per request")
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge as e:  # normally answered by the app's HTTPException handler already
+            if started:
+                raise
+            await JSONResponse({"detail": e.detail}, 413)(scope, receive, send)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if os.name == "posix" else None
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS. glibc keeps it otherwise, so the decode buffers of
+    one request of large images would stay resident after it."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class PredictionOut(BaseModel):
@@ -84,33 +180,42 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                               "uninfected. Not a diagnosis.")
     app.state.settings = settings
 
-    def classify(blobs: list[tuple[str, bytes]]) -> list[dict]:
+    def classify(names: list[str], blobs: list[bytes]) -> list[dict]:
+        """One answer per blob, in the same order. Each image is shrunk as it is decoded; together
+        they may not decode more than the request's pixel budget."""
         pred: Predictor = app.state.predictor
-        out, images, names = [], [], []
-        for name, blob in blobs:
+        budget = PixelBudget(settings.max_request_pixels)
+        out: list[dict | None] = [None] * len(blobs)
+        images, where = [], []
+        for k, blob in enumerate(blobs):
             try:
-                images.append(open_rgb(blob, settings.max_pixels))
-                names.append(name)
+                images.append(open_rgb(blob, settings.max_pixels, budget=budget))
+                where.append(k)
             except ImageError as e:
-                out.append(PredictionOut(filename=name, error=str(e)).model_dump())
-        if images:
-            results: list[Prediction] = pred.predict(images, names=[f"{i}" for i in range(len(images))],
-                                                     heatmaps=settings.heatmaps, workers=1)
-            for img, name, r in zip(images, names, results):
-                out.append(PredictionOut(
-                    filename=name, label=r.label, p_parasitized=r.p_parasitized, ood=r.ood,
+                out[k] = PredictionOut(filename=names[k], error=str(e)).model_dump()
+        try:
+            results: list[Prediction] = pred.predict(images, names=[names[k] for k in where],
+                                                     heatmaps=settings.heatmaps, workers=1) if images else []
+            for k, img, r in zip(where, images, results):
+                out[k] = PredictionOut(
+                    filename=r.source, label=r.label, p_parasitized=r.p_parasitized, ood=r.ood,
                     ood_score=r.ood_score, error=r.error,
-                    heatmap=_heatmap_png(img, r.cam, pred.record.temperature) if r.cam is not None else None).model_dump())
+                    heatmap=_heatmap_png(img, r.cam, pred.record.temperature) if r.cam is not None else None).model_dump()
+        finally:
+            del images
+            if budget.total - budget.left > 4_000_000:
+                _trim_heap()
         return out
 
-    @app.middleware("http")
-    async def limit_request_size(request: Request, call_next):
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > settings.max_request_bytes:
-                return JSONResponse({"detail": f"upload too large: {int(length):,} bytes "
-                                               f"(limit {settings.max_request_bytes:,} per request)"}, 413)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # an unparsable body (e.g. broken multipart): 422, as documented
+            return JSONResponse({"detail": f"malformed request: {exc.detail}"}, 422)
+        return await http_exception_handler(request, exc)
+
+    app.add_middleware(UploadLimit, max_bytes=settings.max_request_bytes)
+    if settings.allowed_hosts != ["*"]:  # outermost: a wrong Host header (DNS rebinding) gets 400
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
 
     @app.get("/health", summary="liveness and model status")
     def health():
@@ -127,7 +232,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             "temperature": r.temperature, "ood_threshold": r.ood_threshold,
             "test_metrics": ex.get("test_metrics"), "val_metrics": ex.get("val_metrics"),
             "limits": {"max_file_bytes": settings.max_file_bytes, "max_files": settings.max_files,
-                       "max_pixels": settings.max_pixels},
+                       "max_pixels": settings.max_pixels, "max_request_bytes": settings.max_request_bytes,
+                       "max_request_pixels": settings.max_request_pixels},
             "intended_use": "research and screening aid, not a diagnosis",
         }
 
@@ -135,30 +241,30 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
               summary="classify one or many cell images (multipart field 'files')",
               responses={413: {"description": "upload too large or too many files"},
                          415: {"description": "no file of a supported image type"},
-                         422: {"description": "malformed request (no 'files' field)"}})
+                         422: {"description": "malformed request (no 'files' field, or not valid multipart)"}})
     async def predict(files: list[UploadFile] = File(..., description="cell images: png, jpg, webp, tif, bmp")):
         if len(files) > settings.max_files:
             raise HTTPException(413, f"too many files: {len(files)} (limit {settings.max_files} per request)")
         if not any(_supported(f) for f in files):
             kinds = ", ".join(sorted({f.content_type or "unknown" for f in files}))
             raise HTTPException(415, f"unsupported file type ({kinds}); send png, jpg, webp, tif or bmp images")
-        names, blobs, entries = [], [], {}
+        out: list[dict | None] = [None] * len(files)  # answers by upload position, never by name
+        todo, names, blobs = [], [], []
         for i, f in enumerate(files):
             name = f.filename or f"file{i}"
-            if name in names:
-                name = f"{name} ({i})"
-            names.append(name)
             data = await f.read(settings.max_file_bytes + 1)
             if len(data) > settings.max_file_bytes:
                 raise HTTPException(413, f"{name}: file too large (limit {settings.max_file_bytes:,} bytes)")
             if not _supported(f):
-                entries[name] = PredictionOut(filename=name, error=f"unsupported file type "
-                                                                   f"{f.content_type!r}").model_dump()
+                out[i] = PredictionOut(filename=name, error=f"unsupported file type {f.content_type!r}").model_dump()
             else:
-                blobs.append((name, data))
-        results = await run_in_threadpool(classify, blobs) if blobs else []
-        by_name = {r["filename"]: r for r in results} | entries
-        return [by_name[n] for n in names]  # upload order
+                todo.append(i)
+                names.append(name)
+                blobs.append(data)
+        if blobs:
+            for i, r in zip(todo, await run_in_threadpool(classify, names, blobs)):
+                out[i] = r
+        return out
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -169,12 +275,15 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     return app
 
 
-def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
+def run(model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+        allowed_hosts: str | None = None) -> None:
     import uvicorn
 
     settings = Settings()
     if model:
         settings.model = model
+    if allowed_hosts:
+        settings.allowed_hosts = parse_hosts(allowed_hosts)
     predictor = Predictor.load(settings.model)  # fail fast with a clear message before binding the port
     print(f"malaria-detect: serving {predictor.path.name} at http://{host}:{port}  (API docs: /docs)", flush=True)
     uvicorn.run(create_app(settings, predictor), host=host, port=port, log_level="warning")
