@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -19,6 +20,16 @@ Typical use:
   malaria-detect evaluate --data DIR                   honest figures on patients the model never saw
   malaria-detect train --data DIR --out runs/NAME      train your own model (needs the [train] extra)
 """
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _add_common_model(p, help_extra=""):
@@ -40,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", default=None, metavar="DIR",
                    help="write a heatmap overlay PNG per image here; its path goes in the CSV's heatmap column")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations (8x slower)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=_positive_int, default=2, help="image-decoding threads")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run on Ray (needs the [scale] extra): local (start one here), auto (the cluster this "
@@ -49,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a --ray local instance (default: all)")
     p.add_argument("--parquet", default=None, metavar="DIR",
                    help="with --ray: also write the rows (+ idx, ood_score) as Parquet files here (folder or URI)")
-
 
     p = sub.add_parser("evaluate", help="metrics, CIs and plots on a labelled folder (patient-disjoint)")
     _add_common_model(p)
@@ -127,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="ONNX model; default: the bundled model")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-hosts", default=None, metavar="HOSTS",
+                   help="comma-separated Host headers to answer (e.g. localhost,127.0.0.1), against DNS "
+                        "rebinding; default: MALARIA_DETECT_ALLOWED_HOSTS, else any")
 
     p = sub.add_parser("benchmark", help="latency and throughput: ONNX fp32, ONNX int8, PyTorch")
     p.add_argument("--model", default=None, help="ONNX model; default: the bundled model")
@@ -139,6 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- commands
 
+def csv_safe(value):
+    """A CSV cell that spreadsheets show as text: one starting with = + - @ (or a tab / carriage
+    return) would otherwise run as a formula, so it gets a leading apostrophe."""
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
+def _check_outputs(a) -> None:
+    """Refuse unusable --csv / --heatmaps destinations before any image is predicted."""
+    if a.heatmaps:
+        if Path(a.heatmaps).exists() and not Path(a.heatmaps).is_dir():
+            raise SystemExit(f"error: --heatmaps {a.heatmaps}: exists and is not a folder")
+        try:
+            Path(a.heatmaps).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: --heatmaps {a.heatmaps}: cannot create the folder ({e.strerror or e})")
+    if a.csv:
+        out = Path(a.csv)
+        if out.is_dir():
+            raise SystemExit(f"error: --csv {a.csv}: is a folder; give a file name")
+        if not out.parent.is_dir():
+            raise SystemExit(f"error: --csv {a.csv}: folder {out.parent} does not exist")
+        if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+            raise SystemExit(f"error: --csv {a.csv}: not writable")
+
+
 def cmd_predict(a):
     from tqdm import tqdm
 
@@ -148,6 +186,7 @@ def cmd_predict(a):
         raise SystemExit("error: --heatmaps is not available with --ray; run without --ray for heatmaps")
     if not a.ray and (a.parquet or a.ray_cpus):
         raise SystemExit("error: --parquet and --ray-cpus go with --ray")
+    _check_outputs(a)
     if a.ray:  # the same rows from a Ray actor pool (scale.py); the rest of this command is shared
         from .scale import predict_ray
 
@@ -165,7 +204,6 @@ def cmd_predict(a):
     fields = ["path", "label", "p_parasitized", "ood", "error"]
     if a.heatmaps:
         hdir = Path(a.heatmaps)
-        hdir.mkdir(parents=True, exist_ok=True)
         fields.append("heatmap")
         for i, (r, row) in enumerate(zip(results, rows)):
             row["heatmap"] = ""
@@ -177,7 +215,7 @@ def cmd_predict(a):
         with open(a.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({k: csv_safe(v) for k, v in row.items()} for row in rows)
     ok = [r for r in results if not r.error]
     n_par = sum(r.label == "Parasitized" for r in ok)
     n_ood = sum(bool(r.ood) for r in ok)
@@ -286,7 +324,7 @@ def cmd_download(a):
 def cmd_serve(a):
     from .serve.app import run
 
-    run(model=a.model, host=a.host, port=a.port)
+    run(model=a.model, host=a.host, port=a.port, allowed_hosts=a.allowed_hosts)
     return 0
 
 
