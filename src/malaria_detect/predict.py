@@ -148,13 +148,14 @@ class Predictor:
         path = Path(path) if path else bundled_model_path()
         if not path.is_file():
             raise FileNotFoundError(f"{path}: model file not found")
-        blob = path.read_bytes()  # verified, then run: the very bytes that were checked
+        blob = path.read_bytes()
         _check_bundled(path, blob)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            session = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+            # from the path, not from `blob`: a session made from bytes keeps a second copy of the model
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise ValueError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0] if str(e) else e!r})") from None
         meta = session.get_modelmeta().custom_metadata_map
