@@ -29,6 +29,7 @@ from ..data import IMAGE_EXTENSIONS
 from ..predict import Prediction, Predictor, heatmap_overlay
 from ..preprocess import ImageError, PixelBudget, open_rgb
 from .docs import add_offline_docs
+from .fields import add_smear_routes
 
 STATIC = Path(__file__).parent / "static"
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/tiff", "image/bmp", "image/x-ms-bmp",
@@ -80,11 +81,16 @@ class Settings:
     max_pixels: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_PIXELS", 4_000_000))
     heatmaps: bool = field(default_factory=lambda: _env_bool("MALARIA_DETECT_HEATMAPS", True))
     allowed_hosts: list[str] = field(default_factory=lambda: parse_hosts(os.environ.get("MALARIA_DETECT_ALLOWED_HOSTS")))
+    # whole fields (POST /smear): fewer, larger images than single cells
+    max_fields: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FIELDS", 8))
+    max_field_bytes: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FIELD_BYTES", 20 * 2**20))
+    max_field_pixels: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FIELD_PIXELS", 40_000_000))
 
     def __post_init__(self):
         if self.max_request_bytes is None:  # default: the files allowed, capped at 64 MiB
             self.max_request_bytes = min(64 * 2**20, self.max_file_bytes * self.max_files + 2**20)
-        for k in ("max_request_bytes", "max_request_pixels", "max_file_bytes", "max_files", "max_pixels"):
+        for k in ("max_request_bytes", "max_request_pixels", "max_file_bytes", "max_files", "max_pixels",
+                  "max_fields", "max_field_bytes", "max_field_pixels"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SettingsError(f"{k} must be a whole number of at least 1, got {v!r}")
@@ -233,7 +239,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             "test_metrics": ex.get("test_metrics"), "val_metrics": ex.get("val_metrics"),
             "limits": {"max_file_bytes": settings.max_file_bytes, "max_files": settings.max_files,
                        "max_pixels": settings.max_pixels, "max_request_bytes": settings.max_request_bytes,
-                       "max_request_pixels": settings.max_request_pixels},
+                       "max_request_pixels": settings.max_request_pixels, "max_fields": settings.max_fields,
+                       "max_field_bytes": settings.max_field_bytes, "max_field_pixels": settings.max_field_pixels},
             "intended_use": "research and screening aid, not a diagnosis",
         }
 
@@ -272,6 +279,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     add_offline_docs(app)  # /docs and /redoc from local files (no CDN), /favicon.ico
+    add_smear_routes(app, settings, _supported)  # POST /smear: whole fields (serve/fields.py)
     return app
 
 
