@@ -245,12 +245,22 @@ def _run(rows: list[dict], worker, ctor: dict, *, batch_size: int, actors: int |
     """rows -> Ray Data -> actor pool -> {idx: output row}. Rows of a batch whose worker died
     `retries` + 1 times are absent: `_complete` runs them again, one file at a time."""
     ray = _ray()
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = progress
-    ctx.print_on_execution_start = progress
+    saved = {k: getattr(ctx, k) for k in ("enable_progress_bars", "print_on_execution_start", "max_errored_blocks")}
+    ctx.enable_progress_bars = ctx.print_on_execution_start = progress
     ctx.max_errored_blocks = -1  # a batch that failed all its retries is left out here, not the whole run
+    try:
+        return _execute(ray, rows, worker, ctor, batch_size, actors, cpus_per_actor, parquet, retries, one_at_a_time)
+    finally:
+        for k, v in saved.items():  # this process's Ray Data settings as they were
+            setattr(ctx, k, v)
+
+
+def _execute(ray, rows, worker, ctor, batch_size, actors, cpus_per_actor, parquet, retries, one_at_a_time):
+    from ray.data import ActorPoolStrategy
+
     if actors is None:
         actors = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_actor))
     actors = max(1, min(actors, -(-len(rows) // batch_size)))  # no idle actors on small inputs
