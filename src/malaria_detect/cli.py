@@ -10,12 +10,16 @@ import sys
 import warnings
 from pathlib import Path
 
+from .preprocess import csv_safe
+
 DESCRIPTION = """\
 malaria-detect: is a red blood cell in a Giemsa-stained thin-smear image parasitized or uninfected?
 A research and screening aid, not a diagnosis.
 
 Typical use:
   malaria-detect predict cells/ --csv results.csv      classify every image in a folder (no PyTorch needed)
+  malaria-detect smear fields/ --json out.json         whole microscope fields: every red cell, parasitemia
+  malaria-detect adapt --data my_cells/ --out lab.onnx calibrate to your lab with a few dozen labelled cells
   malaria-detect serve                                 web app and REST API at http://127.0.0.1:8000
   malaria-detect evaluate --data DIR                   honest figures on patients the model never saw
   malaria-detect train --data DIR --out runs/NAME      train your own model (needs the [train] extra)
@@ -133,6 +137,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help=argparse.SUPPRESS)
     p.add_argument("--sha256", default=None, help=argparse.SUPPRESS)
 
+    p = sub.add_parser("smear", help="whole smear fields: find every red cell, classify it, parasitemia",
+                       description="Segment the red cells of whole thin-smear field images (files and folders; a "
+                                   "folder of fields is one sample), classify each cell with the model, and report "
+                                   "counts and parasitemia with a 95 percent Wilson interval per field and pooled. "
+                                   "Cells flagged 'not a cell' are counted apart and left out of the parasitemia.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="field images (jpg, png, tif, ...) or folders of them")
+    p.add_argument("--model", default=None, help="ONNX model (e.g. one made by adapt); default: the bundled model")
+    p.add_argument("--json", default=None, metavar="OUT.json",
+                   help="write {fields: [{image, width, height, cells: [{box, label, p_parasitized, ood}], n_cells, "
+                        "n_parasitized, parasitemia, parasitemia_ci95, ...}], summary: {...}}")
+    p.add_argument("--csv", default=None, metavar="CELLS.csv", help="one row per cell: image,cell,x0,y0,x1,y1,label,"
+                                                                     "p_parasitized,ood,border")
+    p.add_argument("--overlays", default=None, metavar="DIR",
+                   help="write each field with its cells drawn (parasitized bold red with p) and the counts")
+    p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
+                   help="typical red-cell diameter in pixels (default: estimated from each image)")
+    p.add_argument("--rbc-per-ul", type=float, default=None, metavar="N",
+                   help="red cells per microlitre of blood (e.g. 5000000): also report parasites/uL")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="cells per network batch (default 128)")
+
+    p = sub.add_parser("adapt", help="site calibration: refit T, threshold and not-a-cell threshold on your cells",
+                       description="Write a copy of a model calibrated on a small labelled folder of your lab's own "
+                                   "cells (Parasitized/ and Uninfected/ subfolders, at least 20 cells and 5 of each "
+                                   "class): temperature, threshold and not-a-cell threshold are refitted; the "
+                                   "network is unchanged. Use the result with --model in predict, smear and serve.")
+    p.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/ cell images of your lab")
+    p.add_argument("--out", required=True, help="the new model file (.onnx)")
+    p.add_argument("--model", default=None, help="ONNX model to calibrate; default: the bundled model")
+    p.add_argument("--target-sensitivity", type=float, default=None,
+                   help="choose the threshold reaching this sensitivity on your cells (default: max balanced accuracy)")
+
+    p = sub.add_parser("cut-cells", help="labelled cell images cut from annotated fields (IML_Malaria JSON)",
+                       description="Cut the boxed cells of annotated whole fields into Parasitized/ and Uninfected/ "
+                                   "folders (+ patients.csv: file,field), as a person crops them (box) and as the "
+                                   "whole-field pipeline masks them (mask): data for train, evaluate and adapt.")
+    p.add_argument("--fields", required=True, help="folder of field images")
+    p.add_argument("--annotations", required=True, help="JSON list of {image_name, objects: [{type, bbox}]}")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--only", nargs="*", default=None, metavar="PREFIX", help="only fields whose name starts so")
+    p.add_argument("--mode", nargs="+", default=["box", "mask"], choices=["box", "mask"])
+    p.add_argument("--max-uninfected-per-field", type=int, default=0, help="subsample uninfected cells (0 = all)")
+
     p = sub.add_parser("serve", help="web app + REST API (default http://127.0.0.1:8000)")
     p.add_argument("--model", default=None, help="ONNX model; default: the bundled model")
     p.add_argument("--host", default="127.0.0.1")
@@ -151,12 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- commands
-
-def csv_safe(value):
-    """A CSV cell that spreadsheets show as text: one starting with = + - @ (or a tab / carriage
-    return) would otherwise run as a formula, so it gets a leading apostrophe."""
-    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
-
 
 def _check_outputs(a) -> None:
     """Refuse unusable --csv / --heatmaps destinations before any image is predicted."""
@@ -336,9 +376,95 @@ def cmd_benchmark(a):
     return 0
 
 
+def cmd_smear(a):
+    from tqdm import tqdm
+
+    from .predict import Predictor, iter_image_paths
+    from .smear import SmearOptions, analyze_field, draw_overlay, summarize, write_csv
+
+    if a.cell_diameter is not None and not 6 <= a.cell_diameter <= 2000:
+        raise SystemExit("error: --cell-diameter must be between 6 and 2000 pixels")
+    for out in (a.json, a.csv):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise SystemExit(f"error: the folder of {out} does not exist")
+    if a.overlays:
+        if Path(a.overlays).exists() and not Path(a.overlays).is_dir():
+            raise SystemExit(f"error: --overlays {a.overlays} is a file, not a folder")
+        Path(a.overlays).mkdir(parents=True, exist_ok=True)
+    pred = Predictor.load(a.model)
+    paths = list(iter_image_paths(a.paths))
+    if not paths:
+        raise SystemExit("error: no images found in " + " ".join(a.paths))
+    opts = SmearOptions(cell_diameter=a.cell_diameter, batch_size=a.batch_size, rbc_per_ul=a.rbc_per_ul)
+    fields = []
+    for i, path in enumerate(tqdm(paths, desc="fields", unit="field", disable=not sys.stderr.isatty())):
+        rec = analyze_field(pred, path, str(path), opts)
+        fields.append(rec)
+        if a.overlays and "error" not in rec:
+            out = Path(a.overlays) / f"{i:04d}_{path.stem}_overlay.png"
+            draw_overlay(path, rec).save(out)
+            rec["overlay"] = str(out)
+    report = {"fields": fields, "summary": summarize(fields, opts),
+              "model": {"file": pred.path.name, "threshold": pred.record.threshold}}
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1))
+    if a.csv:
+        write_csv(report, a.csv)
+    for f in fields:
+        pm = f["parasitemia"]
+        what = f"ERROR {f['error']}" if "error" in f else (
+            f"{f['n_cells']} cells, {f['n_parasitized']} parasitized, {f['n_not_a_cell']} not a cell, parasitemia "
+            + (f"{pm:.2%} [{f['parasitemia_ci95'][0]:.2%}, {f['parasitemia_ci95'][1]:.2%}]" if pm is not None
+               else f"n/a ({f.get('note', 'no classified cell')})"))
+        print(f"{f['image']}\t{what}")
+    s = report["summary"]
+    pm = s["parasitemia"]
+    print(f"\n{s['n_fields']} fields: {s['n_cells']} cells, {s['n_parasitized']} parasitized, {s['n_not_a_cell']} "
+          f"not a cell; parasitemia " + (f"{pm:.2%} (95% CI {s['parasitemia_ci95'][0]:.2%}-"
+                                           f"{s['parasitemia_ci95'][1]:.2%})" if pm is not None else "n/a")
+          + (f", {s['parasites_per_ul']:,} parasites/uL" if "parasites_per_ul" in s else "")
+          + (f"; {s['n_errors']} unreadable" if s["n_errors"] else "")
+          + (f"\nnote: {s['note']}" if "note" in s else "")
+          + (f"\nJSON written to {a.json}" if a.json else "") + (f"\nCSV written to {a.csv}" if a.csv else "")
+          + (f"\noverlays written to {a.overlays}" if a.overlays else ""))
+    return 1 if s["n_errors"] else 0
+
+
+def cmd_adapt(a):
+    from .adapt import adapt
+
+    r = adapt(a.data, a.out, a.model, a.target_sensitivity, progress=sys.stderr.isatty())
+    b, s = r["in_sample_before"], r["in_sample_after"]
+    print(f"calibrated on {r['n_files']} cells ({r['n_parasitized']} parasitized, {r['n_uninfected']} uninfected) "
+          f"of {r['data']}\n"
+          f"  temperature {r['before']['temperature']:.3f} -> {r['after']['temperature']:.3f}, threshold "
+          f"{r['before']['threshold']:.3f} -> {r['after']['threshold']:.3f} ({r['threshold_rule']})\n"
+          f"  on these cells (in-sample, optimistic): sensitivity {b['sensitivity']:.3f} -> {s['sensitivity']:.3f}, "
+          f"specificity {b['specificity']:.3f} -> {s['specificity']:.3f}; flagged not-a-cell "
+          f"{r['ood_flagged_before']:.1%} -> {r['ood_flagged_after']:.1%}\n"
+          f"model written to {r['out']}: use it with --model (predict, smear, serve, evaluate)")
+    return 0
+
+
+def cmd_cut_cells(a):
+    from tqdm import tqdm
+
+    from .fieldcells import cut_cells
+
+    with tqdm(desc="fields", unit="field", disable=not sys.stderr.isatty()) as bar:
+        r = cut_cells(a.fields, a.annotations, a.out, a.only, tuple(a.mode), a.max_uninfected_per_field,
+                      progress=bar)
+    print(f"{r['fields']} fields -> {r['Parasitized']} Parasitized and {r['Uninfected']} Uninfected cell images "
+          f"in {a.out} (patients.csv: file,field)")
+    for e in r["errors"]:
+        print(f"  warning: {e}")
+    return 0
+
+
 COMMANDS = {"predict": cmd_predict, "evaluate": cmd_evaluate, "train": cmd_train, "export": cmd_export,
             "cv": cmd_cv, "check-data": cmd_check_data, "download": cmd_download, "serve": cmd_serve,
-            "benchmark": cmd_benchmark}
+            "benchmark": cmd_benchmark, "smear": cmd_smear, "adapt": cmd_adapt,
+            "cut-cells": cmd_cut_cells}
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import data as D
 from . import metrics as M
+from .predict import write_model_record
 from .preprocess import Record, normalize
 from .data import load_arrays
 from .train import load_checkpoint, tap_stats
@@ -63,21 +64,7 @@ def export_onnx(model: nn.Module, record: Record, ood: dict, out: str | Path) ->
 
 def write_metadata(path: Path, record: Record) -> None:
     """Store the (validated) record and a hash of the weights, which Predictor.load checks."""
-    import onnx
-
-    from .predict import WEIGHTS_KEY, onnx_weights_sha256
-
-    record.validate()
-    m = onnx.load(str(path))
-    del m.metadata_props[:]
-    weights = onnx_weights_sha256(m.SerializeToString())
-    for k, v in {"malaria_detect_record": record.to_json(), "producer": "malaria-detect",
-                 WEIGHTS_KEY: weights}.items():
-        p = m.metadata_props.add()
-        p.key, p.value = k, v
-    onnx.save(m, str(path))
-    if onnx_weights_sha256(Path(path).read_bytes()) != weights:  # serialisation must not move the weights
-        raise RuntimeError(f"{path}: the weights hash changed on saving; cannot store a checkable hash")
+    write_model_record(path, record)
 
 
 def sample_arrays(record: Record, folder: str | Path) -> tuple[np.ndarray, np.ndarray]:

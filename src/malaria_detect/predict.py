@@ -57,11 +57,9 @@ def _varint(b: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def onnx_weights_sha256(blob: bytes) -> str:
-    """sha256 of an ONNX file's top-level protobuf fields except metadata_props (field 14): the graph
-    with all its weights, the opsets and the producer, but not the metadata that carries this hash.
-    Standard library only (the prediction path has no `onnx` package)."""
-    h, view, i = hashlib.sha256(), memoryview(blob), 0
+def _top_fields(blob: bytes):
+    """(field number, start, end) of each top-level protobuf field of an ONNX file."""
+    i = 0
     while i < len(blob):
         start = i
         key, i = _varint(blob, i)
@@ -77,9 +75,47 @@ def onnx_weights_sha256(blob: bytes) -> str:
             raise ValueError(f"not an ONNX protobuf (wire type {wire})")
         if i > len(blob):
             raise ValueError("truncated ONNX protobuf")
-        if key >> 3 != 14:
-            h.update(view[start:i])
+        yield key >> 3, start, i
+
+
+def onnx_weights_sha256(blob: bytes) -> str:
+    """sha256 of an ONNX file's top-level protobuf fields except metadata_props (field 14): the graph
+    with all its weights, the opsets and the producer, but not the metadata that carries this hash.
+    Standard library only (the prediction path has no `onnx` package)."""
+    h, view = hashlib.sha256(), memoryview(blob)
+    for num, start, end in _top_fields(blob):
+        if num != 14:
+            h.update(view[start:end])
     return h.hexdigest()
+
+
+def _put_varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)
+
+
+def _len_field(num: int, payload: bytes) -> bytes:
+    return _put_varint(num << 3 | 2) + _put_varint(len(payload)) + payload
+
+
+def write_model_record(path: str | Path, record: Record) -> None:
+    """Store the (validated) record and the weights hash as the ONNX file's metadata (replacing what
+    was there); the graph and weights are copied byte for byte. Standard library only, so `adapt`
+    and `export` share it and neither needs the `onnx` package to write a model."""
+    record.validate()
+    path = Path(path)
+    blob = path.read_bytes()
+    kept = b"".join(blob[a:b] for num, a, b in _top_fields(blob) if num != 14)
+    meta = {"malaria_detect_record": record.to_json(), "producer": "malaria-detect",
+            WEIGHTS_KEY: onnx_weights_sha256(blob)}
+    entries = b"".join(_len_field(14, _len_field(1, k.encode()) + _len_field(2, v.encode())) for k, v in meta.items())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(kept + entries)
+    tmp.replace(path)
 
 
 def _check_bundled(path: Path, blob: bytes) -> None:

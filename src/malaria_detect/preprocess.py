@@ -233,3 +233,9 @@ def normalize(batch_uint8: np.ndarray, record: Record) -> np.ndarray:
 
 def load_uint8(src, size: int) -> np.ndarray:
     return resize_uint8(open_rgb(src), size)
+
+
+def csv_safe(value):
+    """A CSV cell that spreadsheets show as text: one starting with = + - @ (or a tab / carriage
+    return) would otherwise run as a formula, so it gets a leading apostrophe."""
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .predict import Predictor, iter_image_paths
-from .preprocess import ImageError, open_rgb
+from .preprocess import ImageError, csv_safe, open_rgb
 from .segment import SegmentationError, segment_cells
 
 FIELD_MAX_PIXELS = 100_000_000   # a whole field may be large; it is tiled by segment.py
@@ -168,7 +168,7 @@ def write_csv(report: dict, path) -> None:
         w.writeheader()
         for fld in report["fields"]:
             for i, c in enumerate(fld["cells"]):
-                w.writerow({"image": fld["image"], "cell": i, "x0": c["box"][0], "y0": c["box"][1],
+                w.writerow({"image": csv_safe(fld["image"]), "cell": i, "x0": c["box"][0], "y0": c["box"][1],
                             "x1": c["box"][2], "y1": c["box"][3], "label": c["label"] or "",
                             "p_parasitized": "" if c["p_parasitized"] is None else f"{c['p_parasitized']:.6f}",
                             "ood": str(c["ood"]).lower(), "border": str(c["border"]).lower()})

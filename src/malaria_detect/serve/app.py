@@ -83,7 +83,7 @@ class Settings:
     allowed_hosts: list[str] = field(default_factory=lambda: parse_hosts(os.environ.get("MALARIA_DETECT_ALLOWED_HOSTS")))
     # whole fields (POST /smear): fewer, larger images than single cells
     max_fields: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FIELDS", 8))
-    max_field_bytes: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FIELD_BYTES", 20 * 2**20))
+    max_field_bytes: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FIELD_BYTES", 8 * 2**20))
     max_field_pixels: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FIELD_PIXELS", 40_000_000))
 
     def __post_init__(self):

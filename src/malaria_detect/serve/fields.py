@@ -6,7 +6,7 @@ other fields are still analysed). With `overlay=true` each field also gets `over
 field as a JPEG data URL.
 
 Limits (environment variables, like /predict's): MALARIA_DETECT_MAX_FIELDS files per request (8),
-MALARIA_DETECT_MAX_FIELD_BYTES per file (20 MiB), MALARIA_DETECT_MAX_FIELD_PIXELS per field (40 MP:
+MALARIA_DETECT_MAX_FIELD_BYTES per file (8 MiB; 8 fields of 8 MiB fit the 64 MiB request cap), MALARIA_DETECT_MAX_FIELD_PIXELS per field (40 MP:
 a 1280x960 field is 1.2 MP; larger fields are segmented in tiles) and the request's pixel budget
 (MALARIA_DETECT_MAX_REQUEST_PIXELS). The body is capped as it streams by the app's UploadLimit.
 """
@@ -20,12 +20,13 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from ..preprocess import ImageError, PixelBudget, open_rgb
-from ..smear import SmearOptions, analyze_field, draw_overlay, failed_field, summarize
 
 OVERLAY_MAX_SIDE = 1600   # the overlay in the answer is at most this many pixels wide
 
 
 def _overlay_data_url(img, rec: dict) -> str:
+    from ..smear import draw_overlay
+
     ov = draw_overlay(img, rec)
     if ov.width > OVERLAY_MAX_SIDE:
         ov = ov.resize((OVERLAY_MAX_SIDE, round(ov.height * OVERLAY_MAX_SIDE / ov.width)))
@@ -38,6 +39,9 @@ def add_smear_routes(app: FastAPI, settings, supported) -> None:
     """Register POST /smear on `app`; `settings` holds the limits, `supported(upload)` the type rule."""
 
     def analyze(names: list[str], blobs: list[bytes], overlay: bool, cell_diameter: float | None) -> list[dict]:
+        # OpenCV and scikit-image load with the first field, not with the server (~64 MB)
+        from ..smear import SmearOptions, analyze_field, failed_field
+
         pred = app.state.predictor
         budget = PixelBudget(settings.max_request_pixels)
         opts = SmearOptions(cell_diameter=cell_diameter)
@@ -82,6 +86,8 @@ def add_smear_routes(app: FastAPI, settings, supported) -> None:
         good = [i for i in range(len(files)) if i not in bad]
         done = await run_in_threadpool(analyze, [names[i] for i in good], [blobs[i] for i in good], overlay,
                                        cell_diameter)
+        from ..smear import failed_field, summarize
+
         fields: list[dict] = [None] * len(files)  # by upload position, never by name
         for i, rec in zip(good, done):
             fields[i] = rec
