@@ -380,7 +380,7 @@ def cmd_smear(a):
     from tqdm import tqdm
 
     from .predict import Predictor, iter_image_paths
-    from .smear import SmearOptions, analyze_field, draw_overlay, summarize, write_csv
+    from .smear import SmearOptions, analyze_fields, draw_overlay, write_csv
 
     if a.cell_diameter is not None and not 6 <= a.cell_diameter <= 2000:
         raise SystemExit("error: --cell-diameter must be between 6 and 2000 pixels")
@@ -396,16 +396,16 @@ def cmd_smear(a):
     if not paths:
         raise SystemExit("error: no images found in " + " ".join(a.paths))
     opts = SmearOptions(cell_diameter=a.cell_diameter, batch_size=a.batch_size, rbc_per_ul=a.rbc_per_ul)
-    fields = []
-    for i, path in enumerate(tqdm(paths, desc="fields", unit="field", disable=not sys.stderr.isatty())):
-        rec = analyze_field(pred, path, str(path), opts)
-        fields.append(rec)
+
+    def overlay(i, path, rec):
         if a.overlays and "error" not in rec:
             out = Path(a.overlays) / f"{i:04d}_{path.stem}_overlay.png"
             draw_overlay(path, rec).save(out)
             rec["overlay"] = str(out)
-    report = {"fields": fields, "summary": summarize(fields, opts),
-              "model": {"file": pred.path.name, "threshold": pred.record.threshold}}
+
+    with tqdm(total=len(paths), desc="fields", unit="field", disable=not sys.stderr.isatty()) as bar:
+        report = analyze_fields(pred, paths, opts, progress=bar, on_field=overlay)
+    fields = report["fields"]
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
     if a.csv:
@@ -419,7 +419,7 @@ def cmd_smear(a):
         print(f"{f['image']}\t{what}")
     s = report["summary"]
     pm = s["parasitemia"]
-    print(f"\n{s['n_fields']} fields: {s['n_cells']} cells, {s['n_parasitized']} parasitized, {s['n_not_a_cell']} "
+    print(f"\n{s['n_fields']} field{'s' if s['n_fields'] != 1 else ''}: {s['n_cells']} cells, {s['n_parasitized']} parasitized, {s['n_not_a_cell']} "
           f"not a cell; parasitemia " + (f"{pm:.2%} (95% CI {s['parasitemia_ci95'][0]:.2%}-"
                                            f"{s['parasitemia_ci95'][1]:.2%})" if pm is not None else "n/a")
           + (f", {s['parasites_per_ul']:,} parasites/uL" if "parasites_per_ul" in s else "")

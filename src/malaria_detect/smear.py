@@ -74,6 +74,13 @@ class SmearOptions:
     rbc_per_ul: float | None = None      # red cells per microlitre, for parasites/uL
 
 
+def field_threshold(record) -> float:
+    """The threshold for cells of whole fields: `extra.field_threshold` when the model has one (chosen
+    on validation fields, where only 1-2 % of cells are infected: see scripts/field_threshold.py),
+    else the cell threshold."""
+    return float(record.extra.get("field_threshold", record.threshold))
+
+
 def counts(cells: list[dict]) -> dict:
     """Counts and parasitemia of a list of classified cells (one field, or pooled)."""
     n_cells = len(cells)
@@ -107,6 +114,8 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
         x = cell_crops(rgb, cells, diameter, pred.record.input_size)
         z, _, s = pred.run(x, opts.batch_size)
         p, labels, ood = pred.decide(z, s)
+        thr = field_threshold(pred.record)
+        labels = np.where(p >= thr, pred.record.class_names[1], pred.record.class_names[0])
         for c, pi, li, oi, si in zip(cells, p, labels, ood, s):
             finite = bool(np.isfinite(pi) and np.isfinite(si))
             rec["cells"].append({"box": list(c.box), "label": str(li) if finite else None,
@@ -149,16 +158,21 @@ def summarize(fields: list[dict], opts: SmearOptions | None = None) -> dict:
     return s
 
 
-def analyze_fields(pred: Predictor, paths: Iterable, opts: SmearOptions | None = None, progress=None) -> dict:
-    """Files and folders (recursively) -> {"fields": [...], "summary": {...}} (the smear --json format)."""
+def analyze_fields(pred: Predictor, paths: Iterable, opts: SmearOptions | None = None, progress=None,
+                   on_field=None) -> dict:
+    """Files and folders (recursively) -> {"fields": [...], "summary": {...}} (the smear --json format).
+    `on_field(index, path, record)` is called after each field (e.g. to draw its overlay)."""
     opts = opts or SmearOptions()
     fields = []
-    for path in iter_image_paths(paths):
-        fields.append(analyze_field(pred, path, str(path), opts))
+    for i, path in enumerate(iter_image_paths(paths)):
+        rec = analyze_field(pred, path, str(path), opts)
+        if on_field:
+            on_field(i, path, rec)
+        fields.append(rec)
         if progress:
             progress.update(1)
     return {"fields": fields, "summary": summarize(fields, opts),
-            "model": {"file": pred.path.name, "threshold": pred.record.threshold}}
+            "model": {"file": pred.path.name, "threshold": field_threshold(pred.record)}}
 
 
 def write_csv(report: dict, path) -> None:
