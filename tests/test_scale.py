@@ -185,3 +185,25 @@ def test_a_bad_address_is_refused_before_anything_starts():
 
     with pytest.raises(ValueError, match="local, auto or ray://"):
         connect("http://head:8265")
+
+
+@needs_ray
+@pytest.mark.skipif(not FIELDS.is_dir(), reason="no sample fields in samples/fields")
+def test_cli_smear_with_ray_writes_the_same_report(ray_local, tmp_path):
+    import json
+
+    from malaria_detect import cli
+
+    args = ["smear", str(sorted(FIELDS.glob("*.JPG"))[0]), str(tmp_path / "missing.jpg")]
+    assert cli.main(args + ["--json", str(tmp_path / "one.json")]) == 1  # 1: a field could not be read
+    assert cli.main(args + ["--json", str(tmp_path / "ray.json"), "--ray", "local"]) == 1
+    one, dist = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "ray"))
+    probs = []
+    for report in (one, dist):
+        for f in report["fields"]:
+            f.pop("seconds", None)
+        probs.append([c.pop("p_parasitized") for f in report["fields"] for c in f["cells"]])
+    assert dist == one and len(probs[0]) > 20
+    assert all(abs(x - y) <= 1e-5 for x, y in zip(*probs) if x is not None)
+    with pytest.raises(SystemExit, match="--overlays is not available with --ray"):
+        cli.main(args + ["--ray", "local", "--overlays", str(tmp_path / "o")])

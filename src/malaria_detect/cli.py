@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rbc-per-ul", type=float, default=None, metavar="N",
                    help="red cells per microlitre of blood (e.g. 5000000): also report parasites/uL")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="cells per network batch (default 128)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run on Ray, one field per task (needs the [scale] extra): local, auto or ray://HOST:PORT; "
+                        "PATHs may then also be URIs (s3://, gs://, ...)")
+    p.add_argument("--ray-cpus", type=_positive_int, default=None, help="CPUs of a --ray local instance (default: all)")
+    p.add_argument("--parquet", default=None, metavar="DIR",
+                   help="with --ray: also write one row per field (counts + the whole record as JSON) as Parquet here")
 
     p = sub.add_parser("adapt", help="site calibration: refit T, threshold and not-a-cell threshold on your cells",
                        description="Write a copy of a model calibrated on a small labelled folder of your lab's own "
@@ -384,6 +390,10 @@ def cmd_smear(a):
 
     if a.cell_diameter is not None and not 6 <= a.cell_diameter <= 2000:
         raise SystemExit("error: --cell-diameter must be between 6 and 2000 pixels")
+    if a.ray and a.overlays:
+        raise SystemExit("error: --overlays is not available with --ray; run without --ray for overlays")
+    if not a.ray and (a.parquet or a.ray_cpus):
+        raise SystemExit("error: --parquet and --ray-cpus go with --ray")
     for out in (a.json, a.csv):
         if out and not Path(out).resolve().parent.is_dir():
             raise SystemExit(f"error: the folder of {out} does not exist")
@@ -391,20 +401,26 @@ def cmd_smear(a):
         if Path(a.overlays).exists() and not Path(a.overlays).is_dir():
             raise SystemExit(f"error: --overlays {a.overlays} is a file, not a folder")
         Path(a.overlays).mkdir(parents=True, exist_ok=True)
-    pred = Predictor.load(a.model)
-    paths = list(iter_image_paths(a.paths))
-    if not paths:
-        raise SystemExit("error: no images found in " + " ".join(a.paths))
     opts = SmearOptions(cell_diameter=a.cell_diameter, batch_size=a.batch_size, rbc_per_ul=a.rbc_per_ul)
+    if a.ray:  # the same report from a Ray actor pool (scale.py); the rest of this command is shared
+        from .scale import analyze_fields_ray
 
-    def overlay(i, path, rec):
-        if a.overlays and "error" not in rec:
-            out = Path(a.overlays) / f"{i:04d}_{path.stem}_overlay.png"
-            draw_overlay(path, rec).save(out)
-            rec["overlay"] = str(out)
+        report = analyze_fields_ray(a.paths, address=a.ray, model=a.model, opts=opts, num_cpus=a.ray_cpus,
+                                    parquet=a.parquet)
+    else:
+        pred = Predictor.load(a.model)
+        paths = list(iter_image_paths(a.paths))
+        if not paths:
+            raise SystemExit("error: no images found in " + " ".join(a.paths))
 
-    with tqdm(total=len(paths), desc="fields", unit="field", disable=not sys.stderr.isatty()) as bar:
-        report = analyze_fields(pred, paths, opts, progress=bar, on_field=overlay)
+        def overlay(i, path, rec):
+            if a.overlays and "error" not in rec:
+                out = Path(a.overlays) / f"{i:04d}_{path.stem}_overlay.png"
+                draw_overlay(path, rec).save(out)
+                rec["overlay"] = str(out)
+
+        with tqdm(total=len(paths), desc="fields", unit="field", disable=not sys.stderr.isatty()) as bar:
+            report = analyze_fields(pred, paths, opts, progress=bar, on_field=overlay)
     fields = report["fields"]
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))

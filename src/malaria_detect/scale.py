@@ -199,16 +199,12 @@ class FieldWorker(_Worker):
     def run(self, batch, sources):
         import pyarrow as pa
 
-        from .smear import SmearOptions, analyze_field, counts
+        from .smear import SmearOptions, analyze_field, failed_field
 
         opts = SmearOptions(**self.opts["smear"])
-        recs = []
-        for name, src in zip((str(n) for n in batch["name"]), sources):
-            if isinstance(src, Exception):
-                rec = {"image": name, "width": None, "height": None, "cells": [], "error": _read_error(src)}
-                recs.append(rec | counts([]))
-            else:
-                recs.append(analyze_field(self.pred, src, name, opts))
+        recs = [failed_field(name, _read_error(src), opts) if isinstance(src, Exception)
+                else analyze_field(self.pred, src, name, opts)
+                for name, src in zip((str(n) for n in batch["name"]), sources)]
         return pa.Table.from_pylist([_field_row(int(i), r) for i, r in zip(batch["idx"], recs)], field_schema())
 
 
@@ -361,7 +357,7 @@ def analyze_fields_ray(paths: Iterable, *, address: str = "local", model=None, o
     """Whole fields on Ray, one field per task, `smear.analyze_field` on each -> the same dict as
     `smear.analyze_fields`: {"fields": [...], "summary": {...}, "model": {...}}. Parquet: one row
     per field (counts as columns, the whole record with its cells as JSON)."""
-    from .smear import SmearOptions, counts, summarize
+    from .smear import SmearOptions, analyze_fields, failed_field, summarize
 
     opts = opts or SmearOptions()
     rows, pred, ctor, started = _prepare(paths, model, address, num_cpus)
@@ -370,12 +366,11 @@ def analyze_fields_ray(paths: Iterable, *, address: str = "local", model=None, o
         run_kw = dict(batch_size=1, actors=actors, cpus_per_actor=cpus_per_actor, parquet=parquet,
                       progress=progress, retries=retries)
         out = _run(rows, FieldWorker, ctor, **run_kw)
-        lost = lambda r: _field_row(r["idx"], {"image": r["name"], "width": None, "height": None,  # noqa: E731
-                                               "cells": [], "error": LOST} | counts([]))
+        lost = lambda r: _field_row(r["idx"], failed_field(r["name"], LOST, opts))  # noqa: E731
         fields = [json.loads(r["json"]) for r in _complete(rows, out, FieldWorker, ctor, run_kw, lost,
                                                            field_schema())]
     finally:
         if started:
             _ray().shutdown()
-    return {"fields": fields, "summary": summarize(fields, opts),
-            "model": {"file": pred.path.name, "threshold": pred.record.threshold}}
+    model_entry = analyze_fields(pred, [], opts)["model"]  # the smear report's own, whatever it holds
+    return {"fields": fields, "summary": summarize(fields, opts), "model": model_entry}
