@@ -42,6 +42,17 @@ def _add_common_model(p, help_extra=""):
                         "default: the bundled model" + help_extra)
 
 
+def _add_ray_options(p, how: str, rows: str):
+    """--ray, --ray-cpus, --parquet: the command on a Ray cluster (scale.py)."""
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help=f"run on Ray{how} (needs the [scale] extra): local (start one here), auto (the cluster "
+                        "this machine is in) or ray://HOST:PORT; PATHs may then also be URIs (s3://, gs://, ...)")
+    p.add_argument("--ray-cpus", type=_positive_int, default=None, metavar="N",
+                   help="CPUs of a --ray local instance (default: all)")
+    p.add_argument("--parquet", default=None, metavar="DIR",
+                   help=f"with --ray: also write {rows} as Parquet files here (a folder or a URI)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="malaria-detect", description=DESCRIPTION,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,12 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--workers", type=_positive_int, default=2, help="image-decoding threads")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    p.add_argument("--ray", default=None, metavar="ADDRESS",
-                   help="run on Ray (needs the [scale] extra): local (start one here), auto (the cluster this "
-                        "machine is in) or ray://HOST:PORT; PATHs may then also be URIs (s3://, gs://, ...)")
-    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a --ray local instance (default: all)")
-    p.add_argument("--parquet", default=None, metavar="DIR",
-                   help="with --ray: also write the rows (+ idx, ood_score) as Parquet files here (folder or URI)")
+    _add_ray_options(p, "", "the rows (+ idx, ood_score)")
 
     p = sub.add_parser("evaluate", help="metrics, CIs and plots on a labelled folder (patient-disjoint)")
     _add_common_model(p)
@@ -156,12 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rbc-per-ul", type=float, default=None, metavar="N",
                    help="red cells per microlitre of blood (e.g. 5000000): also report parasites/uL")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="cells per network batch (default 128)")
-    p.add_argument("--ray", default=None, metavar="ADDRESS",
-                   help="run on Ray, one field per task (needs the [scale] extra): local, auto or ray://HOST:PORT; "
-                        "PATHs may then also be URIs (s3://, gs://, ...)")
-    p.add_argument("--ray-cpus", type=_positive_int, default=None, help="CPUs of a --ray local instance (default: all)")
-    p.add_argument("--parquet", default=None, metavar="DIR",
-                   help="with --ray: also write one row per field (counts + the whole record as JSON) as Parquet here")
+    _add_ray_options(p, ", one field per task", "one row per field (counts + the whole record as JSON)")
 
     p = sub.add_parser("adapt", help="site calibration: refit T, threshold and not-a-cell threshold on your cells",
                        description="Write a copy of a model calibrated on a small labelled folder of your lab's own "
