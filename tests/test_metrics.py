@@ -43,3 +43,51 @@ def test_bootstrap_resamples_patients():
     ci = M.bootstrap_ci(y, p, patients, n_boot=300)
     lo, hi = ci["accuracy"]
     assert lo < 0.9 < hi <= 1.0
+
+
+def test_pr_auc_does_not_depend_on_the_order_of_tied_scores():
+    y = np.array([1, 0, 0, 1, 1, 0])
+    p = np.array([0.9, 0.9, 0.9, 0.4, 0.4, 0.1])  # ties at 0.9 and at 0.4
+    values = {M.pr_auc(y[o], p[o]) for o in (np.arange(6), np.array([1, 2, 0, 4, 3, 5]), np.array([0, 2, 1, 3, 4, 5]))}
+    assert len(values) == 1
+    # one step per distinct score: at 0.9 precision 1/3, recall 1/3; at 0.4 precision 3/5, recall 1
+    assert values.pop() == pytest.approx(1 / 3 * 1 / 3 + 2 / 3 * 3 / 5)
+    assert M.pr_auc([1, 0], [0.5, 0.5]) == M.pr_auc([0, 1], [0.5, 0.5]) == 0.5
+
+
+def test_metrics_agree_with_scikit_learn():
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    for trial in range(5):
+        y = rng.integers(0, 2, 300)
+        p = np.clip(0.35 * y + rng.random(300) * 0.65, 0, 1)
+        if trial % 2:
+            p = np.round(p, 1)  # many ties
+        thr = 0.5
+        yhat = p >= thr
+        m = M.binary_metrics(y, p, thr)
+        assert m["accuracy"] == pytest.approx(sk.accuracy_score(y, yhat))
+        assert m["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y, yhat))
+        assert m["precision"] == pytest.approx(sk.precision_score(y, yhat))
+        assert m["recall"] == pytest.approx(sk.recall_score(y, yhat))
+        assert m["specificity"] == pytest.approx(sk.recall_score(1 - y, ~yhat))
+        assert m["f1"] == pytest.approx(sk.f1_score(y, yhat))
+        assert m["mcc"] == pytest.approx(sk.matthews_corrcoef(y, yhat))
+        assert m["roc_auc"] == pytest.approx(sk.roc_auc_score(y, p))
+        assert m["pr_auc"] == pytest.approx(sk.average_precision_score(y, p))
+        tn, fp, fn, tp = sk.confusion_matrix(y, yhat).ravel()
+        assert m["confusion_matrix"] == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def test_bootstrap_resamples_whole_patients_not_cells():
+    """Ten patients of 100 cells; the model is right on every cell of five patients and wrong on every
+    cell of the other five. Resampling cells (1,000 nearly independent draws) would give an accuracy
+    interval about 0.06 wide; resampling patients (10 draws) gives one about 0.6 wide, and every
+    resample's accuracy is a whole number of patients out of ten."""
+    patients = np.repeat([f"p{i}" for i in range(10)], 100)
+    y = np.tile([1, 0], 500)
+    right = np.repeat([True] * 5 + [False] * 5, 100)
+    p = np.where(right == (y == 1), 0.9, 0.1)
+    lo, hi = M.bootstrap_ci(y, p, patients, n_boot=400)["accuracy"]
+    assert hi - lo > 0.4
+    assert lo == pytest.approx(round(lo * 10) / 10) and hi == pytest.approx(round(hi * 10) / 10)

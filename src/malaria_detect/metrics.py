@@ -21,17 +21,24 @@ def confusion(y, yhat) -> dict:
             "tn": int((~y & ~yhat).sum()), "fn": int((y & ~yhat).sum())}
 
 
-def roc_curve(y, score):
-    """False-positive rate, true-positive rate and thresholds (descending), ties handled."""
+def _ranked(y, score):
+    """Counts at each distinct score, from the highest down (tied scores form one step, whatever
+    their order): (true positives, false positives, the scores)."""
     y = np.asarray(y).astype(bool)
     score = np.asarray(score, np.float64)
     order = np.argsort(-score, kind="mergesort")
     s, yy = score[order], y[order]
-    distinct = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    distinct = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1].astype(int)
     tps = np.cumsum(yy)[distinct]
-    fps = (distinct + 1) - tps
-    P, N = max(yy.sum(), 1), max((~yy).sum(), 1)
-    return np.r_[0, fps / N], np.r_[0, tps / P], np.r_[np.inf, s[distinct]]
+    return tps, (distinct + 1) - tps, s[distinct]
+
+
+def roc_curve(y, score):
+    """False-positive rate, true-positive rate and thresholds (descending), ties handled."""
+    y = np.asarray(y).astype(bool)
+    tps, fps, thr = _ranked(y, score)
+    P, N = max(y.sum(), 1), max((~y).sum(), 1)
+    return np.r_[0, fps / N], np.r_[0, tps / P], np.r_[np.inf, thr]
 
 
 def roc_auc(y, score) -> float:
@@ -43,15 +50,15 @@ def roc_auc(y, score) -> float:
 
 
 def pr_auc(y, score) -> float:
-    """Average precision (area under the precision-recall curve, step-wise)."""
+    """Average precision: the sum over distinct thresholds of precision x recall gained there (the
+    area under the step-wise precision-recall curve). Tied scores are one threshold, so the answer
+    does not depend on the order of tied examples."""
     y = np.asarray(y).astype(bool)
     if not y.any():
         return float("nan")
-    order = np.argsort(-np.asarray(score, np.float64), kind="mergesort")
-    yy = y[order]
-    tp = np.cumsum(yy)
-    precision = tp / np.arange(1, len(yy) + 1)
-    return float((precision * yy).sum() / yy.sum())
+    tps, fps, _ = _ranked(y, score)
+    precision, recall = tps / (tps + fps), tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def binary_metrics(y, p, threshold: float = 0.5) -> dict:
