@@ -63,7 +63,7 @@ def baseline_field(pred: Predictor, path: Path) -> dict:
         p, labels_, ood = pred.decide(z, s)
         rec["cells"] = [{"box": list(c.box), "label": str(li), "p_parasitized": float(pi), "ood": bool(oi)}
                         for c, pi, li, oi in zip(cells, p, labels_, ood)]
-    rec.update(counts(rec["cells"]))
+    rec.update(counts(rec["cells"], pred.record.positive))
     return rec
 
 
@@ -78,11 +78,13 @@ def main():
     ap.add_argument("--block", default="PA1718", help="field-name prefix of the block to score (default PA1718)")
     ap.add_argument("--model", default=None, help="model for the pipeline (default: bundled)")
     ap.add_argument("--baseline-model", default=None, help="model for the baseline (default: bundled)")
-    ap.add_argument("--limit", type=int, default=0, help="score only the first N fields of the block")
+    ap.add_argument("--start", type=int, default=0, help="skip the first N fields of the block (e.g. 30: the "
+                                                          "fields PA171800-829 that adapt may use)")
+    ap.add_argument("--limit", type=int, default=0, help="score only N fields of the block")
     ap.add_argument("--json", default=None, help="also write the pipeline's smear JSON here")
     a = ap.parse_args()
     recs = [r for r in read_annotations(IML / "annotations.json") if r["image_name"].startswith(a.block)]
-    recs = recs[:a.limit] if a.limit else recs
+    recs = recs[a.start:a.start + a.limit] if a.limit else recs[a.start:]
     paths = [IML / "images" / r["image_name"] for r in recs]
     pred, base = Predictor.load(a.model), Predictor.load(a.baseline_model)
     rows = []

@@ -112,7 +112,7 @@ def test_wilson_interval():
 
 def test_overlay_and_csv(report, tmp_path):
     f = report["fields"][0]
-    img = draw_overlay(f["image"], f)
+    img = draw_overlay(f["image"], f, report["model"]["class_names"][1])
     assert img.width == 1280 and img.height > 960
     arr = np.asarray(img)
     assert (arr[:30].mean() > 200)  # a white header band with the counts

@@ -20,8 +20,10 @@ the files, date) and from which model. The network's weights are not changed.
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,20 @@ def files_hash(items) -> str:
     return h.hexdigest()
 
 
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def shifted_field_threshold(old, new) -> float:
+    """The whole-field threshold after calibration: it sat `margin` raw-logit units above the cell
+    threshold (chosen for fields, where 1-2 % of cells are infected); keep that margin above the new
+    cell threshold, under the new temperature."""
+    margin = old.temperature * (_logit(old.extra["field_threshold"]) - _logit(old.threshold))
+    z = new.temperature * _logit(new.threshold) + margin
+    return float(1 / (1 + math.exp(-z / new.temperature)))
+
+
 def adapt(data_dir: str | Path, out: str | Path, model: str | Path | None = None,
           target_sensitivity: float | None = None, progress: bool = False) -> dict:
     """Refit temperature, threshold and not-a-cell threshold on a lab's labelled cells -> report dict."""
@@ -50,7 +66,9 @@ def adapt(data_dir: str | Path, out: str | Path, model: str | Path | None = None
     out = Path(out)
     if out.resolve() == Path(pred.path).resolve():
         raise D.DataError(f"{out}: choose another --out than the model being adapted")
-    items = D.find_images(data_dir)
+    with warnings.catch_warnings():  # patient ids do not matter here: nothing is split
+        warnings.simplefilter("ignore", UserWarning)
+        items = D.find_images(data_dir)
     n_pos = sum(i.label == 1 for i in items)
     n_neg = len(items) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -65,11 +83,12 @@ def adapt(data_dir: str | Path, out: str | Path, model: str | Path | None = None
     if not (np.all(np.isfinite(z)) and np.all(np.isfinite(s))):
         raise D.DataError(f"{pred.path}: the model gives non-finite scores; it cannot be calibrated")
     old = pred.record
-    before = M.binary_metrics(y, pred.probability(z), old.threshold)
-    ood_before = float(np.mean(s > old.ood_threshold)) if old.ood_threshold is not None else 0.0
+    before = M.binary_metrics(y, old.probability(z), old.threshold)
+    ood_before = float(np.mean(old.is_ood(s)))
 
-    T = M.fit_temperature(z, y)
-    p = M.sigmoid(z / T)
+    record = old.__class__.from_json(old.to_json())
+    record.temperature = T = M.fit_temperature(z, y)
+    p = record.probability(z)
     if target_sensitivity:
         thr, rule = M.threshold_for_sensitivity(y, p, target_sensitivity), \
             f"sensitivity >= {target_sensitivity} on the lab's cells"
@@ -79,8 +98,11 @@ def adapt(data_dir: str | Path, out: str | Path, model: str | Path | None = None
     if ood_thr is not None:
         ood_thr = max(float(ood_thr), float(np.quantile(s, OOD_PASS)) * 1.02)
 
-    record = old.__class__.from_json(old.to_json())
-    record.temperature, record.threshold, record.ood_threshold = float(T), float(thr), ood_thr
+    record.threshold, record.ood_threshold = float(thr), ood_thr
+    if "field_threshold" in record.extra:  # keep the field operating point's margin above the cell threshold
+        record.extra["field_threshold"] = shifted_field_threshold(old, record)
+        record.extra["field_threshold_rule"] = ("the model's field threshold, moved with the cell threshold "
+                                                "(same margin in logit units) by adapt")
     after = M.binary_metrics(y, p, thr)
     record.extra["adapted"] = {
         "what": ["temperature", "threshold", "ood_threshold"], "threshold_rule": rule,
@@ -95,7 +117,7 @@ def adapt(data_dir: str | Path, out: str | Path, model: str | Path | None = None
         "in_sample_after": {"sensitivity": after["recall"], "specificity": after["specificity"],
                             "accuracy": after["accuracy"]},
         "ood_flagged_before": ood_before,
-        "ood_flagged_after": float(np.mean(s > ood_thr)) if ood_thr is not None else 0.0,
+        "ood_flagged_after": float(np.mean(record.is_ood(s))),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.onnx")

@@ -51,7 +51,7 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
         engines["onnx int8"] = Predictor.load(int8_path)
     rows = []
     for name, pred in engines.items():
-        p = pred.probability(pred.run(x)[0])
+        p = pred.record.probability(pred.run(x)[0])
         acc = M.binary_metrics(y, p, pred.record.threshold)["accuracy"]
         p50, p95 = _latency(lambda a: pred.run(a), x[:1], n_latency)
         thr = _throughput(lambda a: pred.run(a), x)
@@ -79,7 +79,7 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
                 return w(torch.from_numpy(normalize(a, rec_t)))
 
         z = np.concatenate([run_t(x[i:i + 128])[0].numpy() for i in range(0, len(x), 128)])
-        acc = M.binary_metrics(y, M.sigmoid(z / rec_t.temperature), rec_t.threshold)["accuracy"]
+        acc = M.binary_metrics(y, rec_t.probability(z), rec_t.threshold)["accuracy"]
         p50, p95 = _latency(run_t, x[:1], n_latency)
         rows.append({"engine": "pytorch eager", "file": Path(ckpt).name,
                      "size_mb": round(Path(ckpt).stat().st_size / 2**20, 2), "accuracy_sample": acc,

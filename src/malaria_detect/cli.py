@@ -417,7 +417,7 @@ def cmd_smear(a):
         def overlay(i, path, rec):
             if a.overlays and "error" not in rec:
                 out = Path(a.overlays) / f"{i:04d}_{path.stem}_overlay.png"
-                draw_overlay(path, rec).save(out)
+                draw_overlay(path, rec, pred.record.positive).save(out)
                 rec["overlay"] = str(out)
 
         with tqdm(total=len(paths), desc="fields", unit="field", disable=not sys.stderr.isatty()) as bar:

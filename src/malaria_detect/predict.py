@@ -1,7 +1,8 @@
 """Torch-free prediction: ONNX Runtime + NumPy + Pillow.
 
     pred = Predictor.load()                 # the bundled model; or Predictor.load("model.onnx")
-    results = pred.predict(["cell.png", ...], heatmaps=True)
+    one = pred.predict("cell.png")          # -> Prediction (also bytes, a PIL image, an HxWx3 array)
+    many = pred.predict(["cell.png", "cells/"], heatmaps=True)   # -> list[Prediction], folders expanded
 
 The preprocessing (input size, mean/std, class names, threshold, temperature, not-a-cell
 threshold) is read from the model file's metadata, never declared here.
@@ -12,27 +13,28 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import IO, overload
 
 import numpy as np
 from PIL import Image
 
 from .data import IMAGE_EXTENSIONS
+from .errors import MissingFileError, ModelError, UsageError
 from .preprocess import ImageError, Record, RecordError, normalize, open_rgb, resize_uint8, shrink
+
+# What `Predictor.predict` takes as one image.
+ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | IO[bytes]
 
 BUNDLED_MODEL = "malaria_lite0.onnx"
 # ONNX metadata key holding onnx_weights_sha256() of the file, written by export; checked at load.
 WEIGHTS_KEY = "malaria_detect_weights_sha256"
 NON_FINITE = "the model's output is not a finite number (NaN or infinity): the model file may be damaged"
 HEATMAP_MAX_SIDE = 512  # heatmap overlays are at most this many pixels a side
-
-
-class ModelError(ValueError):
-    """A model file that must not be used (damaged, or not the file it claims to be)."""
 
 
 def bundled_model_path() -> Path:
@@ -145,7 +147,10 @@ def _check_weights(path: Path, blob: bytes, meta: dict) -> None:
 
 @dataclass
 class Prediction:
-    source: str
+    """One image's answer: its label and calibrated p_parasitized, whether it looks like no cell at
+    all (`ood`, with its score), or why it could not be read (`error`, and no label)."""
+
+    source: str                     # the path, or a short name for an image given in memory
     label: str | None = None
     p_parasitized: float | None = None
     ood: bool | None = None
@@ -153,14 +158,30 @@ class Prediction:
     error: str | None = None
     cam: np.ndarray | None = field(default=None, repr=False)  # (h, w) class-activation map, raw
 
+    def to_dict(self) -> dict:
+        """Typed values, as JSON writes them: None where there is no value."""
+        return {"path": self.source, "label": self.label, "p_parasitized": self.p_parasitized, "ood": self.ood,
+                "error": self.error}
+
     def row(self) -> dict:
+        """The same keys as strings, as CSV writes them ("" where there is no value)."""
         return {"path": self.source, "label": self.label or "",
                 "p_parasitized": "" if self.p_parasitized is None else f"{self.p_parasitized:.6f}",
                 "ood": "" if self.ood is None else str(self.ood).lower(), "error": self.error or ""}
 
 
-def _sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+def tally(answers: Iterable[tuple[str | None, bool | None]], positive: str) -> dict:
+    """The one rule for counting (label, ood) answers, whether images of a folder or cells of a field:
+    answers flagged not a cell, and answers without a label (unreadable, or a score that is not a
+    finite number), are counted apart and left out of the parasitized fraction, whose denominator is
+    the classified cells only."""
+    answers = list(answers)
+    classified = [label for label, ood in answers if label is not None and not ood]
+    k = sum(label == positive for label in classified)
+    return {"n": len(answers), "n_classified": len(classified), "n_positive": k,
+            "n_not_a_cell": sum(bool(ood) for label, ood in answers if label is not None),
+            "n_unlabelled": sum(label is None for label, _ in answers),
+            "fraction": k / len(classified) if classified else None}
 
 
 def iter_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
@@ -173,17 +194,60 @@ def iter_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield p  # a missing or non-image file is reported in its row
 
 
+_IN_MEMORY = {bytes: "bytes", bytearray: "bytes", memoryview: "bytes", Image.Image: "PIL image", np.ndarray: "array"}
+
+
+def is_image_like(x) -> bool:
+    """One image: a path (str or Path), encoded bytes, a file object, a PIL image or an H x W x 3
+    uint8 array. (A path may name a folder, which stands for the images in it.)"""
+    if isinstance(x, np.ndarray):
+        return x.ndim in (2, 3)  # (N, H, W, 3) is a batch: an iterable of images
+    return isinstance(x, (str, os.PathLike, *_IN_MEMORY)) or hasattr(x, "read")
+
+
+def _source_name(src, i: int) -> str:
+    """A short readable name for the i-th input: its path, a file's or PIL image's own file name,
+    else its kind and position ("<bytes 0>", "<PIL image 2>", "<array 5>")."""
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    own = getattr(src, "filename", None) or getattr(src, "name", None)
+    if isinstance(own, str) and own:
+        return own
+    kind = next((k for t, k in _IN_MEMORY.items() if isinstance(src, t)), "file" if hasattr(src, "read") else
+                type(src).__name__)
+    return f"<{kind} {i}>"
+
+
+def _expand(images) -> tuple[list, bool]:
+    """-> (the inputs as a list, folders replaced by their image files; whether one image was given).
+    An iterator is consumed here, once."""
+    one = is_image_like(images)
+    items = [images] if one else list(images)
+    out = []
+    for src in items:
+        if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
+            out.extend(iter_image_paths([src]))
+            one = False  # a folder stands for its images: a list
+        else:
+            out.append(src)
+    return out, one
+
+
 class Predictor:
+    """A model, ready to answer: `Predictor.load()` (the bundled model) or `Predictor.load("m.onnx")`,
+    then `predict(image)` -> Prediction, `predict([images or folders])` -> list[Prediction], and
+    `smear([field images])` for whole microscope fields."""
+
     def __init__(self, session, record: Record, path: Path):
         self.session, self.record, self.path = session, record, path
 
     @classmethod
-    def load(cls, path: str | Path | None = None, threads: int | None = None) -> "Predictor":
+    def load(cls, path: str | Path | None = None, threads: int | None = None) -> Predictor:
         import onnxruntime as ort
 
         path = Path(path) if path else bundled_model_path()
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: model file not found")
+            raise MissingFileError(f"{path}: model file not found")
         blob = path.read_bytes()
         _check_bundled(path, blob)
         opts = ort.SessionOptions()
@@ -193,10 +257,10 @@ class Predictor:
             # from the path, not from `blob`: a session made from bytes keeps a second copy of the model
             session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise ValueError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0] if str(e) else e!r})") from None
+            raise ModelError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0] if str(e) else e!r})") from None
         meta = session.get_modelmeta().custom_metadata_map
         if "malaria_detect_record" not in meta:
-            raise ValueError(f"{path}: not a malaria-detect model (no preprocessing record in its metadata)")
+            raise ModelError(f"{path}: not a malaria-detect model (no preprocessing record in its metadata)")
         _check_weights(path, blob, meta)
         try:
             record = Record.from_json(meta["malaria_detect_record"])
@@ -211,9 +275,16 @@ class Predictor:
         outs = [self.session.run(None, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
                 for i in range(0, len(x_uint8), batch_size)]
         if not outs:
-            s = -(-self.record.input_size // 32)  # stride-32 feature map, rounded up like the network
-            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32), np.zeros(0, np.float32)
+            return np.zeros(0, np.float32), np.zeros((0, *self.cam_shape()), np.float32), np.zeros(0, np.float32)
         return tuple(np.concatenate([o[j] for o in outs]) for j in range(3))
+
+    def cam_shape(self) -> tuple[int, int]:
+        """(h, w) of one image's CAM: from the graph's declared output shape, else by running one image."""
+        shape = self.session.get_outputs()[1].shape[1:]
+        if len(shape) == 2 and all(isinstance(d, int) for d in shape):
+            return tuple(shape)
+        s = self.record.input_size
+        return self.run(np.zeros((1, s, s, 3), np.uint8))[1].shape[1:]
 
     def run_tta(self, x_uint8: np.ndarray, batch_size: int = 64):
         """Average logits and scores over the 8 flips/rotations of the square input (CAM: identity view)."""
@@ -231,18 +302,16 @@ class Predictor:
         return np.mean(logits, 0), cams, np.mean(scores, 0)
 
     def probability(self, logits: np.ndarray) -> np.ndarray:
-        return _sigmoid(np.asarray(logits, np.float64) / self.record.temperature)
+        return self.record.probability(logits)
 
     def decide(self, logits, ood_scores):
-        p = self.probability(logits)
-        labels = np.where(p >= self.record.threshold, self.record.class_names[1], self.record.class_names[0])
-        thr = self.record.ood_threshold
-        ood = np.zeros(len(p), bool) if thr is None else np.asarray(ood_scores) > thr
-        return p, labels, ood
+        return self.record.decide(logits, ood_scores)
 
-    # ------------------------------------------------------------ files
+    # ------------------------------------------------------------ images
 
     def _decode(self, src):
+        if not is_image_like(src):
+            return None, f"not an image: {type(src).__name__}"
         try:
             img = open_rgb(src)
             return resize_uint8(img, self.record.input_size), None
@@ -251,12 +320,36 @@ class Predictor:
         except Exception as e:  # never let one file stop a batch
             return None, f"{type(e).__name__}: {e}"
 
-    def predict(self, sources: Sequence, names: Sequence[str] | None = None, batch_size: int = 64,
-                tta: bool = False, heatmaps: bool = False, workers: int = 2, progress=None) -> list[Prediction]:
-        """Predict on paths, bytes or PIL-readable file objects. Decoding runs on `workers` threads,
-        overlapping with inference. Unreadable inputs get a Prediction with `error` set."""
-        names = list(names) if names is not None else [str(s) for s in sources]
-        results: list[Prediction | None] = [None] * len(names)
+    @overload
+    def predict(self, images: ImageLike, names: Sequence[str] | None = None, batch_size: int = 64,
+                tta: bool = False, heatmaps: bool = False, workers: int = 2, progress=None) -> Prediction: ...
+
+    @overload
+    def predict(self, images: Iterable[ImageLike], names: Sequence[str] | None = None, batch_size: int = 64,
+                tta: bool = False, heatmaps: bool = False, workers: int = 2,
+                progress=None) -> list[Prediction]: ...
+
+    def predict(self, images, names=None, batch_size=64, tta=False, heatmaps=False, workers=2, progress=None):
+        """One image -> its Prediction; several (any iterable, consumed once) -> a list, in order.
+
+        An image is a path (str or Path), encoded bytes, a file object, a PIL image or an H x W x 3
+        uint8 RGB array; a path to a folder stands for every image in it (recursively, as the command
+        line lists them), so it gives a list. `names` (one per image, after folders are expanded)
+        replace the sources' own names. Decoding runs on `workers` threads, overlapping inference.
+        An input that cannot be read gets a Prediction with `error` set, never an exception."""
+        sources, one = _expand(images)
+        if names is None:
+            names = [_source_name(s, i) for i, s in enumerate(sources)]
+        else:
+            names = [str(n) for n in names]
+            if len(names) != len(sources):
+                raise UsageError(f"{len(names)} names for {len(sources)} images")
+        results = self._predict_all(sources, names, batch_size, tta, heatmaps, workers, progress)
+        return results[0] if one else results
+
+    def _predict_all(self, sources: list, names: list[str], batch_size, tta, heatmaps, workers,
+                     progress) -> list[Prediction]:
+        results: list[Prediction | None] = [None] * len(sources)
         batch, batch_idx = [], []
 
         def flush():
@@ -264,7 +357,7 @@ class Predictor:
                 return
             x = np.stack(batch)
             z, cam, s = self.run_tta(x, batch_size) if tta else self.run(x, batch_size)
-            p, labels, ood = self.decide(z, s)
+            p, labels, ood = self.record.decide(z, s)
             finite = np.isfinite(z) & np.isfinite(s) & np.isfinite(cam).reshape(len(cam), -1).all(1)
             for k, i in enumerate(batch_idx):
                 if not finite[k]:  # a damaged model: an error for this image, never a label
@@ -303,8 +396,16 @@ class Predictor:
             yield pending.popleft().result()
 
     def predict_one(self, src, heatmap: bool = False, tta: bool = False) -> Prediction:
-        return self.predict([src], names=[str(src) if isinstance(src, (str, Path)) else "image"],
-                            heatmaps=heatmap, tta=tta, workers=1)[0]
+        """One image -> its Prediction (the same as `predict(src)` for one image)."""
+        return self.predict([src], heatmaps=heatmap, tta=tta, workers=1)[0]
+
+    def smear(self, fields, **options) -> dict:
+        """Whole microscope fields (images or folders of them) -> the `malaria-detect smear --json`
+        report: every red cell with its box and answer, counts and parasitemia per field and pooled.
+        `options` are those of `smear.SmearOptions` (cell_diameter, batch_size, rbc_per_ul)."""
+        from .smear import SmearOptions, analyze_fields  # OpenCV loads with the first field, not here
+
+        return analyze_fields(self, fields, SmearOptions(**options))
 
 
 # ---------------------------------------------------------------- heatmaps

@@ -6,6 +6,7 @@ ONNX metadata) and read back by every consumer; no other module declares these n
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -16,11 +17,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import MalariaDetectError
+from .metrics import sigmoid
+
 # Refuse images that declare more pixels than this before decoding them (decompression bombs).
+# open_rgb() checks every image's declared size itself, with a clear message. Pillow's own guard
+# (Image.MAX_IMAGE_PIXELS, a process-wide setting that belongs to the application) is left as it is:
+# an image past it is refused with the same kind of message.
 MAX_IMAGE_PIXELS = 40_000_000
-# open_rgb() checks every image's declared size itself (with a clear message) before decoding;
-# Pillow's own warning/error at other sizes is switched off so there is one rule, not two.
-Image.MAX_IMAGE_PIXELS = None
 # The only formats decoded: other Pillow plugins (DDS, PSD, ICO, ...) are never tried on user files.
 FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
 # Right after decoding, an image is shrunk to at most this many pixels a side (cells are ~130 px):
@@ -32,11 +36,11 @@ INPUT_SIZE_RANGE = (16, 1024)
 DECODE_VERSION = 2
 
 
-class ImageError(Exception):
+class ImageError(MalariaDetectError):
     """An input that is not a readable image; the message says why."""
 
 
-class RecordError(ValueError):
+class RecordError(MalariaDetectError, ValueError):
     """A model's preprocessing record is missing a value or has one that cannot be right."""
 
 
@@ -46,7 +50,12 @@ def _finite(v) -> bool:
 
 @dataclass
 class Record:
-    """Everything needed to use a model, stored inside it."""
+    """Everything needed to use a model, stored inside it, and the one rule that turns the network's
+    outputs into answers (`probability`, `decide`): no other module re-codes it.
+
+    Images are always squashed to input_size x input_size with Pillow's bilinear filter
+    (`resize_uint8`). Model files written before this was fixed carry the key `"resize": "bilinear"`;
+    it is accepted when read and no longer written."""
 
     arch: str
     input_size: int
@@ -56,7 +65,6 @@ class Record:
     threshold: float = 0.5          # on the calibrated p_parasitized
     temperature: float = 1.0        # p = sigmoid(logit / temperature)
     ood_threshold: float | None = None  # feature-space distance above which an input is "not a cell"
-    resize: str = "bilinear"        # whole image squashed to input_size x input_size
     extra: dict = field(default_factory=dict)  # provenance: split, data hash, config, metrics, git
 
     def to_json(self) -> str:
@@ -71,6 +79,10 @@ class Record:
             raise RecordError(f"the record is not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise RecordError("the record is not a JSON object")
+        if "resize" in d:  # older model files: the only resize there ever was
+            if d["resize"] != "bilinear":
+                raise RecordError(f"resize must be 'bilinear', got {d['resize']!r}")
+            del d["resize"]
         known = {f.name for f in fields(cls)}
         if set(d) - known:
             raise RecordError(f"unknown record keys: {', '.join(sorted(set(d) - known))}")
@@ -111,11 +123,39 @@ class Record:
             bad(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if self.ood_threshold is not None and not _finite(self.ood_threshold):
             bad(f"ood_threshold must be a finite number or null, got {self.ood_threshold!r}")
-        if self.resize != "bilinear":
-            bad(f"resize must be 'bilinear', got {self.resize!r}")
         if not isinstance(self.extra, dict):
             bad(f"extra must be an object, got {type(self.extra).__name__}")
         return self
+
+    # ------------------------------------------------------------ the decision rule
+
+    @property
+    def positive(self) -> str:
+        """The positive class's name (index 1: "Parasitized" for the models this project trains)."""
+        return self.class_names[1]
+
+    @property
+    def negative(self) -> str:
+        return self.class_names[0]
+
+    def probability(self, logits) -> np.ndarray:
+        """Calibrated p(positive) = sigmoid(logit / temperature), float64."""
+        return sigmoid(np.asarray(logits, np.float64) / self.temperature)
+
+    def is_ood(self, ood_scores) -> np.ndarray:
+        """True where the not-a-cell score is above the record's threshold (never, without one)."""
+        s = np.asarray(ood_scores, np.float64)
+        return np.zeros(s.shape, bool) if self.ood_threshold is None else s > self.ood_threshold
+
+    def decide(self, logits, ood_scores=None, threshold: float | None = None):
+        """Logits (and not-a-cell scores) -> (p, labels, ood): p = sigmoid(z / T), the positive class
+        where p >= threshold (the record's, or another operating point such as a whole-field one),
+        else the negative one; ood from `is_ood` (all False without scores)."""
+        p = self.probability(logits)
+        thr = self.threshold if threshold is None else threshold
+        labels = np.where(p >= thr, self.positive, self.negative)
+        ood = self.is_ood(ood_scores) if ood_scores is not None else np.zeros(p.shape, bool)
+        return p, labels, ood
 
 
 class PixelBudget:
@@ -179,18 +219,50 @@ def shrink(im: Image.Image, max_side: int | None) -> Image.Image:
     return im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR, reducing_gap=2.0)
 
 
+def _declared_size(src) -> str | None:
+    """'WxH' as an image file's header declares it, read by the format's Pillow plugin without
+    Pillow's size guard: only called once Pillow has refused the image, to say how large it is."""
+    try:
+        with open(src, "rb") if isinstance(src, (str, Path)) else contextlib.nullcontext(src) as fp:
+            fp.seek(0)
+            prefix = fp.read(16)
+            for fmt in FORMATS:
+                factory, accept = Image.OPEN[fmt]
+                if accept is None or accept(prefix) is True:
+                    fp.seek(0)
+                    w, h = factory(fp, "").size
+                    return f"{w}x{h}"
+    except Exception:  # only the better message is lost
+        return None
+    return None
+
+
+def _array_image(a: np.ndarray) -> Image.Image:
+    """An H x W x 3 (RGB) or H x W (grey) uint8 array as a Pillow image."""
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or 0 in a.shape:
+        raise ImageError(f"an image array must be H x W x 3 (RGB) or H x W, uint8; got shape {a.shape}, {a.dtype}")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
 def open_rgb(src, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int | None = MAX_SIDE,
              budget: PixelBudget | None = None) -> Image.Image:
-    """Open a path, bytes or file object as an RGB image; raises ImageError with a clear message.
+    """Open a path, bytes, file object, PIL image or H x W x 3 uint8 array as an RGB image; raises
+    ImageError with a clear message.
 
     The one place images are decoded. The pixel count is checked from the header, before anything
     is decoded, so a small file that declares a huge image (a decompression bomb) is refused without
     allocating it; `budget` (if given) is charged the same count. Only FORMATS are decoded; EXIF
     orientation is applied; 16-bit images are scaled to 8 bits; the result is shrunk to at most
     `max_side` pixels a side. Any decoder failure becomes an ImageError for this image alone."""
+    if isinstance(src, np.ndarray):
+        src = _array_image(src)
+        if src.width * src.height > max_pixels:
+            raise ImageError(f"image too large: {src.width}x{src.height} pixels (limit {max_pixels:,})")
     if isinstance(src, Image.Image):  # already decoded (e.g. by the web app)
         return shrink(_to_rgb(src), max_side)
     try:
+        if isinstance(src, memoryview):
+            src = src.tobytes()
         if isinstance(src, (bytes, bytearray)):
             if not src:
                 raise ImageError("empty file (0 bytes)")
@@ -209,8 +281,11 @@ def open_rgb(src, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int | None = MAX
             return shrink(_to_rgb(im), max_side)
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image too large: {e}") from None
+    except Image.DecompressionBombError as e:  # past Pillow's own guard, which may be lower than ours
+        size = _declared_size(src)
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+        raise ImageError(f"image too large: {size} pixels (limit {limit:,})" if size else
+                         f"image too large: {e}") from None
     except UnidentifiedImageError:
         raise ImageError("not an image in a supported format (png, jpg, webp, tif, bmp)") from None
     except MemoryError:

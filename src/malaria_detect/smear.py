@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .predict import Predictor, iter_image_paths
+from .predict import Predictor, iter_image_paths, tally
 from .preprocess import ImageError, csv_safe, open_rgb
 from .segment import SegmentationError, segment_cells
 
@@ -81,15 +81,23 @@ def field_threshold(record) -> float:
     return float(record.extra.get("field_threshold", record.threshold))
 
 
-def counts(cells: list[dict]) -> dict:
-    """Counts and parasitemia of a list of classified cells (one field, or pooled)."""
-    n_cells = len(cells)
-    ok = [c for c in cells if c["label"] is not None and not c["ood"]]
-    k = sum(c["label"] == "Parasitized" for c in ok)
-    return {"n_cells": n_cells, "n_classified": len(ok), "n_parasitized": k,
-            "n_not_a_cell": sum(bool(c["ood"]) for c in cells),
-            "n_unclassified": sum(c["label"] is None for c in cells),
-            "parasitemia": k / len(ok) if ok else None, "parasitemia_ci95": wilson(k, len(ok))}
+def counts(cells: list[dict], positive: str) -> dict:
+    """Counts and parasitemia of one field's cells (`positive`: the model's positive class name), by
+    the one counting rule (`predict.tally`): not-a-cell and unclassified cells are left out."""
+    t = tally(((c["label"], c["ood"]) for c in cells), positive)
+    return _with_ci({"n_cells": t["n"], "n_classified": t["n_classified"], "n_parasitized": t["n_positive"],
+                     "n_not_a_cell": t["n_not_a_cell"], "n_unclassified": t["n_unlabelled"]})
+
+
+def _with_ci(c: dict) -> dict:
+    k, n = c["n_parasitized"], c["n_classified"]
+    return c | {"parasitemia": k / n if n else None, "parasitemia_ci95": wilson(k, n)}
+
+
+def pooled(fields: list[dict]) -> dict:
+    """The counts of several fields added up (one sample), with their parasitemia and interval."""
+    keys = ("n_cells", "n_classified", "n_parasitized", "n_not_a_cell", "n_unclassified")
+    return _with_ci({k: sum(f[k] for f in fields) for k in keys})
 
 
 def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOptions | None = None) -> dict:
@@ -108,14 +116,12 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
     try:
         cells, diameter = segment_cells(rgb, opts.cell_diameter)
     except SegmentationError as e:
-        return _finish(rec | {"note": f"no cells found: {e}"}, opts)
+        return _finish(rec | {"note": f"no cells found: {e}"}, opts, pred.record.positive)
     rec["cell_diameter_px"] = round(diameter, 1)
     if cells:
         x = cell_crops(rgb, cells, diameter, pred.record.input_size)
         z, _, s = pred.run(x, opts.batch_size)
-        p, labels, ood = pred.decide(z, s)
-        thr = field_threshold(pred.record)
-        labels = np.where(p >= thr, pred.record.class_names[1], pred.record.class_names[0])
+        p, labels, ood = pred.record.decide(z, s, threshold=field_threshold(pred.record))
         for c, pi, li, oi, si in zip(cells, p, labels, ood, s):
             finite = bool(np.isfinite(pi) and np.isfinite(si))
             rec["cells"].append({"box": list(c.box), "label": str(li) if finite else None,
@@ -124,17 +130,17 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
     else:
         rec["note"] = "no red cells found in this image"
     rec["seconds"] = round(time.perf_counter() - t0, 3)
-    return _finish(rec, opts)
+    return _finish(rec, opts, pred.record.positive)
 
 
 def failed_field(name: str, error: str, opts: SmearOptions | None = None) -> dict:
     """The record of a field that could not be read: its error, zero counts, no parasitemia."""
     return _finish({"image": name, "width": None, "height": None, "cells": [], "error": error},
-                   opts or SmearOptions())
+                   opts or SmearOptions(), positive="")  # no cells, so no class name is needed
 
 
-def _finish(rec: dict, opts: SmearOptions) -> dict:
-    rec.update(counts(rec["cells"]))
+def _finish(rec: dict, opts: SmearOptions, positive: str) -> dict:
+    rec.update(counts(rec["cells"], positive))
     if rec["n_cells"] == 0 and "note" not in rec and "error" not in rec:
         rec["note"] = "no red cells found in this image"
     if opts.rbc_per_ul and rec["parasitemia"] is not None:
@@ -145,7 +151,7 @@ def _finish(rec: dict, opts: SmearOptions) -> dict:
 def summarize(fields: list[dict], opts: SmearOptions | None = None) -> dict:
     """Counts pooled over all fields (one sample), with the WHO note when too few cells were counted."""
     opts = opts or SmearOptions()
-    s = counts([c for f in fields for c in f["cells"]])
+    s = pooled(fields)
     s["n_fields"] = len(fields)
     s["n_errors"] = sum("error" in f for f in fields)
     if opts.rbc_per_ul and s["parasitemia"] is not None:
@@ -172,7 +178,8 @@ def analyze_fields(pred: Predictor, paths: Iterable, opts: SmearOptions | None =
         if progress:
             progress.update(1)
     return {"fields": fields, "summary": summarize(fields, opts),
-            "model": {"file": pred.path.name, "threshold": field_threshold(pred.record)}}
+            "model": {"file": pred.path.name, "threshold": field_threshold(pred.record),
+                      "class_names": list(pred.record.class_names)}}
 
 
 def write_csv(report: dict, path) -> None:
@@ -195,9 +202,9 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def draw_overlay(src, rec: dict) -> Image.Image:
-    """The field with every cell drawn (uninfected thin green, parasitized bold red with its
-    probability, not-a-cell dashed grey) and the counts in a header band."""
+def draw_overlay(src, rec: dict, positive: str) -> Image.Image:
+    """The field with every cell drawn (uninfected thin green, parasitized (`positive`, the model's
+    positive class name) bold red with its probability, not-a-cell grey) and the counts in a header band."""
     img = src if isinstance(src, Image.Image) else open_rgb(src, FIELD_MAX_PIXELS, max_side=None)
     scale = max(1.0, img.width / 1280)
     head = int(40 * scale)
@@ -210,7 +217,7 @@ def draw_overlay(src, rec: dict) -> Image.Image:
         box = (x0, y0 + head, x1 - 1, y1 - 1 + head)
         if c["ood"] or c["label"] is None:
             d.rectangle(box, outline=(150, 150, 150), width=max(1, int(scale)))
-        elif c["label"] == "Parasitized":
+        elif c["label"] == positive:
             d.rectangle(box, outline=(220, 0, 0), width=max(3, int(4 * scale)))
             d.text((x0 + 2, y0 + head - int(18 * scale)), f"{c['p_parasitized']:.2f}", fill=(220, 0, 0), font=big,
                    stroke_width=2, stroke_fill=(255, 255, 255))

@@ -24,10 +24,10 @@ from ..preprocess import ImageError, PixelBudget, open_rgb
 OVERLAY_MAX_SIDE = 1600   # the overlay in the answer is at most this many pixels wide
 
 
-def _overlay_data_url(img, rec: dict) -> str:
+def _overlay_data_url(img, rec: dict, positive: str) -> str:
     from ..smear import draw_overlay
 
-    ov = draw_overlay(img, rec)
+    ov = draw_overlay(img, rec, positive)
     if ov.width > OVERLAY_MAX_SIDE:
         ov = ov.resize((OVERLAY_MAX_SIDE, round(ov.height * OVERLAY_MAX_SIDE / ov.width)))
     buf = io.BytesIO()
@@ -54,7 +54,7 @@ def add_smear_routes(app: FastAPI, settings, supported) -> None:
                 continue
             rec = analyze_field(pred, img, name, opts)
             if overlay and "error" not in rec:
-                rec["overlay"] = _overlay_data_url(img, rec)
+                rec["overlay"] = _overlay_data_url(img, rec, pred.record.positive)
             out.append(rec)
             del img
         return out
