@@ -65,9 +65,9 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
     try:
         import torch
 
-        from .export import ExportWrapper
+        from .checkpoint import load_checkpoint
+        from .models import ExportWrapper
         from .preprocess import normalize
-        from .train import load_checkpoint
     except ImportError:
         torch = None
     if torch is not None and ckpt and Path(ckpt).exists():

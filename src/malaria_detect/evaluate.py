@@ -33,8 +33,8 @@ class Scorer:
             self.path = self.pred.path
             self.kind = "onnx"
         else:
-            from .export import torch_outputs
-            from .train import load_checkpoint
+            from .checkpoint import load_checkpoint
+            from .models import torch_outputs
 
             self.model, self.record, self.ood = load_checkpoint(p)
             self._torch_outputs = torch_outputs

@@ -1,10 +1,8 @@
 """torch checkpoint -> ONNX with the whole Record as metadata, a CAM and a not-a-cell score as extra
 outputs, re-validated with ONNX Runtime; optional int8 (static QDQ) quantization with an accuracy bound.
 
-Graph outputs (batch axis dynamic):
-    logit      (N,)       raw logit of 'parasitized' (the Predictor divides by the temperature)
-    cam        (N, h, w)  class-activation map: head.weight . features[:, y, x] + head.bias
-    ood_score  (N,)       not-a-cell score: Mahalanobis distance of early/mid feature statistics
+Graph outputs (batch axis dynamic): logit (N,), cam (N, h, w), ood_score (N,); what they are, and
+the module that computes them, is `models.ExportWrapper`.
 """
 
 from __future__ import annotations
@@ -18,11 +16,12 @@ from torch import nn
 
 from . import data as D
 from . import metrics as M
+from .checkpoint import load_checkpoint
+from .data import load_arrays
 from .errors import MalariaDetectError
+from .models import ExportWrapper, torch_outputs
 from .predict import write_model_record
 from .preprocess import Record, normalize
-from .data import load_arrays
-from .train import load_checkpoint, tap_stats
 
 OUTPUTS = ["logit", "cam", "ood_score"]
 PROB_TOLERANCE = 1e-4   # max |p_onnx - p_torch| allowed on the sample images (fp32)
@@ -31,28 +30,6 @@ INT8_MAX_DROP = 0.005   # refuse an int8 model that loses more than 0.5 accuracy
 
 class ExportError(MalariaDetectError, RuntimeError):
     """An exported model that is refused (it disagrees with PyTorch, or int8 costs too much accuracy)."""
-
-
-class ExportWrapper(nn.Module):
-    def __init__(self, model: nn.Module, ood: dict):
-        super().__init__()
-        self.model = model
-        self.n_taps = len({k.split(".")[1] for k in ood})
-        for k, v in ood.items():
-            self.register_buffer(k.replace(".", "_"), torch.as_tensor(v))
-
-    def forward(self, x):
-        f, taps = self.model.forward_taps(x)                   # (N, C, h, w), early/mid maps
-        fc = self.model.head.fc
-        cam = torch.einsum("nchw,c->nhw", f, fc.weight[0]) + fc.bias[0]
-        logit = fc(f.mean((2, 3))).squeeze(1)
-        scores = []
-        for i, s in enumerate(tap_stats(taps)):
-            d = s[:, None, :] - getattr(self, f"ood_{i}_means")[None]        # (N, 2, D)
-            q = torch.einsum("ncd,de,nce->nc", d, getattr(self, f"ood_{i}_prec"), d)
-            scores.append(q.min(1).values * getattr(self, f"ood_{i}_scale"))
-        score = torch.stack(scores, 1).max(1).values
-        return logit, cam, score
 
 
 def export_onnx(model: nn.Module, record: Record, ood: dict, out: str | Path) -> Path:
@@ -76,14 +53,6 @@ def sample_arrays(record: Record, folder: str | Path) -> tuple[np.ndarray, np.nd
     items = D.find_images(folder)
     x, y, _, _ = load_arrays(items, record.input_size, use_cache=False)
     return x, y
-
-
-def torch_outputs(model, ood: dict, record: Record, x_uint8: np.ndarray):
-    wrapper = ExportWrapper(model.eval(), ood).eval()
-    with torch.no_grad():
-        outs = [wrapper(torch.from_numpy(normalize(x_uint8[i:i + 128], record)))
-                for i in range(0, len(x_uint8), 128)]
-    return [torch.cat([o[j] for o in outs]).numpy() for j in range(3)]
 
 
 def validate_onnx(onnx_path: Path, model, ood, record: Record, x_uint8: np.ndarray, tol: float) -> float:

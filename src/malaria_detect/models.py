@@ -5,9 +5,14 @@ Every network has the same interface, after timm:
     forward_features(x) -> feature map  (N, C, h, w)
     forward_head(f)     -> logit        (N,)   global average pool -> dropout -> linear
     forward(x)          =  forward_head(forward_features(x))
+    forward_taps(x)     -> (feature map, [early and mid feature maps]) for the not-a-cell score
 
 The head is a single linear unit that scores "parasitized"; keeping GAP + linear means the
 class-activation map (CAM) is exact: cam[h, w] = head.weight . f[:, h, w] + head.bias.
+
+`ExportWrapper` is what goes into the ONNX graph (logit, CAM, not-a-cell score), and `torch_outputs`
+runs the same wrapper in PyTorch: evaluation of a checkpoint, export's ONNX-vs-PyTorch check and the
+benchmark's PyTorch row all score through it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 from torch import nn
 
 from .errors import MalariaDetectError, UsageError
+from .ood import NotACellScore
+from .preprocess import Record, normalize
 
 # EfficientNet-Lite stage table (TF reference): repeats, kernel, stride, expand, in, out
 _LITE_STAGES = [
@@ -38,7 +45,7 @@ LITE_VARIANTS = {
     "efficientnet_lite1": (1.0, 1.1, 240),
     "efficientnet_lite2": (1.1, 1.2, 260),
 }
-ARCHITECTURES = [*LITE_VARIANTS, "simple_cnn"]
+ARCHITECTURES = [*LITE_VARIANTS, "simple_cnn"]  # config.ARCHITECTURES offers the same names (a test checks)
 # What every pretrained model in this module expects (the weights packages' convention).
 IMAGENET_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STD = (0.5, 0.5, 0.5)
@@ -238,3 +245,37 @@ def create_model(name: str, pretrained: bool = False, dropout: float = 0.2) -> n
     if pretrained:
         load_backbone_strict(model, load_imagenet_state(name))
     return model
+
+
+# ---------------------------------------------------------------- what the ONNX graph computes
+
+class ExportWrapper(nn.Module):
+    """image -> (logit, cam, ood_score): the exported graph's three outputs.
+
+        logit      (N,)       raw logit of the positive class (the Record divides it by its temperature)
+        cam        (N, h, w)  class-activation map: head.weight . features[:, y, x] + head.bias
+        ood_score  (N,)       the not-a-cell score (ood.NotACellScore) of the early/mid feature maps
+    """
+
+    def __init__(self, model: nn.Module, ood: dict):
+        super().__init__()
+        self.model = model
+        self.not_a_cell = NotACellScore(ood)
+
+    def forward(self, x):
+        f, taps = self.model.forward_taps(x)                   # (N, C, h, w), early/mid maps
+        fc = self.model.head.fc
+        cam = torch.einsum("nchw,c->nhw", f, fc.weight[0]) + fc.bias[0]
+        logit = fc(f.mean((2, 3))).squeeze(1)
+        return logit, cam, self.not_a_cell(taps)
+
+
+def torch_outputs(model: nn.Module, ood: dict, record: Record, x_uint8: np.ndarray, batch_size: int = 128):
+    """(N, S, S, 3) uint8 -> [logits, cams, ood scores] as NumPy, computed by PyTorch as the graph does."""
+    wrapper = ExportWrapper(model.eval(), ood).eval()
+    with torch.no_grad():
+        outs = [wrapper(torch.from_numpy(normalize(x_uint8[i:i + batch_size], record)))
+                for i in range(0, len(x_uint8), batch_size)]
+    if not outs:
+        return [np.zeros(0, np.float32), np.zeros((0, 0, 0), np.float32), np.zeros(0, np.float32)]
+    return [torch.cat([o[j] for o in outs]).numpy() for j in range(3)]

@@ -1,5 +1,10 @@
 """Training, in plain view: a cached uint8 image array, torch augmentation, a two-stage loop
-(frozen backbone -> fine-tune), checkpoints that describe themselves, resume, calibration.
+(frozen backbone -> fine-tune), resume, calibration, the not-a-cell model, a self-describing record.
+
+`train()` reads top to bottom as its steps: the run folder, the data and its patient split, the
+model, the epochs, then the finishing steps on the best weights (temperature and threshold on the
+validation patients, the not-a-cell model, the record). Checkpoint files are `checkpoint.py`'s,
+the not-a-cell maths `ood.py`'s, the configuration `config.py`'s.
 
 Run directory layout (runs/NAME/):
     config.json        the training configuration
@@ -19,48 +24,30 @@ import os
 import subprocess
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import data as D
 from . import metrics as M
-from .models import IMAGENET_MEAN, IMAGENET_STD, LITE_VARIANTS, create_model
+from . import ood as O
+from .checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
+from .checkpoint import load_resume as _load_resume
+from .checkpoint import save_resume as _save_resume
+from .config import TrainConfig
 from .data import load_arrays
+from .models import IMAGENET_MEAN, IMAGENET_STD, LITE_VARIANTS, create_model
 from .preprocess import Record
 
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    model: str = "efficientnet_lite0"
-    pretrained: bool = True
-    image_size: int = 112
-    batch_size: int = 64
-    head_epochs: int = 1          # stage 1: frozen backbone, head only
-    epochs: int = 5               # stage 2: fine-tuning (the scratch model trains only this stage)
-    lr_head: float = 3e-3
-    lr: float = 1e-3              # fine-tuning peak learning rate (cosine decay, 1 epoch... warm-up)
-    weight_decay: float = 1e-4
-    finetune_blocks: int = 0      # 0 = fine-tune everything; N = only the top N blocks + conv head
-    label_smoothing: float = 0.05
-    dropout: float = 0.2
-    patience: int = 3             # early stopping on validation ROC-AUC (fine-tuning stage)
-    seed: int = 0
-    split: list = field(default_factory=lambda: [0.7, 0.1, 0.2])
-    split_file: str | None = None  # reuse a saved split (e.g. the shipped model's) instead of making one
-    patients_csv: str | None = None
-    max_train_images: int = 0     # >0: subsample training images (quick runs, tests)
-    target_sensitivity: float | None = None  # else threshold = max balanced accuracy on validation
-    workers: int = 2
-    threads: int = 0              # torch threads (0 = all cores)
-    robust_aug: bool = False      # + stain (optical density), gamma, blur and scale jitter: for other labs
+# TrainConfig and load_checkpoint stay importable from here (tests and scripts use train.TrainConfig,
+# train.load_checkpoint). train() calls _save_resume and _load_resume by this module's names, so a
+# test can replace them here.
+__all__ = ["Ranks", "TrainConfig", "augment", "load_checkpoint", "predict_arrays", "robust_jitter", "to_input",
+           "train"]
 
 
 # ---------------------------------------------------------------- augmentation (on batches, in torch)
@@ -157,123 +144,11 @@ def predict_arrays(model, x_uint8: np.ndarray, mean, std, batch_size: int = 256,
         f, taps = model.forward_taps(to_input(x_uint8[i:i + batch_size], mean, std).to(device))
         logits.append(model.forward_head(f).cpu())
         if features:
-            stats.append([t.cpu() for t in tap_stats(taps)])
+            stats.append([t.cpu() for t in O.tap_stats(taps)])
     z = torch.cat(logits).numpy() if logits else np.zeros(0, np.float32)
     if not features:
         return z
     return z, [torch.cat([s[j] for s in stats]).numpy() for j in range(len(stats[0]))]
-
-
-# ---------------------------------------------------------------- not-a-cell score
-
-def tap_stats(taps: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-channel mean and standard deviation of each tapped feature map: (N, 2C) per tap."""
-    out = []
-    for t in taps:
-        m = t.mean((2, 3))
-        v = (t * t).mean((2, 3)) - m * m
-        out.append(torch.cat([m, torch.sqrt(v.clamp_min(1e-6))], 1))
-    return out
-
-
-def fit_ood(train_stats: list[np.ndarray], train_y: np.ndarray, val_stats: list[np.ndarray],
-            shrink: float = 0.05) -> dict:
-    """The not-a-cell model: for each tapped layer (low- and mid-level statistics of the network's
-    own features), a class-conditional Gaussian with a shared, shrunk covariance fitted on training
-    cells. A layer's score is the Mahalanobis distance to the nearer class, divided by its median on
-    validation cells; the image's score is the maximum over layers. Photos, noise, screenshots and
-    smear fields differ from segmented cells in exactly these statistics."""
-    ood = {}
-    for i, (ftr, fva) in enumerate(zip(train_stats, val_stats)):
-        f = ftr.astype(np.float64)
-        mus = np.stack([f[train_y == c].mean(0) for c in (0, 1)])
-        c = f - mus[train_y]
-        cov = c.T @ c / len(f)
-        cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
-        prec = np.linalg.inv(cov)
-        part = {f"ood.{i}.means": mus.astype(np.float32), f"ood.{i}.prec": prec.astype(np.float32),
-                f"ood.{i}.scale": np.ones(1, np.float32)}
-        part[f"ood.{i}.scale"][0] = 1.0 / np.median(_ood_layer(fva, part, i))
-        ood.update(part)
-    return ood
-
-
-def _ood_layer(f: np.ndarray, ood: dict, i: int) -> np.ndarray:
-    d = f.astype(np.float64)[:, None, :] - ood[f"ood.{i}.means"][None].astype(np.float64)  # (N,2,D)
-    q = np.einsum("ncd,de,nce->nc", d, ood[f"ood.{i}.prec"].astype(np.float64), d)
-    return q.min(1) * float(ood[f"ood.{i}.scale"][0])
-
-
-def ood_score_np(stats: list[np.ndarray], ood: dict) -> np.ndarray:
-    """NumPy twin of the in-graph score (used at training time to set the threshold)."""
-    return np.max([_ood_layer(f, ood, i) for i, f in enumerate(stats)], 0)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def save_checkpoint(path: Path, model, record: Record, extra_tensors: dict | None = None) -> None:
-    """Weights (+ optional arrays) as safetensors; the Record in its metadata and in a JSON sidecar."""
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    for k, v in (extra_tensors or {}).items():
-        tensors[k] = torch.as_tensor(v).contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"record": record.to_json(), "format": "malaria-detect/1"})
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(json.loads(record.to_json()), indent=1) + "\n")
-
-
-def load_checkpoint(path: str | Path):
-    """-> (model in eval mode, Record, extra arrays). Every weight key must match (strict)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint (train one with 'malaria-detect train')")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "record" not in meta:
-        raise ValueError(f"{path}: not a malaria-detect checkpoint (no record in its metadata)")
-    record = Record.from_json(meta["record"])
-    tensors = load_file(str(path))
-    extra = {k: v.numpy() for k, v in tensors.items() if k.startswith("ood.")}
-    model = create_model(record.arch, pretrained=False)
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("ood.")}, strict=True)
-    return model.eval(), record, extra
-
-
-def _save_resume(run: Path, model, opt, state: dict) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    opt_state = opt.state_dict()
-    for i, s in opt_state["state"].items():
-        for k, v in s.items():
-            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).contiguous()
-    tmp = run / "last.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(run / "last.safetensors")
-    (run / "state.json").write_text(json.dumps(state, indent=1))
-
-
-def _load_resume(run: Path, model, opt) -> dict:
-    tensors = load_file(str(run / "last.safetensors"))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    sd = opt.state_dict()
-    sd["state"] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            sd["state"].setdefault(int(i), {})[name] = v
-    opt.load_state_dict(sd)
-    return json.loads((run / "state.json").read_text())
 
 
 # ---------------------------------------------------------------- several processes (torchrun)
@@ -363,7 +238,28 @@ class Ranks:
             torch.distributed.destroy_process_group()
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the steps of a run
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:
+        return None
+
+
+@dataclass
+class Data:
+    """The run's images as uint8 arrays, with the patient split they came from."""
+
+    items: list                 # every image found (for the record's data fingerprint)
+    parts: dict                 # the patient split: train / val / test patient ids
+    split_sha: str
+    xtr: np.ndarray
+    ytr: np.ndarray
+    xva: np.ndarray
+    yva: np.ndarray
+
 
 def _optimizer(model, cfg: TrainConfig, stage: str):
     for p in model.parameters():
@@ -381,12 +277,10 @@ def _optimizer(model, cfg: TrainConfig, stage: str):
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay), lr
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+def open_run(cfg: TrainConfig, resume: bool, ranks: Ranks) -> TrainConfig:
+    """The run folder: refuse to overwrite a run, or read back the configuration of the one resumed;
+    write config.json. -> the configuration to train with."""
     run = Path(cfg.out)
-    ranks = Ranks()  # torchrun's processes, or just this one
-    say = print if ranks.is_main else (lambda *a, **k: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if resume:
         if not (run / "state.json").exists():
             raise D.DataError(f"{run}: nothing to resume (no state.json); start without --resume")
@@ -400,8 +294,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.tmp").write_text(json.dumps(asdict(cfg), indent=1))
         (run / "config.tmp").replace(run / "config.json")  # whole, for ranks reading it to resume
+    return cfg
 
-    # --- data and the patient-disjoint split
+
+def load_data(cfg: TrainConfig, resume: bool, ranks: Ranks, say) -> Data:
+    """The images, the patient-disjoint split (made once, by rank 0, or read back) and the decoded
+    training and validation arrays."""
+    run = Path(cfg.out)
     items = D.find_images(cfg.data, cfg.patients_csv)
     split_path = run / "split.json"
     with ranks.in_turn():  # the split is made once, by rank 0; the other ranks read it
@@ -415,7 +314,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             parts = D.split_patients(items, tuple(cfg.split), cfg.seed)
             D.save_split(parts, split_path, fractions=cfg.split, seed=cfg.seed,
                          data_fingerprint=D.fingerprint(items))
-    split_sha = D.file_sha256(split_path)
     D.assert_disjoint(parts)
     tr_items, va_items = D.select(items, parts["train"]), D.select(items, parts["val"])
     if not tr_items or not va_items:
@@ -427,16 +325,31 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         f"train {len(tr_items)} images / {len(parts['train'])} patients, "
         f"val {len(va_items)} / {len(parts['val'])}, test patients held out: {len(parts['test'])}", flush=True)
     with ranks.in_turn():  # each node's cache is filled by one process; the others then read it
-        xtr, ytr, tr_items, _ = load_arrays(tr_items, cfg.image_size, cfg.workers, "decoding train")
-        xva, yva, va_items, _ = load_arrays(va_items, cfg.image_size, cfg.workers, "decoding val")
+        xtr, ytr, _, _ = load_arrays(tr_items, cfg.image_size, cfg.workers, "decoding train")
+        xva, yva, _, _ = load_arrays(va_items, cfg.image_size, cfg.workers, "decoding val")
+    return Data(items, parts, D.file_sha256(split_path), xtr, ytr, xva, yva)
 
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.model in LITE_VARIANTS else ((0.5,) * 3, (0.5,) * 3)
+
+def normalization(cfg: TrainConfig) -> tuple[tuple, tuple]:
+    """The mean/std the network expects: the ImageNet weights' convention, or 0.5 from scratch."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if cfg.model in LITE_VARIANTS else ((0.5,) * 3, (0.5,) * 3)
+
+
+def build_model(cfg: TrainConfig, ranks: Ranks):
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, pretrained=cfg.pretrained, dropout=cfg.dropout)
     model = model.to(ranks.device, memory_format=torch.channels_last)
     if ranks.rank:
         torch.manual_seed(cfg.seed + ranks.rank)  # other dropout masks than rank 0's
+    return model
 
+
+def fit(cfg: TrainConfig, model, data: Data, resume: bool, ranks: Ranks, progress: bool, say) -> dict:
+    """The epochs: the head on a frozen backbone, then fine-tuning, with validation, early stopping,
+    the best weights (best_weights.safetensors) and the resume state after every epoch. -> the state."""
+    run = Path(cfg.out)
+    mean, std = normalization(cfg)
+    xtr, ytr, xva, yva = data.xtr, data.ytr, data.xva, data.yva
     stages = [("head", cfg.head_epochs)] * (cfg.head_epochs > 0) + [("finetune", cfg.epochs)]
     plan = [(s, e) for s, n in stages for e in range(n)]  # one entry per epoch
     state = {"next": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "stopped": False}
@@ -494,7 +407,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         total, seen = ranks.sum(total, seen)  # the epoch's loss over every rank's shard
         if ranks.is_main:  # validation, the run folder and early stopping: rank 0's
             z = predict_arrays(model, xva, mean, std)
-            vm = M.binary_metrics(yva, M.sigmoid(z))
+            vm = M.binary_metrics(yva, M.sigmoid(z))  # uncalibrated: only its ranking (ROC-AUC) decides
             row = {"epoch": ep + 1, "stage": s, "train_loss": total / seen, "val_auc": vm["roc_auc"],
                    "val_accuracy": vm["accuracy"], "val_balanced_accuracy": vm["balanced_accuracy"],
                    "seconds": round(time.time() - t0, 1)}
@@ -504,8 +417,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                   f"acc {vm['accuracy']:.4f}  ({row['seconds']:.0f}s)", flush=True)
             if vm["roc_auc"] > state["best_auc"]:
                 state.update(best_auc=vm["roc_auc"], best_epoch=ep + 1, bad_epochs=0)
-                save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-                          str(run / "best_weights.safetensors"))
+                save_weights(run / "best_weights.safetensors", model)
             elif s == "finetune":
                 state["bad_epochs"] += 1
                 if state["bad_epochs"] >= cfg.patience:
@@ -515,45 +427,73 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             state["seconds"] = time.time() - t_start
             _save_resume(run, model, opt, state)
         state = ranks.share(state)
+    return state
 
-    if not ranks.is_main:
-        ranks.finish()  # waits for rank 0's checkpoint
-        return run / "best.safetensors"
 
-    # --- finalize: best weights -> calibration, threshold, not-a-cell statistics, self-describing record
-    model.load_state_dict(load_file(str(run / "best_weights.safetensors")), strict=True)
-    z_va, f_va = predict_arrays(model, xva, mean, std, features=True)
+def calibrate(cfg: TrainConfig, z_va: np.ndarray, yva: np.ndarray) -> tuple[float, float, str]:
+    """Temperature (minimum NLL) and threshold on the validation patients -> (T, threshold, rule)."""
     T = M.fit_temperature(z_va, yva)
     p_va = M.sigmoid(z_va / T)
     if cfg.target_sensitivity:
-        thr, rule = M.threshold_for_sensitivity(yva, p_va, cfg.target_sensitivity), \
+        return T, M.threshold_for_sensitivity(yva, p_va, cfg.target_sensitivity), \
             f"sensitivity >= {cfg.target_sensitivity} on validation"
-    else:
-        thr, rule = M.threshold_max_balanced_accuracy(yva, p_va), "max balanced accuracy on validation"
-    n_fit = min(len(xtr), 6000)
-    sub = np.random.default_rng(cfg.seed).choice(len(xtr), n_fit, replace=False)
-    _, f_tr = predict_arrays(model, xtr[sub], mean, std, features=True)
-    ood = fit_ood(f_tr, ytr[sub], f_va)
-    s_va = ood_score_np(f_va, ood)
-    ood_thr = float(np.quantile(s_va, 0.99))  # 99% of validation cells pass
-    val = M.binary_metrics(yva, p_va, thr)
-    record = Record(
-        arch=cfg.model, input_size=cfg.image_size, mean=tuple(mean), std=tuple(std),
-        threshold=thr, temperature=T, ood_threshold=ood_thr,
-        extra={
-            "threshold_rule": rule,
-            "val_metrics": {k: v for k, v in val.items()},
-            "val_ece": M.ece(yva, p_va), "val_ece_uncalibrated": M.ece(yva, M.sigmoid(z_va)),
-            "val_ood_pass_rate": float((s_va <= ood_thr).mean()),
-            "best_epoch": state["best_epoch"], "epochs_run": state["next"],
-            "train_seconds": round(state.get("seconds", 0.0), 1),
-            "split": parts, "split_sha256": split_sha, "data_fingerprint": D.fingerprint(items),
-            "n_train_images": len(xtr), "n_val_images": len(xva),
-            "config": asdict(cfg), "git_commit": git_commit(), "torch": torch.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
+    return T, M.threshold_max_balanced_accuracy(yva, p_va), "max balanced accuracy on validation"
+
+
+def fit_not_a_cell(cfg: TrainConfig, model, data: Data, f_va: list[np.ndarray]) -> tuple[dict, np.ndarray]:
+    """The not-a-cell model on (up to 6,000) training cells -> (its arrays, validation cells' scores)."""
+    mean, std = normalization(cfg)
+    n_fit = min(len(data.xtr), 6000)
+    sub = np.random.default_rng(cfg.seed).choice(len(data.xtr), n_fit, replace=False)
+    _, f_tr = predict_arrays(model, data.xtr[sub], mean, std, features=True)
+    ood = O.fit(f_tr, data.ytr[sub], f_va)
+    return ood, O.score(ood, f_va)
+
+
+def finish(cfg: TrainConfig, model, data: Data, state: dict) -> tuple[Record, dict]:
+    """The best weights -> calibration, threshold, the not-a-cell model and the self-describing record."""
+    mean, std = normalization(cfg)
+    load_weights(Path(cfg.out) / "best_weights.safetensors", model)
+    z_va, f_va = predict_arrays(model, data.xva, mean, std, features=True)
+    T, thr, rule = calibrate(cfg, z_va, data.yva)
+    ood, s_va = fit_not_a_cell(cfg, model, data, f_va)
+    record = Record(arch=cfg.model, input_size=cfg.image_size, mean=tuple(mean), std=tuple(std),
+                    threshold=thr, temperature=T, ood_threshold=O.threshold(s_va))
+    p_va = record.probability(z_va)
+    record.extra = {
+        "threshold_rule": rule,
+        "val_metrics": M.binary_metrics(data.yva, p_va, thr),
+        "val_ece": M.ece(data.yva, p_va), "val_ece_uncalibrated": M.ece(data.yva, M.sigmoid(z_va)),
+        "val_ood_pass_rate": float(np.mean(~record.is_ood(s_va))),
+        "best_epoch": state["best_epoch"], "epochs_run": state["next"],
+        "train_seconds": round(state.get("seconds", 0.0), 1),
+        "split": data.parts, "split_sha256": data.split_sha, "data_fingerprint": D.fingerprint(data.items),
+        "n_train_images": len(data.xtr), "n_val_images": len(data.xva),
+        "config": asdict(cfg), "git_commit": git_commit(), "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return record, ood
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train a model in `cfg.out` (or continue the run there) -> its best.safetensors."""
+    ranks = Ranks()  # torchrun's processes, or just this one
+    say = print if ranks.is_main else (lambda *a, **k: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg = open_run(cfg, resume, ranks)
+    run = Path(cfg.out)
+    data = load_data(cfg, resume, ranks, say)
+    model = build_model(cfg, ranks)
+    state = fit(cfg, model, data, resume, ranks, progress, say)
+    if not ranks.is_main:
+        ranks.finish()  # waits for rank 0's checkpoint
+        return run / "best.safetensors"
+    record, ood = finish(cfg, model, data, state)
     save_checkpoint(run / "best.safetensors", model, record, ood)
+    val = record.extra["val_metrics"]
     print(f"best epoch {state['best_epoch']}: val auc {val['roc_auc']:.4f}, accuracy {val['accuracy']:.4f} at "
-          f"threshold {thr:.3f} (T={T:.2f}); checkpoint {run / 'best.safetensors'}", flush=True)
+          f"threshold {record.threshold:.3f} (T={record.temperature:.2f}); checkpoint {run / 'best.safetensors'}",
+          flush=True)
     ranks.finish()
     return run / "best.safetensors"
