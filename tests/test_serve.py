@@ -142,3 +142,37 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("MALARIA_DETECT_MAX_FILE_BYTES", "1234")
     s = Settings()
     assert s.max_files == 3 and s.max_file_bytes == 1234
+
+
+@pytest.mark.parametrize("value, on", [("false", False), ("0", False), ("no", False), ("true", True), ("1", True)])
+def test_heatmaps_setting_from_the_environment(monkeypatch, bundled, samples, value, on):
+    monkeypatch.setenv("MALARIA_DETECT_HEATMAPS", value)
+    s = Settings()
+    assert s.heatmaps is on
+    if value in ("false", "true"):
+        blob = (samples / CLEAR["Parasitized"]).read_bytes()
+        with TestClient(create_app(s, bundled)) as c:
+            out = c.post("/predict", files=[("files", ("a.webp", blob, "image/webp"))]).json()[0]
+        assert (out["heatmap"] is not None) is on and out["label"] == "Parasitized"
+
+
+def test_bad_settings_name_the_variable_in_one_line(monkeypatch):
+    from malaria_detect.serve.app import SettingsError
+
+    monkeypatch.setenv("MALARIA_DETECT_HEATMAPS", "maybe")
+    with pytest.raises(SettingsError, match="^MALARIA_DETECT_HEATMAPS must be 1 or 0"):
+        Settings()
+    monkeypatch.delenv("MALARIA_DETECT_HEATMAPS")
+    monkeypatch.setenv("MALARIA_DETECT_MAX_FIELD_PIXELS", "1e6")
+    with pytest.raises(SettingsError, match="^MALARIA_DETECT_MAX_FIELD_PIXELS must be a whole number") as e:
+        Settings()
+    assert "\n" not in str(e.value)
+    monkeypatch.delenv("MALARIA_DETECT_MAX_FIELD_PIXELS")
+    with pytest.raises(SettingsError, match="^max_files must be a whole number"):
+        Settings(max_files=True)  # a constructor argument is named as such
+
+
+def test_the_server_reports_the_package_version(client):
+    import malaria_detect
+
+    assert client.get("/openapi.json").json()["info"]["version"] == malaria_detect.__version__

@@ -12,20 +12,23 @@ import ctypes.util
 import io
 import os
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from .. import __version__
 from ..data import IMAGE_EXTENSIONS
+from ..errors import MalariaDetectError
 from ..predict import Prediction, Predictor, heatmap_overlay
 from ..preprocess import ImageError, PixelBudget, open_rgb
 from .docs import add_offline_docs
@@ -36,64 +39,82 @@ IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/tiff", "image/bmp
                "image/jpg", "image/x-png"}
 
 
-class SettingsError(ValueError):
+class SettingsError(MalariaDetectError, ValueError):
     """A server setting (environment variable or option) that cannot be used; the message names it."""
 
 
-def _env_int(name: str, default: int | None) -> int | None:
-    v = os.environ.get(name, "").strip()
-    if not v:
-        return default
-    try:
-        n = int(v)
-    except ValueError:
-        raise SettingsError(f"{name} must be a whole number, got {v!r}") from None
-    if n < 1:
-        raise SettingsError(f"{name} must be at least 1, got {n}")
-    return n
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    v = os.environ.get(name, "").strip().lower()
-    if not v:
-        return default
-    if v not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-        raise SettingsError(f"{name} must be 1 or 0, got {v!r}")
-    return v in ("1", "true", "yes", "on")
-
-
-def parse_hosts(value: str | None) -> list[str]:
+def parse_hosts(value) -> list[str]:
     """'a.example, localhost' -> ['a.example', 'localhost']; empty -> ['*'] (any Host header)."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(value)
     hosts = [h.strip() for h in (value or "").split(",") if h.strip()]
     return hosts or ["*"]
 
 
-@dataclass
-class Settings:
-    """Server settings; each can be overridden by an environment variable (MALARIA_DETECT_...)."""
+def _reject_bool(v):
+    if isinstance(v, bool):  # True is not a number of bytes
+        raise ValueError("not a whole number")
+    return v
 
-    model: str | None = field(default_factory=lambda: os.environ.get("MALARIA_DETECT_MODEL") or None)
+
+Limit = Annotated[int, Field(ge=1), BeforeValidator(_reject_bool)]
+
+
+class Settings(BaseSettings):
+    """Server settings. Each field can be set by the environment variable MALARIA_DETECT_<FIELD>
+    (e.g. MALARIA_DETECT_MAX_FILES=16, MALARIA_DETECT_HEATMAPS=false) or given to the constructor;
+    a value that cannot be used raises SettingsError naming the variable."""
+
+    model_config = SettingsConfigDict(env_prefix="MALARIA_DETECT_", env_ignore_empty=True, validate_default=True,
+                                      protected_namespaces=())
+
+    model: str | None = None                    # the ONNX model; None = the bundled one
     # whole-request limits: the body (counted as it streams) and the pixels decoded per request
-    max_request_bytes: int | None = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_REQUEST_BYTES", None))
-    max_request_pixels: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_REQUEST_PIXELS", 64_000_000))
-    max_file_bytes: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FILE_BYTES", 10 * 2**20))
-    max_files: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FILES", 64))
-    max_pixels: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_PIXELS", 4_000_000))
-    heatmaps: bool = field(default_factory=lambda: _env_bool("MALARIA_DETECT_HEATMAPS", True))
-    allowed_hosts: list[str] = field(default_factory=lambda: parse_hosts(os.environ.get("MALARIA_DETECT_ALLOWED_HOSTS")))
+    max_request_bytes: Limit | None = None      # None = files x bytes per file + 1 MiB, at most 64 MiB
+    max_request_pixels: Limit = 64_000_000
+    max_file_bytes: Limit = 10 * 2**20
+    max_files: Limit = 64
+    max_pixels: Limit = 4_000_000
+    heatmaps: bool = True
+    allowed_hosts: Annotated[list[str], NoDecode] = ["*"]   # comma-separated in the environment
     # whole fields (POST /smear): fewer, larger images than single cells
-    max_fields: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FIELDS", 8))
-    max_field_bytes: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FIELD_BYTES", 8 * 2**20))
-    max_field_pixels: int = field(default_factory=lambda: _env_int("MALARIA_DETECT_MAX_FIELD_PIXELS", 40_000_000))
+    max_fields: Limit = 8
+    max_field_bytes: Limit = 8 * 2**20
+    max_field_pixels: Limit = 40_000_000
 
-    def __post_init__(self):
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, v):
+        return parse_hosts(v)
+
+    @model_validator(mode="after")
+    def _request_bytes(self):
         if self.max_request_bytes is None:  # default: the files allowed, capped at 64 MiB
             self.max_request_bytes = min(64 * 2**20, self.max_file_bytes * self.max_files + 2**20)
-        for k in ("max_request_bytes", "max_request_pixels", "max_file_bytes", "max_files", "max_pixels",
-                  "max_fields", "max_field_bytes", "max_field_pixels"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SettingsError(f"{k} must be a whole number of at least 1, got {v!r}")
+        return self
+
+    def __init__(self, **values):
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise SettingsError(_settings_message(e, values)) from None
+
+
+def _settings_message(e: ValidationError, given: dict) -> str:
+    """One line for the first bad value, naming the environment variable it came from (or the
+    constructor's argument)."""
+    err = e.errors()[0]
+    name = str(err["loc"][0]) if err["loc"] else "settings"
+    var = "MALARIA_DETECT_" + name.upper()
+    where = name if name in given else var
+    value = err.get("input")
+    if err["type"] == "greater_than_equal":
+        return f"{where} must be at least 1, got {value!r}"
+    if name == "heatmaps":
+        return f"{where} must be 1 or 0 (true or false), got {value!r}"
+    if err["type"] in ("int_parsing", "int_type", "int_from_float", "value_error"):
+        return f"{where} must be a whole number of at least 1, got {value!r}"
+    return f"{where}: {err['msg']}, got {value!r}"
 
 
 class _TooLarge(HTTPException):
@@ -181,7 +202,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         app.state.predictor = predictor or Predictor.load(settings.model)
         yield
 
-    app = FastAPI(title="malaria-detect", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="malaria-detect", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Screening aid for Giemsa-stained thin-smear red-cell crops: parasitized or "
                               "uninfected. Not a diagnosis.")
     app.state.settings = settings
