@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/other_labs.py --models OLD.onnx NEW.onnx [--adapt-model NEW.onnx] [--draws 5]
 
-Needs the IML cells cut by `malaria-detect cut-cells` (see MODEL_CARD.md):
-    runs/data/iml_val   block PA171770-799 (the pool a lab's labelled cells are drawn from for adapt)
-    runs/data/iml_test  block PA1718xx, HELD OUT: every figure on IML below is measured there
+Needs the IML cells of the held-out block cut by `malaria-detect cut-cells` (scripts/robust_training_set.py):
+    runs/data/iml_test  block PA1718xx, held out from training and every choice. It is split by
+                        consecutive number: fields PA171800-829 are the "lab's own labelled cells" that
+                        adapt may use; every IML figure below is measured on fields PA171830-899.
 
 Prints, side by side in one run:
 1. per domain x model: NIH test patients (4,752 cells), IML held-out cells cut by their boxes
@@ -41,7 +42,7 @@ NIH = ROOT.parent / "shared" / "data" / "nih-cells"
 
 def crops(folder: Path, tag: str) -> list:
     """Items of a cut-cells folder whose file name ends with _{tag}.png (box, mask)."""
-    return [it for it in D.find_images(folder) if it.path.stem.endswith("_" + tag)]
+    return [it for it in D.find_images(folder, folder / "patients.csv") if it.path.stem.endswith("_" + tag)]
 
 
 def scores(pred: Predictor, items) -> dict:
@@ -59,7 +60,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", required=True, help="ONNX models to compare")
     ap.add_argument("--adapt-model", default=None, help="model to calibrate with adapt (default: the last)")
-    ap.add_argument("--iml-val", default=str(ROOT / "runs/data/iml_val"))
+    ap.add_argument("--adapt-fields", type=int, default=30, help="the first N held-out fields are the adapt pool")
     ap.add_argument("--iml-test", default=str(ROOT / "runs/data/iml_test"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200])
     ap.add_argument("--draws", type=int, default=5)
@@ -68,10 +69,14 @@ def main():
     first = next(iter(preds.values()))
     nih = D.select(D.find_images(NIH), first.record.extra["split"]["test"])
     nih = [it for it in nih if not it.patient.startswith("IML-")]
+    pool_fields = {f"PA1718{i:02d}" for i in range(a.adapt_fields)}
+    in_pool = lambda it: it.path.stem[:8] in pool_fields  # noqa: E731
+    box, mask = crops(Path(a.iml_test), "box"), crops(Path(a.iml_test), "mask")
     domains = {"NIH test patients": nih,
-               "IML PA1718 (held out), cut by box": crops(Path(a.iml_test), "box"),
-               "IML PA1718 (held out), pipeline mask": crops(Path(a.iml_test), "mask")}
-    pool = crops(Path(a.iml_val), "box")
+               f"IML PA1718{a.adapt_fields:02d}-99 (held out), cut by box": [it for it in box if not in_pool(it)],
+               f"IML PA1718{a.adapt_fields:02d}-99 (held out), pipeline mask": [it for it in mask if not in_pool(it)]}
+    pool = [it for it in box if in_pool(it)]
+    eval_box = list(domains.values())[1]
     adapted = {}
     tmp = Path(tempfile.mkdtemp(prefix="adapt-bench-"))
     base_model = a.adapt_model or a.models[-1]
@@ -91,7 +96,7 @@ def main():
                 (d / it.path.name).symlink_to(it.path.resolve())
             out = tmp / f"n{n}_{k}.onnx"
             adapt(folder, out, base_model)
-            m = scores(Predictor.load(out), domains["IML PA1718 (held out), cut by box"])
+            m = scores(Predictor.load(out), eval_box)
             rows.append((m["recall"], m["specificity"], m["ece"], m["ood_rate"]))
             if n == 100 and k == 0:
                 adapted[f"{Path(base_model).name} + adapt on 100 IML cells"] = Predictor.load(out)
@@ -111,8 +116,8 @@ def main():
         missed = [r.source for r in res if not r.ood]
         print(f"- {mname}: {100 * (len(res) - len(missed)) / len(res):.1f}% flagged"
               + (f"; not flagged: {', '.join(missed)}" if missed else ""))
-    print(f"\nadapt learning curve ({base_model}; {a.draws} draws of balanced labelled cells from IML "
-          "PA171770-799; measured on the held-out PA1718 box crops):")
+    print(f"\nadapt learning curve ({base_model}; {a.draws} draws of labelled cells, up to half parasitized, "
+          f"from fields PA171800-{a.adapt_fields - 1:02d}; measured on the box crops of the other held-out fields):")
     print("| labelled cells | sensitivity | specificity | ECE | flagged not-a-cell |")
     print("|---|---|---|---|---|")
     for n, r in curve.items():

@@ -69,3 +69,19 @@ def test_adapt_cli_and_use_with_model(tmp_path, samples, capsys):
     assert main(["predict", str(next((samples / "Parasitized").iterdir())), "--model", str(out)]) == 0
     assert main(["adapt", "--data", str(_lab(tmp_path, samples, 0, 25)), "--out", str(tmp_path / "y.onnx")]) == 1
     assert "both classes" in capsys.readouterr().err
+
+
+def test_adapt_keeps_the_field_operating_point(tmp_path, samples):
+    """The whole-field threshold stays where it was in raw-logit units (a few dozen cells cannot set
+    an operating point for 1-2 % prevalence); only its expression under the new temperature changes."""
+    import math
+
+    from malaria_detect.predict import bundled_field_model_path
+
+    base = Predictor.load(bundled_field_model_path()).record
+    adapt(_lab(tmp_path, samples, 30, 30), tmp_path / "f.onnx", bundled_field_model_path())
+    new = Predictor.load(tmp_path / "f.onnx").record
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    assert new.temperature != base.temperature
+    assert abs(new.temperature * logit(new.extra["field_threshold"])
+               - base.temperature * logit(base.extra["field_threshold"])) < 1e-6

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "counts and parasitemia with a 95 percent Wilson interval per field and pooled. "
                                    "Cells flagged 'not a cell' are counted apart and left out of the parasitemia.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="field images (jpg, png, tif, ...) or folders of them")
-    p.add_argument("--model", default=None, help="ONNX model (e.g. one made by adapt); default: the bundled model")
+    p.add_argument("--model", default=None, help="ONNX model (e.g. one made by adapt); default: the bundled "
+                                                 "robust model, malaria_lite0_robust.onnx (trained on cells of two labs)")
     p.add_argument("--json", default=None, metavar="OUT.json",
                    help="write {fields: [{image, width, height, cells: [{box, label, p_parasitized, ood}], n_cells, "
                         "n_parasitized, parasitemia, parasitemia_ci95, ...}], summary: {...}}")
@@ -386,7 +387,7 @@ def cmd_benchmark(a):
 def cmd_smear(a):
     from tqdm import tqdm
 
-    from .predict import Predictor, iter_image_paths
+    from .predict import Predictor, bundled_field_model_path, iter_image_paths
     from .smear import SmearOptions, analyze_fields, draw_overlay, write_csv
 
     if a.cell_diameter is not None and not 6 <= a.cell_diameter <= 2000:
@@ -403,13 +404,14 @@ def cmd_smear(a):
             raise SystemExit(f"error: --overlays {a.overlays} is a file, not a folder")
         Path(a.overlays).mkdir(parents=True, exist_ok=True)
     opts = SmearOptions(cell_diameter=a.cell_diameter, batch_size=a.batch_size, rbc_per_ul=a.rbc_per_ul)
+    model = a.model or str(bundled_field_model_path())
     if a.ray:  # the same report from a Ray actor pool (scale.py); the rest of this command is shared
         from .scale import analyze_fields_ray
 
-        report = analyze_fields_ray(a.paths, address=a.ray, model=a.model, opts=opts, num_cpus=a.ray_cpus,
+        report = analyze_fields_ray(a.paths, address=a.ray, model=model, opts=opts, num_cpus=a.ray_cpus,
                                     parquet=a.parquet)
     else:
-        pred = Predictor.load(a.model)
+        pred = Predictor.load(model)
         paths = list(iter_image_paths(a.paths))
         if not paths:
             raise SystemExit("error: no images found in " + " ".join(a.paths))

@@ -31,6 +31,10 @@ from .preprocess import ImageError, Record, RecordError, normalize, open_rgb, re
 ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | IO[bytes]
 
 BUNDLED_MODEL = "malaria_lite0.onnx"
+# the model trained for other labs' cells too (NIH + IML fields, stain/blur/zoom augmentation): the
+# default of whole-field analysis (smear, POST /smear); see MODEL_CARD.md for why it is not the
+# single-cell default as well
+FIELD_MODEL = "malaria_lite0_robust.onnx"
 # ONNX metadata key holding onnx_weights_sha256() of the file, written by export; checked at load.
 WEIGHTS_KEY = "malaria_detect_weights_sha256"
 NON_FINITE = "the model's output is not a finite number (NaN or infinity): the model file may be damaged"
@@ -41,10 +45,15 @@ def bundled_model_path() -> Path:
     return Path(str(resources.files("malaria_detect") / "assets" / BUNDLED_MODEL))
 
 
-def bundled_sha256_path() -> Path:
-    """The bundled model's expected sha256, checked at every load. After replacing the bundled
-    model, refresh it: cd src/malaria_detect/assets && sha256sum malaria_lite0.onnx > malaria_lite0.onnx.sha256"""
-    return bundled_model_path().with_name(BUNDLED_MODEL + ".sha256")
+def bundled_field_model_path() -> Path:
+    return bundled_model_path().with_name(FIELD_MODEL)
+
+
+def bundled_sha256_path(model: Path | None = None) -> Path:
+    """A bundled model's expected sha256, checked at every load. After replacing a bundled model,
+    refresh it: cd src/malaria_detect/assets && sha256sum malaria_lite0.onnx > malaria_lite0.onnx.sha256"""
+    model = model or bundled_model_path()
+    return model.with_name(model.name + ".sha256")
 
 
 def _varint(b: bytes, i: int) -> tuple[int, int]:
@@ -121,10 +130,10 @@ def write_model_record(path: str | Path, record: Record) -> None:
 
 
 def _check_bundled(path: Path, blob: bytes) -> None:
-    """The bundled model must match the sha256 stored next to it."""
-    if path.resolve() != bundled_model_path().resolve():
+    """The bundled models must match the sha256 stored next to them."""
+    if path.resolve() not in (bundled_model_path().resolve(), bundled_field_model_path().resolve()):
         return
-    ref = bundled_sha256_path()
+    ref = bundled_sha256_path(path)
     if not ref.is_file():
         raise ModelError(f"{path}: {ref.name} is missing, the bundled model cannot be verified")
     want = (ref.read_text().split() or [""])[0].lower()

@@ -30,7 +30,7 @@ import numpy as np
 from skimage.segmentation import watershed
 
 PEAK_FOOTPRINT, PEAK_MIN, SMOOTH = 0.45, 0.18, 0.06  # in cell diameters (see _split)
-DARK = 0.3   # a nucleus pixel has green below this fraction of the background's (white cells)
+DARK = 0.55  # a nucleus pixel has green below this fraction of the field's typical red-cell green (white cells)
 BOX_PAD = 0.08   # boxes reach this fraction of a diameter beyond the mask (cell edges are soft)
 HOUGH_MIN_DIST, HOUGH_VOTES = 0.6, 15   # circles: centres >= 0.6 diameters apart, accumulator votes
 SINGLE_AREA, SINGLE_SOLIDITY = 1.35, 0.92   # a region this small and convex is one cell
@@ -139,7 +139,9 @@ def _segment_scaled(rgb: np.ndarray, diameter: float) -> list[tuple]:
     labels, n = _split(fg, diameter)
     circles = _circles(stain, diameter)
     # very dark, saturated stain: white-cell nuclei (parasites are small spots inside a red cell)
-    dark = rgb[..., 1] < DARK * bg[1]
+    # relative to this field's own red cells, not to the background: stains differ from lab to lab
+    # (a dark magenta stain puts whole red cells below any fixed fraction of the background)
+    dark = rgb[..., 1] < DARK * float(np.median(rgb[..., 1][fg])) if fg.any() else np.zeros_like(fg)
     ci = np.clip(circles[:, 1].astype(int), 0, labels.shape[0] - 1)
     cj = np.clip(circles[:, 0].astype(int), 0, labels.shape[1] - 1)
     circle_region = labels[ci, cj]

@@ -38,11 +38,22 @@ def _overlay_data_url(img, rec: dict, positive: str) -> str:
 def add_smear_routes(app: FastAPI, settings, supported) -> None:
     """Register POST /smear on `app`; `settings` holds the limits, `supported(upload)` the type rule."""
 
+    def field_predictor():
+        """The model of /smear: the server's --model when one was given, else the bundled robust
+        model (trained on two labs' cells), loaded with the first field."""
+        if settings.model:
+            return app.state.predictor
+        if getattr(app.state, "field_predictor", None) is None:
+            from ..predict import Predictor, bundled_field_model_path
+
+            app.state.field_predictor = Predictor.load(bundled_field_model_path())
+        return app.state.field_predictor
+
     def analyze(names: list[str], blobs: list[bytes], overlay: bool, cell_diameter: float | None) -> list[dict]:
         # OpenCV and scikit-image load with the first field, not with the server (~64 MB)
         from ..smear import SmearOptions, analyze_field, failed_field
 
-        pred = app.state.predictor
+        pred = field_predictor()
         budget = PixelBudget(settings.max_request_pixels)
         opts = SmearOptions(cell_diameter=cell_diameter)
         out = []
