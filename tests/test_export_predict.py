@@ -57,7 +57,8 @@ def test_predict_cli_csv_with_bad_files_and_heatmaps(tiny_onnx, samples, tmp_pat
     out = tmp_path / "out.csv"
     r = subprocess.run([sys.executable, "-m", "malaria_detect.cli", "predict", str(folder), "--model", str(tiny_onnx),
                         "--csv", str(out), "--heatmaps", str(tmp_path / "heat")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # unreadable inputs: non-zero, after every row was written
+    assert "3 of 6 inputs missing or unreadable" in r.stderr
     rows = list(csv.DictReader(open(out)))
     assert list(rows[0]) == ["path", "label", "p_parasitized", "ood", "error", "heatmap"]
     assert len(rows) == 6

@@ -90,10 +90,14 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
         notes.append(f"no int8 row: {int8_path.name} does not exist (make one with export --int8; give --int8-model)")
     if not any(r["engine"] == "pytorch eager" for r in rows):
         notes.append("no PyTorch row: " + ("PyTorch is not installed" if torch is None else
+                                           f"checkpoint {ckpt} not found" if ckpt else
                                            "no checkpoint given (--checkpoint runs/NAME/best.safetensors)"))
+    fields = field_speed(engines)
+    if not fields:
+        notes.append(f"no whole-field rows: no sample fields (*.JPG) in {REPO_SAMPLE / 'fields'}")
     return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "input_size": rec.input_size, "n_sample": len(x), "sample": str(sample), "rows": rows,
-            "fields": field_speed(engines), "notes": notes}
+            "fields": fields, "notes": notes}
 
 
 def field_speed(engines: dict, folder: Path | None = None, repeat: int = 3) -> list[dict]:
@@ -127,7 +131,7 @@ def field_speed(engines: dict, folder: Path | None = None, repeat: int = 3) -> l
 
 
 def format_benchmark(r: dict) -> str:
-    lines = [f"{r['n_sample']} sample cells at {r['input_size']}px on {r['machine']}",
+    lines = [f"{r['n_sample']} sample cell{'s' * (r['n_sample'] != 1)} at {r['input_size']}px on {r['machine']}",
              "| engine | model file | MB | accuracy (sample) | latency p50 ms | p95 ms | batch cells/s | "
              "files->CSV cells/s |", "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:

@@ -8,8 +8,10 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import MISSING, fields
 from pathlib import Path
 
+from .config import TrainConfig
 from .preprocess import csv_safe
 
 DESCRIPTION = """\
@@ -36,6 +38,48 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _fraction(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {x}")
+    return x
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+# TrainConfig fields that `cv` sets itself (per fold) or has its own option for
+CV_OWN = ("out", "model", "split", "split_file")
+
+
+def _add_config_options(p, skip=()) -> None:
+    """One option per TrainConfig field (config.py), its default and help the field's own: `train`
+    and `cv` never state a default of their own."""
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        meta = dict(f.metadata)
+        flag, text = meta.pop("flag", "--" + f.name.replace("_", "-")), meta.pop("help")
+        if f.name == "target_sensitivity":
+            meta["type"] = _fraction
+        if f.default is MISSING and f.default_factory is MISSING:
+            p.add_argument(flag, dest=f.name, required=True, help=text, **meta)
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=text)
+            continue
+        if default is not None and not isinstance(default, list):
+            meta.setdefault("type", type(default))
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        p.add_argument(flag, dest=f.name, default=default, help=text if default is None else
+                       f"{text} (default: {shown})", **meta)
+
+
 def _add_common_model(p, help_extra=""):
     p.add_argument("--model", default=None,
                    help="model file (.onnx, or a training checkpoint .safetensors / run folder); "
@@ -56,9 +100,15 @@ def _add_ray_options(p, how: str, rows: str):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="malaria-detect", description=DESCRIPTION,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("predict", help="classify cell images (files and folders, recursively)")
+    p = sub.add_parser("predict", help="classify cell images (files and folders, recursively)",
+                       description="Classify cell images (files, and folders recursively). Every input gets a row: "
+                                   "its label and calibrated p_parasitized, or the reason it could not be read. "
+                                   "Exit status: 0 when every input got an answer; 1 when any input was missing or "
+                                   "unreadable (or the model gave no answer for it), after every row that could be "
+                                   "written was written.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--model", default=None, help="ONNX model; default: the bundled model")
     p.add_argument("--csv", default=None, help="write one row per image: path,label,p_parasitized,ood,error "
@@ -66,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", default=None, metavar="DIR",
                    help="write a heatmap overlay PNG per image here; its path goes in the CSV's heatmap column")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations (8x slower)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per network batch (default 64)")
     p.add_argument("--workers", type=_positive_int, default=2, help="image-decoding threads")
-    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help="print the results and the summary as JSON instead of a table (numbers, true/false and "
+                        "null as such)")
     _add_ray_options(p, "", "the rows (+ idx, ood_score)")
 
     p = sub.add_parser("evaluate", help="metrics, CIs and plots on a labelled folder (patient-disjoint)")
@@ -83,29 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="test-time augmentation (ONNX models)")
 
     p = sub.add_parser("train", help="train a model (transfer learning or the scratch baseline)")
-    p.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/ subfolders")
-    p.add_argument("--out", required=True, help="run folder, e.g. runs/lite0")
-    p.add_argument("--model", default="efficientnet_lite0",
-                   choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "simple_cnn"])
-    p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--head-epochs", type=int, default=1, help="stage 1: frozen backbone, head only")
-    p.add_argument("--epochs", type=int, default=5, help="stage 2: fine-tuning epochs")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
-    p.add_argument("--lr-head", type=float, default=3e-3)
-    p.add_argument("--finetune-blocks", type=int, default=0, help="0 = all layers; N = only the top N blocks")
-    p.add_argument("--patience", type=int, default=3, help="early stopping patience (epochs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", type=float, nargs=3, default=[0.7, 0.1, 0.2], metavar=("TRAIN", "VAL", "TEST"),
-                   help="fractions of patients (default 0.7 0.1 0.2)")
-    p.add_argument("--split-file", default=None, help="reuse a saved split.json (same test patients)")
-    p.add_argument("--patients", default=None, help="CSV file,patient for data without NIH file names")
-    p.add_argument("--max-train-images", type=int, default=0, help="subsample training images (quick runs)")
-    p.add_argument("--target-sensitivity", type=float, default=None,
-                   help="set the threshold for this validation sensitivity (default: max balanced accuracy)")
+    _add_config_options(p)
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out from its last epoch")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
 
     p = sub.add_parser("export", help="checkpoint -> ONNX (+ int8), re-validated with ONNX Runtime")
     p.add_argument("--checkpoint", required=True, help="run folder or .safetensors checkpoint")
@@ -114,24 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="training data folder (validation patients for --int8 and "
                                                 "--target-sensitivity, and for re-validation)")
     p.add_argument("--sample", default=None, help="folder of images to re-validate ONNX vs PyTorch on")
-    p.add_argument("--target-sensitivity", type=float, default=None,
+    p.add_argument("--target-sensitivity", type=_fraction, default=None,
                    help="choose the threshold that reaches this sensitivity on the validation patients")
     p.add_argument("--max-int8-drop", type=float, default=0.5,
                    help="refuse an int8 model whose validation accuracy drops by more points than this (0.5)")
 
     p = sub.add_parser("cv", help="patient-grouped k-fold cross-validation (mean +- sd of every metric)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--model", default="efficientnet_lite0",
+    p.add_argument("--folds", type=int, default=5, help="number of patient folds (default 5)")
+    p.add_argument("--model", default=TrainConfig.model,
                    help="an architecture to train per fold (efficientnet_lite0, simple_cnn, ...) or a model "
-                        "file (.onnx/.safetensors) to score per patient fold")
-    p.add_argument("--out", default="runs/cv")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--head-epochs", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--max-train-images", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+                        f"file (.onnx/.safetensors) to score per patient fold (default: {TrainConfig.model})")
+    p.add_argument("--out", default="runs/cv", help="folder for the folds' runs and cv.json (default runs/cv)")
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    _add_config_options(p, skip=CV_OWN)  # each fold's training options
 
     p = sub.add_parser("check-data", help="counts per class and patient, unreadable files, duplicates, sizes")
     p.add_argument("data")
@@ -200,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-model", default=None, help="int8 ONNX model to compare (default: the bundled one)")
     p.add_argument("--checkpoint", default=None, help="torch checkpoint for the PyTorch eager column")
     p.add_argument("--sample", default=None, help="labelled image folder (default: the bundled sample)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    for p in sub.choices.values():  # --debug after the command too (there it can only switch it on)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
     return ap
 
 
@@ -228,61 +257,64 @@ def _check_outputs(a) -> None:
 def cmd_predict(a):
     from tqdm import tqdm
 
-    from .predict import Predictor, heatmap_overlay, iter_image_paths
+    from .predict import Predictor, heatmap_overlay, iter_image_paths, tally
 
     if a.ray and a.heatmaps:
         raise SystemExit("error: --heatmaps is not available with --ray; run without --ray for heatmaps")
     if not a.ray and (a.parquet or a.ray_cpus):
         raise SystemExit("error: --parquet and --ray-cpus go with --ray")
     _check_outputs(a)
+    pred = Predictor.load(a.model)  # (with --ray too: its record names the classes in the summary)
     if a.ray:  # the same rows from a Ray actor pool (scale.py); the rest of this command is shared
         from .scale import predict_ray
 
         results = predict_ray(a.paths, address=a.ray, model=a.model, batch_size=a.batch_size, tta=a.tta,
                               num_cpus=a.ray_cpus, parquet=a.parquet, progress=not a.json)
     else:
-        pred = Predictor.load(a.model)
         paths = list(iter_image_paths(a.paths))
         if not paths:
             raise SystemExit("error: no images found in " + " ".join(a.paths))
         with tqdm(total=len(paths), desc="predicting", unit="img", disable=a.json or not sys.stderr.isatty()) as bar:
             results = pred.predict(paths, batch_size=a.batch_size, tta=a.tta, heatmaps=bool(a.heatmaps),
                                    workers=a.workers, progress=bar)
-    rows = [r.row() for r in results]
-    fields = ["path", "label", "p_parasitized", "ood", "error"]
+    heatmaps = [None] * len(results)
     if a.heatmaps:
-        hdir = Path(a.heatmaps)
-        fields.append("heatmap")
-        for i, (r, row) in enumerate(zip(results, rows)):
-            row["heatmap"] = ""
+        for i, r in enumerate(results):
             if r.cam is not None:
-                out = hdir / f"{i:05d}_{Path(r.source).stem}_heatmap.png"
-                heatmap_overlay(r.source, r.cam, pred.record.temperature).save(out)
-                row["heatmap"] = str(out)
-    if a.csv:
+                heatmaps[i] = Path(a.heatmaps) / f"{i:05d}_{Path(r.source).stem}_heatmap.png"
+                heatmap_overlay(r.source, r.cam, pred.record.temperature).save(heatmaps[i])
+    extra = (lambda i, empty: {"heatmap": str(heatmaps[i]) if heatmaps[i] else empty}) if a.heatmaps else \
+        (lambda i, empty: {})
+    if a.csv:  # strings only in CSV
         with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
+            w = csv.DictWriter(f, fieldnames=["path", "label", "p_parasitized", "ood", "error"]
+                               + ["heatmap"] * bool(a.heatmaps))
             w.writeheader()
-            w.writerows({k: csv_safe(v) for k, v in row.items()} for row in rows)
-    ok = [r for r in results if not r.error]
-    n_par = sum(r.label == "Parasitized" for r in ok)
-    n_ood = sum(bool(r.ood) for r in ok)
-    summary = {"images": len(results), "Parasitized": n_par, "Uninfected": len(ok) - n_par,
-               "parasitized_fraction": n_par / len(ok) if ok else None, "not_a_cell": n_ood,
-               "errors": len(results) - len(ok)}
-    if a.json:
-        print(json.dumps({"results": rows, "summary": summary}, indent=1))
-        return 0
-    if not a.csv or len(rows) <= 20:
-        for r in rows:
-            msg = f"ERROR {r['error']}" if r["error"] else \
-                f"{r['label']:<12} p={float(r['p_parasitized']):.3f}" + ("  NOT A CELL?" if r["ood"] == "true" else "")
-            print(f"{r['path']}\t{msg}")
-    frac = f"{summary['parasitized_fraction']:.1%}" if ok else "n/a"
-    print(f"\n{summary['images']} images: {n_par} Parasitized, {len(ok) - n_par} Uninfected "
-          f"(parasitized fraction {frac}); {n_ood} flagged as not a cell; {summary['errors']} unreadable"
-          + (f"\nresults written to {a.csv}" if a.csv else "")
-          + (f"\nheatmaps written to {a.heatmaps}" if a.heatmaps else ""))
+            w.writerows({k: csv_safe(v) for k, v in (r.row() | extra(i, "")).items()} for i, r in enumerate(results))
+    rec = pred.record
+    t = tally(((r.label, r.ood) for r in results), rec.positive)  # the one counting rule (also smear's)
+    summary = {"images": t["n"], rec.positive: t["n_positive"], rec.negative: t["n_classified"] - t["n_positive"],
+               "parasitized_fraction": t["fraction"], "not_a_cell": t["n_not_a_cell"], "errors": t["n_unlabelled"]}
+    if a.json:  # typed: numbers, booleans and null as such
+        print(json.dumps({"results": [r.to_dict() | extra(i, None) for i, r in enumerate(results)],
+                          "summary": summary}, indent=1))
+    else:
+        if not a.csv or len(results) <= 20:
+            for r in results:
+                msg = f"ERROR {r.error}" if r.error else \
+                    f"{r.label:<12} p={r.p_parasitized:.3f}" + ("  NOT A CELL?" if r.ood else "")
+                print(f"{r.source}\t{msg}")
+        frac = f"{t['fraction']:.1%}" if t["fraction"] is not None else "n/a"
+        print(f"\n{_plural(t['n'], 'image')}: {t['n_positive']} {rec.positive}, "
+              f"{t['n_classified'] - t['n_positive']} {rec.negative} (parasitized fraction {frac} of the "
+              f"{_plural(t['n_classified'], 'cell')}); {t['n_not_a_cell']} flagged as not a cell (left out of the "
+              f"fraction); {t['n_unlabelled']} unreadable"
+              + (f"\nresults written to {a.csv}" if a.csv else "")
+              + (f"\nheatmaps written to {a.heatmaps}" if a.heatmaps else ""))
+    if t["n_unlabelled"]:
+        print(f"error: {t['n_unlabelled']} of {_plural(t['n'], 'input')} missing or unreadable (see their rows)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -302,15 +334,11 @@ def cmd_evaluate(a):
 
 def cmd_train(a):
     try:
-        from .train import TrainConfig, train
+        from .train import train
     except ImportError as e:
-        raise SystemExit(f"error: training needs PyTorch: pip install 'malaria-detect[train]' ({e})")
-    cfg = TrainConfig(data=a.data, out=a.out, model=a.model, pretrained=not a.no_pretrained,
-                      image_size=a.image_size, batch_size=a.batch_size, head_epochs=a.head_epochs,
-                      epochs=a.epochs, lr=a.lr, lr_head=a.lr_head, finetune_blocks=a.finetune_blocks,
-                      patience=a.patience, seed=a.seed, split=list(a.split), split_file=a.split_file,
-                      patients_csv=a.patients, max_train_images=a.max_train_images,
-                      target_sensitivity=a.target_sensitivity, threads=a.threads)
+        raise SystemExit(f"error: training needs PyTorch: pip install 'malaria-detect[train]' ({e})") from None
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
+    cfg.split = list(cfg.split)
     if cfg.head_epochs == 0 and cfg.epochs == 0:
         raise SystemExit("error: nothing to train (--head-epochs 0 --epochs 0)")
     train(cfg, resume=a.resume, progress=sys.stderr.isatty())
@@ -329,14 +357,14 @@ def cmd_export(a):
 def cmd_cv(a):
     from .cv import cross_validate, format_cv
 
-    r = cross_validate(a.data, a.folds, a.model, a.out, epochs=a.epochs, head_epochs=a.head_epochs,
-                       image_size=a.image_size, max_train_images=a.max_train_images, seed=a.seed)
+    options = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name not in (*CV_OWN, "data")}
+    r = cross_validate(a.data, a.folds, a.model, a.out, **options)
     print(json.dumps(r) if a.json else format_cv(r))
     return 0
 
 
 def cmd_check_data(a):
-    from .data import check_data
+    from .data import POSITIVE, check_data
 
     r = check_data(a.data, a.patients, progress=not a.json and sys.stderr.isatty())
     if a.json:
@@ -345,7 +373,7 @@ def cmd_check_data(a):
     print(f"{r['root']}: {r['n_images']} images, {r['n_patients']} patients")
     for k, v in r["per_class"].items():
         print(f"  {k:<12} {v}")
-    infected = sum(1 for c in r["per_patient"].values() if c["Parasitized"])
+    infected = sum(1 for c in r["per_patient"].values() if c[POSITIVE])
     print(f"  patients with parasitized cells: {infected}; healthy-only: {r['n_patients'] - infected}")
     if r["patients_without_id"]:
         print(f"  WARNING: {r['patients_without_id']} images have no patient id: splits cannot be patient-disjoint")
@@ -492,14 +520,15 @@ def main(argv=None) -> int:
     if not a.command:
         ap.print_help()
         return 2
-    from .data import DataError
-    from .preprocess import ImageError
+    from .errors import MalariaDetectError
 
     warnings.simplefilter("always", UserWarning)
     warnings.formatwarning = lambda msg, cat, *args, **kw: f"WARNING: {msg}\n"
     try:
         return COMMANDS[a.command](a)
-    except (DataError, ImageError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except MalariaDetectError as e:  # the project's own errors: one line. Anything else is a bug: a traceback
+        if a.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -11,31 +11,36 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from . import data as D
+from .config import TrainConfig
 from .metrics import METRIC_NAMES
 
 
-def cross_validate(data_dir, folds: int = 5, model: str = "efficientnet_lite0", out="runs/cv", epochs: int = 5,
-                   head_epochs: int = 1, image_size: int = 112, max_train_images: int = 0, seed: int = 0,
-                   patients_csv=None, n_boot: int = 0) -> dict:
+def cross_validate(data_dir, folds: int = 5, model: str = TrainConfig.model, out="runs/cv", n_boot: int = 0,
+                   **options) -> dict:
+    """`options`: TrainConfig fields for each fold's training (epochs, image_size, seed, patients_csv, ...;
+    their defaults are TrainConfig's). The seed also shuffles the patients into folds."""
     from .evaluate import Scorer, evaluate
 
+    is_file = Path(model).suffix in (".onnx", ".safetensors") or Path(model).is_dir()
+    base = TrainConfig(data=str(data_dir), out=str(out), **({} if is_file else {"model": model}), **options)
+    seed, patients_csv = base.seed, base.patients_csv
     items = D.find_images(data_dir, patients_csv)
     fold_patients = D.kfold_patients(items, folds, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    is_file = Path(model).suffix in (".onnx", ".safetensors") or Path(model).is_dir()
     scorer = Scorer(model) if is_file else None
     per_fold = []
     for i, test in enumerate(fold_patients):
         if is_file:
             r = evaluate(None, data_dir, patients=test, scorer=scorer, n_boot=n_boot, progress=False)
         else:
-            from .train import TrainConfig, train
+            from .train import train
 
             rest = sorted(set(p for f in fold_patients for p in f) - set(test))
             inner = D.split_patients(D.select(items, rest), (0.9, 0.1, 0.0), seed + i)
@@ -49,10 +54,7 @@ def cross_validate(data_dir, folds: int = 5, model: str = "efficientnet_lite0", 
                 if (run / "state.json").exists():
                     train(TrainConfig(data=str(data_dir), out=str(run)), resume=True, progress=False)
                 else:
-                    train(TrainConfig(data=str(data_dir), out=str(run), model=model, image_size=image_size,
-                                      epochs=epochs, head_epochs=head_epochs, seed=seed, split_file=str(split_file),
-                                      max_train_images=max_train_images, patients_csv=patients_csv),
-                          progress=False)
+                    train(replace(base, out=str(run), split_file=str(split_file)), progress=False)
             r = evaluate(run / "best.safetensors", data_dir, split="test", n_boot=n_boot, progress=False,
                          patients_csv=patients_csv)
         r.pop("per_patient", None)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .errors import MalariaDetectError, UsageError
 from .preprocess import DECODE_VERSION, ImageError, load_uint8, open_rgb
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
@@ -37,7 +38,7 @@ LABEL_NAMES = (NEGATIVE, POSITIVE)  # index = label
 _NIH_PATIENT = re.compile(r"^(C\d+[A-Za-z0-9]*?)(?:_|thin|Thin)")
 
 
-class DataError(Exception):
+class DataError(MalariaDetectError):
     """A problem with the user's data, reported without a traceback by the CLI."""
 
 
@@ -121,7 +122,7 @@ def split_patients(items: list[Item], fractions=(0.7, 0.1, 0.2), seed: int = 0) 
     healthy-only), then each stratum is shuffled with `seed` and cut by the fractions.
     """
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError("fractions must be three numbers summing to 1 (train, val, test)")
+        raise UsageError("fractions must be three numbers summing to 1 (train, val, test)")
     table = _patient_table(items)
     strata = defaultdict(list)
     for p in sorted(table):
@@ -147,7 +148,7 @@ def split_patients(items: list[Item], fractions=(0.7, 0.1, 0.2), seed: int = 0) 
 def kfold_patients(items: list[Item], k: int = 5, seed: int = 0) -> list[list[str]]:
     """Patient-grouped, stratified k-fold: k lists of test patients that cover every patient once."""
     if k < 2:
-        raise ValueError("k must be at least 2")
+        raise UsageError("k must be at least 2")
     table = _patient_table(items)
     if len(table) < k:
         raise DataError(f"{len(table)} patients cannot make {k} patient-disjoint folds")

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from .errors import UsageError
+
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "mcc",
                 "roc_auc", "pr_auc")
 
@@ -186,5 +188,5 @@ def threshold_for_sensitivity(y, p, target: float) -> float:
     fpr, tpr, thr = roc_curve(y, p)
     ok = np.nonzero(tpr >= target)[0]
     if not len(ok):
-        raise ValueError(f"no threshold reaches sensitivity {target}")
+        raise UsageError(f"no threshold reaches sensitivity {target}")
     return _between(thr, int(ok[0]))

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .data import IMAGE_EXTENSIONS
+from .errors import MalariaDetectError, MissingFileError, UsageError
 from .predict import Prediction, Predictor, iter_image_paths
 
 ADDRESS_HELP = ("local: start a Ray instance on this machine; auto: join the cluster this machine "
@@ -45,7 +46,7 @@ LOST = "the Ray worker processing this file died repeatedly (out of memory or a 
 CELL_COLUMNS = ["idx", "path", "label", "p_parasitized", "ood", "ood_score", "error"]
 
 
-class RayUnavailable(RuntimeError):
+class RayUnavailable(MalariaDetectError, RuntimeError):
     pass
 
 
@@ -64,9 +65,9 @@ def connect(address: str, num_cpus: int | None = None) -> bool:
     """Join or start Ray. -> True when this call started it (and so should shut it down).
     A Ray already initialized in this process (a test, a notebook) is used as it is."""
     if address not in ("local", "auto") and not address.startswith("ray://"):
-        raise ValueError(f"--ray {address!r}: use local, auto or ray://HOST:PORT")
+        raise UsageError(f"--ray {address!r}: use local, auto or ray://HOST:PORT")
     if num_cpus is not None and num_cpus < 1:
-        raise ValueError(f"--ray-cpus must be at least 1, got {num_cpus}")
+        raise UsageError(f"--ray-cpus must be at least 1, got {num_cpus}")
     ray = _ray()
     if ray.is_initialized():
         return False
@@ -74,7 +75,7 @@ def connect(address: str, num_cpus: int | None = None) -> bool:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="warning")
     elif num_cpus:
-        raise ValueError("--ray-cpus sets the CPUs of --ray local only: a cluster has its own")
+        raise UsageError("--ray-cpus sets the CPUs of --ray local only: a cluster has its own")
     else:
         ray.init(address=address, log_to_driver=False, logging_level="warning")
     return True
@@ -318,7 +319,7 @@ def _model_ctor(model) -> tuple[Predictor, dict]:
 def _prepare(paths, model, address, num_cpus):
     rows, filesystems = list_sources(paths)
     if not rows:
-        raise FileNotFoundError("no images found in " + " ".join(map(str, paths)))
+        raise MissingFileError("no images found in " + " ".join(map(str, paths)))
     if address.startswith("ray://") and any(r["fs"] < 0 for r in rows):
         warnings.warn("local paths on a remote cluster: its workers must see them at the same path (a shared "
                       "filesystem); otherwise give object-store URIs (s3://...)")

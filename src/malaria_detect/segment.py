@@ -29,6 +29,8 @@ import cv2
 import numpy as np
 from skimage.segmentation import watershed
 
+from .errors import MalariaDetectError
+
 PEAK_FOOTPRINT, PEAK_MIN, SMOOTH = 0.45, 0.18, 0.06  # in cell diameters (see _split)
 DARK = 0.55  # a nucleus pixel has green below this fraction of the field's typical red-cell green (white cells)
 BOX_PAD = 0.08   # boxes reach this fraction of a diameter beyond the mask (cell edges are soft)
@@ -48,7 +50,7 @@ class Cell:
     border: bool                        # touches the image border (often a cut cell)
 
 
-class SegmentationError(Exception):
+class SegmentationError(MalariaDetectError):
     """The image cannot be segmented (e.g. it holds no cell-like foreground)."""
 
 
