@@ -24,21 +24,19 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from malaria_detect.fieldcells import read_annotations, score_fields  # noqa: E402
 from malaria_detect.predict import Predictor, write_model_record  # noqa: E402
-from malaria_detect.smear import analyze_field  # noqa: E402
+from malaria_detect.smear import analyze_field, counts  # noqa: E402
 
 IML = ROOT.parent / "shared" / "data" / "iml-fields"
 
 
-def relabel(report: dict, thr: float, positive: str) -> dict:
+def relabel(report: dict, thr: float, record) -> dict:
+    """The report's cells labelled at another threshold (the record's rule), counted by smear's rule."""
     fields = []
     for f in report["fields"]:
-        cells = [dict(c, label=positive if (c["p_parasitized"] is not None and not c["ood"]
-                                            and c["p_parasitized"] >= thr) else "Uninfected")
+        cells = [c if c["p_parasitized"] is None else dict(c, label=str(record.labels(c["p_parasitized"], thr)))
                  for c in f["cells"]]
-        k = sum(c["label"] == positive for c in cells)
-        n = sum(not c["ood"] for c in f["cells"])
-        fields.append(dict(f, cells=cells, parasitemia=k / n if n else None))
-    return {"fields": fields}
+        fields.append(dict(f, cells=cells) | counts(cells, record.positive))
+    return {"fields": fields, "model": {"class_names": list(record.class_names)}}
 
 
 def main():
@@ -47,14 +45,13 @@ def main():
     ap.add_argument("--block", nargs="+", default=["PA17177", "PA17178", "PA17179"])
     a = ap.parse_args()
     pred = Predictor.load(a.model)
-    positive = pred.record.class_names[1]
     recs = [r for r in read_annotations(IML / "annotations.json") if any(r["image_name"].startswith(b) for b in a.block)]
     report = {"fields": [analyze_field(pred, IML / "images" / r["image_name"], r["image_name"]) for r in recs]}
     best = None
     print("| threshold | infected recall | infected precision | F1 | parasitemia MAE |")
     print("|---|---|---|---|---|")
     for thr in np.unique(np.r_[pred.record.threshold, np.linspace(0.3, 0.995, 140)]):
-        s = score_fields(relabel(report, float(thr), positive), recs)
+        s = score_fields(relabel(report, float(thr), pred.record), recs)
         f1 = 2 * s["inf_recall"] * s["inf_precision"] / max(1e-9, s["inf_recall"] + s["inf_precision"])
         if best is None or f1 > best[0] + 1e-9:
             best = (f1, float(thr), s)

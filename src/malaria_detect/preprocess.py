@@ -147,13 +147,17 @@ class Record:
         s = np.asarray(ood_scores, np.float64)
         return np.zeros(s.shape, bool) if self.ood_threshold is None else s > self.ood_threshold
 
-    def decide(self, logits, ood_scores=None, threshold: float | None = None):
-        """Logits (and not-a-cell scores) -> (p, labels, ood): p = sigmoid(z / T), the positive class
-        where p >= threshold (the record's, or another operating point such as a whole-field one),
-        else the negative one; ood from `is_ood` (all False without scores)."""
-        p = self.probability(logits)
+    def labels(self, p, threshold: float | None = None) -> np.ndarray:
+        """The positive class where p >= threshold (the record's, or another operating point such as a
+        whole-field one), else the negative one."""
         thr = self.threshold if threshold is None else threshold
-        labels = np.where(p >= thr, self.positive, self.negative)
+        return np.where(np.asarray(p, np.float64) >= thr, self.positive, self.negative)
+
+    def decide(self, logits, ood_scores=None, threshold: float | None = None):
+        """Logits (and not-a-cell scores) -> (p, labels, ood): p = sigmoid(z / T), `labels(p, threshold)`,
+        ood from `is_ood` (all False without scores)."""
+        p = self.probability(logits)
+        labels = self.labels(p, threshold)
         ood = self.is_ood(ood_scores) if ood_scores is not None else np.zeros(p.shape, bool)
         return p, labels, ood
 
