@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PORT    ?= 8000
 HOST    ?= 127.0.0.1
 
-.PHONY: run test test-slow install install-dev benchmark clean
+.PHONY: run test lint test-slow install install-dev benchmark clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,10 @@ run: $(VENV)/.core
 	@echo "malaria-detect web app: open http://$(HOST):$(PORT) in your browser (Ctrl+C to stop)"
 	$(BIN)/malaria-detect serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev
+lint: $(VENV)/.dev
+	$(BIN)/ruff check src tests benchmarks scripts
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-slow: $(VENV)/.dev

@@ -46,14 +46,15 @@ def main():
 
     frozen = runs / "frozen"
     if not (frozen / "best.safetensors").exists():
-        _train(["--data", a.data, "--out", str(frozen), "--split-file", str(split), "--head-epochs", "3", "--image-size", "96",
-                "--epochs", "0"] + (["--resume"] if (frozen / "state.json").exists() else []))
+        _train(["--data", a.data, "--out", str(frozen), "--split-file", str(split), "--head-epochs", "3",
+                "--image-size", "96", "--epochs", "0"] + (["--resume"] if (frozen / "state.json").exists() else []))
     rows.append(("EfficientNet-Lite0, frozen backbone + linear head", evaluate(frozen, a.data, n_boot=0,
                                                                                  progress=False)))
     scratch = runs / "scratch"
     if not (scratch / "best.safetensors").exists():
-        _train(["--data", a.data, "--out", str(scratch), "--split-file", str(split), "--model", "simple_cnn", "--image-size", "96",
-                "--epochs", "8", "--lr", "3e-3"] + (["--resume"] if (scratch / "state.json").exists() else []))
+        _train(["--data", a.data, "--out", str(scratch), "--split-file", str(split), "--model", "simple_cnn",
+                "--image-size", "96", "--epochs", "8", "--lr", "3e-3"]
+               + (["--resume"] if (scratch / "state.json").exists() else []))
     rows.append(("simple_cnn from scratch", evaluate(scratch, a.data, n_boot=0, progress=False)))
 
     if not a.skip_emfet:

@@ -14,7 +14,8 @@ SKIMAGE = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon"
            "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel")
 
 
-def non_cell_images(cells_dir: str | Path | None = None, fields_dir: str | Path | None = None) -> dict[str, Image.Image]:
+def non_cell_images(cells_dir: str | Path | None = None,
+                    fields_dir: str | Path | None = None) -> dict[str, Image.Image]:
     from skimage import data
 
     rng = np.random.default_rng(0)

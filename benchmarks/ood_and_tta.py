@@ -15,15 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from non_cells import non_cell_images  # noqa: E402
+
 from malaria_detect import data as D  # noqa: E402
 from malaria_detect import metrics as M  # noqa: E402
 from malaria_detect.predict import Predictor  # noqa: E402
-from non_cells import non_cell_images  # noqa: E402
 
 
 def main():

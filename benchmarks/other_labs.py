@@ -31,11 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from non_cells import non_cell_images  # noqa: E402
+
 from malaria_detect import data as D  # noqa: E402
 from malaria_detect import metrics as M  # noqa: E402
 from malaria_detect.adapt import adapt  # noqa: E402
 from malaria_detect.predict import Predictor  # noqa: E402
-from non_cells import non_cell_images  # noqa: E402
 
 NIH = ROOT.parent / "shared" / "data" / "nih-cells"
 
@@ -106,8 +107,8 @@ def main():
     for dname, items in domains.items():
         for mname, pred in {**preds, **adapted}.items():
             m = scores(pred, items)
-            print(f"| {dname} | {mname} | {m['n']} | {m['accuracy']:.4f} | {m['recall']:.4f} | {m['specificity']:.4f} | "
-                  f"{m['roc_auc']:.4f} | {m['ece']:.3f} | {100 * m['ood_rate']:.1f}% |")
+            print(f"| {dname} | {mname} | {m['n']} | {m['accuracy']:.4f} | {m['recall']:.4f} | "
+                  f"{m['specificity']:.4f} | {m['roc_auc']:.4f} | {m['ece']:.3f} | {100 * m['ood_rate']:.1f}% |")
     imgs = non_cell_images(ROOT / "samples", ROOT / "samples" / "fields")
     print(f"\nnot-a-cell images flagged ({len(imgs)} images: photos, crops, noise, solid colours, screenshot, "
           "tiled cells, 4 whole IML fields, 16 windows of them holding several cells):")

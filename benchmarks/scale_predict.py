@@ -72,7 +72,7 @@ def main():
         predict_ray(paths[:64], actors=a.cpus, **kw)  # warm-up: workers, imports
         per_actor = None
         for k in range(1, a.cpus + 1):
-            got, t = timed(lambda: predict_ray(paths, actors=k, **kw))
+            got, t = timed(lambda k=k: predict_ray(paths, actors=k, **kw))
             rows.append((f"Ray local, warm: {k} actor{'s' * (k > 1)} x 1 CPU", t))
             per_actor = per_actor or n / t
     finally:

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from malaria_detect.fieldcells import read_annotations, score_fields  # noqa: E402
 from malaria_detect.predict import Predictor  # noqa: E402
 from malaria_detect.preprocess import open_rgb  # noqa: E402
-from malaria_detect.smear import FIELD_MAX_PIXELS, analyze_field, cell_crops, counts  # noqa: E402
 from malaria_detect.segment import Cell  # noqa: E402
+from malaria_detect.smear import FIELD_MAX_PIXELS, analyze_field, cell_crops, counts  # noqa: E402
 
 IML = ROOT.parent / "shared" / "data" / "iml-fields"
 

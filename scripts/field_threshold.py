@@ -45,7 +45,8 @@ def main():
     ap.add_argument("--block", nargs="+", default=["PA17177", "PA17178", "PA17179"])
     a = ap.parse_args()
     pred = Predictor.load(a.model)
-    recs = [r for r in read_annotations(IML / "annotations.json") if any(r["image_name"].startswith(b) for b in a.block)]
+    recs = [r for r in read_annotations(IML / "annotations.json")
+            if any(r["image_name"].startswith(b) for b in a.block)]
     report = {"fields": [analyze_field(pred, IML / "images" / r["image_name"], r["image_name"]) for r in recs]}
     best = None
     print("| threshold | infected recall | infected precision | F1 | parasitemia MAE |")

@@ -13,10 +13,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import SAMPLES  # noqa: E402
+
 from malaria_detect import train as T  # noqa: E402
 from malaria_detect.data import load_split  # noqa: E402
-
-from conftest import SAMPLES  # noqa: E402
 
 # Runs `malaria-detect train` (cli.main) in each rank, recording a hash of the model's weights after
 # every optimizer step; DIE_AFTER_EPOCH makes rank 0 exit once that epoch's resume state is saved.

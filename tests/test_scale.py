@@ -10,10 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, SAMPLES
 
 from malaria_detect.predict import iter_image_paths
-
-from conftest import ROOT, SAMPLES
 
 _no_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                              reason="ray is not installed: pip install -e '.[scale]' (make test installs it)")

@@ -9,14 +9,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
 from malaria_detect import segment as S
 from malaria_detect.fieldcells import _iou, read_annotations, score_fields
-from malaria_detect.smear import (SmearOptions, analyze_field, analyze_fields, draw_overlay, summarize, wilson,
-                                  write_csv)
-
-from conftest import ROOT
+from malaria_detect.smear import SmearOptions, analyze_field, analyze_fields, draw_overlay, summarize, wilson, write_csv
 
 FIELDS = ROOT / "samples" / "fields"
 ANN = {r["image_name"]: r for r in read_annotations(FIELDS / "annotations.json")}

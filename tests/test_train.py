@@ -29,8 +29,8 @@ def test_tiny_run_writes_a_self_describing_checkpoint(tiny_run):
 
 
 def test_checkpoint_loading_is_strict(tiny_run, tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(str(tiny_run / "best.safetensors"), "pt") as f:
         meta = f.metadata()

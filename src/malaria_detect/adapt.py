@@ -108,7 +108,8 @@ def adapt(data_dir: str | Path, out: str | Path, model: str | Path | None = None
         "data": str(data_dir), "n_files": len(y), "n_parasitized": n_pos, "n_uninfected": n_neg,
         "n_unreadable": len(errors), "files_sha256": files_hash(kept),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "from_model": Path(pred.path).name, "from_model_sha256": hashlib.sha256(Path(pred.path).read_bytes()).hexdigest(),
+        "from_model": Path(pred.path).name,
+        "from_model_sha256": hashlib.sha256(Path(pred.path).read_bytes()).hexdigest(),
         "before": {"temperature": old.temperature, "threshold": old.threshold, "ood_threshold": old.ood_threshold},
         # in-sample: fitted and measured on the same cells, so optimistic; measure on other cells of the lab
         "in_sample_before": {"sensitivity": before["recall"], "specificity": before["specificity"],

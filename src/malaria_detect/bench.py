@@ -53,8 +53,8 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
     for name, pred in engines.items():
         p = pred.record.probability(pred.run(x)[0])
         acc = M.binary_metrics(y, p, pred.record.threshold)["accuracy"]
-        p50, p95 = _latency(lambda a: pred.run(a), x[:1], n_latency)
-        thr = _throughput(lambda a: pred.run(a), x)
+        p50, p95 = _latency(pred.run, x[:1], n_latency)
+        thr = _throughput(pred.run, x)
         t = time.perf_counter()
         pred.predict([it.path for it in kept], workers=2)
         e2e = len(kept) / (time.perf_counter() - t)
@@ -103,8 +103,8 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
 def field_speed(engines: dict, folder: Path | None = None, repeat: int = 3) -> list[dict]:
     """Whole fields, end to end (image file -> JSON record: decode, segment, crop, classify, count),
     per engine, on the sample fields; with the share of time spent segmenting."""
-    from .segment import segment_cells
     from .preprocess import open_rgb
+    from .segment import segment_cells
     from .smear import FIELD_MAX_PIXELS, analyze_field
 
     folder = folder or REPO_SAMPLE / "fields"

@@ -175,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "counts and parasitemia with a 95 percent Wilson interval per field and pooled. "
                                    "Cells flagged 'not a cell' are counted apart and left out of the parasitemia.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="field images (jpg, png, tif, ...) or folders of them")
-    p.add_argument("--model", default=None, help="ONNX model (e.g. one made by adapt); default: the bundled "
-                                                 "robust model, malaria_lite0_robust.onnx (trained on cells of two labs)")
+    p.add_argument("--model", default=None,
+                   help="ONNX model (e.g. one made by adapt); default: the bundled robust model, "
+                        "malaria_lite0_robust.onnx (trained on cells of two labs)")
     p.add_argument("--json", default=None, metavar="OUT.json",
                    help="write {fields: [{image, width, height, cells: [{box, label, p_parasitized, ood}], n_cells, "
                         "n_parasitized, parasitemia, parasitemia_ci95, ...}], summary: {...}}")
@@ -243,7 +244,7 @@ def _check_outputs(a) -> None:
         try:
             Path(a.heatmaps).mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise SystemExit(f"error: --heatmaps {a.heatmaps}: cannot create the folder ({e.strerror or e})")
+            raise SystemExit(f"error: --heatmaps {a.heatmaps}: cannot create the folder ({e.strerror or e})") from None
     if a.csv:
         out = Path(a.csv)
         if out.is_dir():
@@ -466,8 +467,8 @@ def cmd_smear(a):
         print(f"{f['image']}\t{what}")
     s = report["summary"]
     pm = s["parasitemia"]
-    print(f"\n{s['n_fields']} field{'s' if s['n_fields'] != 1 else ''}: {s['n_cells']} cells, {s['n_parasitized']} parasitized, {s['n_not_a_cell']} "
-          f"not a cell; parasitemia " + (f"{pm:.2%} (95% CI {s['parasitemia_ci95'][0]:.2%}-"
+    print(f"\n{_plural(s['n_fields'], 'field')}: {s['n_cells']} cells, {s['n_parasitized']} parasitized, "
+          f"{s['n_not_a_cell']} not a cell; parasitemia " + (f"{pm:.2%} (95% CI {s['parasitemia_ci95'][0]:.2%}-"
                                            f"{s['parasitemia_ci95'][1]:.2%})" if pm is not None else "n/a")
           + (f", {s['parasites_per_ul']:,} parasites/uL" if "parasites_per_ul" in s else "")
           + (f"; {s['n_errors']} unreadable" if s["n_errors"] else "")

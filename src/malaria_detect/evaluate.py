@@ -150,8 +150,8 @@ def write_plots(out: Path, y, p, m, rec: Record) -> list[str]:
     figure("confusion_matrix.png", f"confusion matrix (threshold {rec.threshold:.2f})", "predicted", "true",
            confusion, (4.2, 3.8))
     figure("roc_curve.png", f"ROC curve ({rec.positive} = positive)", "1 - specificity", "sensitivity", roc)
-    figure("reliability.png", "reliability diagram", f"predicted p({rec.positive})", f"observed fraction {rec.positive}",
-           reliability)
+    figure("reliability.png", "reliability diagram", f"predicted p({rec.positive})",
+           f"observed fraction {rec.positive}", reliability)
     return files
 
 

@@ -69,7 +69,7 @@ def validate_onnx(onnx_path: Path, model, ood, record: Record, x_uint8: np.ndarr
 
 
 def quantize_int8(fp32_path: Path, out: Path, calib_uint8: np.ndarray, record: Record) -> Path:
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):

@@ -75,7 +75,7 @@ def match_cells(pred_boxes, gt_boxes, gt_infected) -> dict[int, int]:
                 if v >= (0.3 if gt_infected[j] else 0.5):
                     pairs.append((v, i, j))
     out, used = {}, set()
-    for v, i, j in sorted(pairs, reverse=True):
+    for _, i, j in sorted(pairs, reverse=True):
         if i not in out and j not in used:
             out[i] = j
             used.add(j)

@@ -71,7 +71,7 @@ class Record:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Record":
+    def from_json(cls, text: str | bytes) -> Record:
         """Parse and validate a stored record; raises RecordError with a one-line message."""
         try:
             d = json.loads(text)
@@ -96,7 +96,7 @@ class Record:
         record.validate()
         return record
 
-    def validate(self) -> "Record":
+    def validate(self) -> Record:
         """Raise RecordError unless every number the prediction path uses is usable."""
         def bad(what):
             raise RecordError(what)

@@ -30,10 +30,10 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable
 
 from .data import IMAGE_EXTENSIONS
 from .errors import MalariaDetectError, MissingFileError, UsageError
@@ -322,7 +322,7 @@ def _prepare(paths, model, address, num_cpus):
         raise MissingFileError("no images found in " + " ".join(map(str, paths)))
     if address.startswith("ray://") and any(r["fs"] < 0 for r in rows):
         warnings.warn("local paths on a remote cluster: its workers must see them at the same path (a shared "
-                      "filesystem); otherwise give object-store URIs (s3://...)")
+                      "filesystem); otherwise give object-store URIs (s3://...)", stacklevel=2)
     pred, ctor = _model_ctor(model)
     return rows, pred, ctor | {"filesystems": filesystems}, connect(address, num_cpus)
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import csv
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import cv2
 import numpy as np
@@ -211,7 +211,7 @@ def draw_overlay(src, rec: dict, positive: str) -> Image.Image:
     out = Image.new("RGB", (img.width, img.height + head), (255, 255, 255))
     out.paste(img, (0, head))
     d = ImageDraw.Draw(out)
-    small, big = _font(int(14 * scale)), _font(int(20 * scale))
+    big = _font(int(20 * scale))
     for c in rec["cells"]:
         x0, y0, x1, y1 = c["box"]
         box = (x0, y0 + head, x1 - 1, y1 - 1 + head)

@@ -227,7 +227,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                 out[k] = PredictionOut(
                     filename=r.source, label=r.label, p_parasitized=r.p_parasitized, ood=r.ood,
                     ood_score=r.ood_score, error=r.error,
-                    heatmap=_heatmap_png(img, r.cam, pred.record.temperature) if r.cam is not None else None).model_dump()
+                    heatmap=_heatmap_png(img, r.cam, pred.record.temperature) if r.cam is not None else None,
+                ).model_dump()
         finally:
             del images
             if budget.total - budget.left > 4_000_000:

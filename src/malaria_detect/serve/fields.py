@@ -6,9 +6,10 @@ other fields are still analysed). With `overlay=true` each field also gets `over
 field as a JPEG data URL.
 
 Limits (environment variables, like /predict's): MALARIA_DETECT_MAX_FIELDS files per request (8),
-MALARIA_DETECT_MAX_FIELD_BYTES per file (8 MiB; 8 fields of 8 MiB fit the 64 MiB request cap), MALARIA_DETECT_MAX_FIELD_PIXELS per field (40 MP:
-a 1280x960 field is 1.2 MP; larger fields are segmented in tiles) and the request's pixel budget
-(MALARIA_DETECT_MAX_REQUEST_PIXELS). The body is capped as it streams by the app's UploadLimit.
+MALARIA_DETECT_MAX_FIELD_BYTES per file (8 MiB; 8 fields of 8 MiB fit the 64 MiB request cap),
+MALARIA_DETECT_MAX_FIELD_PIXELS per field (40 MP: a 1280x960 field is 1.2 MP; larger fields are
+segmented in tiles) and the request's pixel budget (MALARIA_DETECT_MAX_REQUEST_PIXELS). The body is
+capped as it streams by the app's UploadLimit.
 """
 
 from __future__ import annotations
