@@ -430,14 +430,16 @@ def fit(cfg: TrainConfig, model, data: Data, resume: bool, ranks: Ranks, progres
     return state
 
 
-def calibrate(cfg: TrainConfig, z_va: np.ndarray, yva: np.ndarray) -> tuple[float, float, str]:
-    """Temperature (minimum NLL) and threshold on the validation patients -> (T, threshold, rule)."""
-    T = M.fit_temperature(z_va, yva)
-    p_va = M.sigmoid(z_va / T)
+def calibrate(cfg: TrainConfig, record: Record, z_va: np.ndarray, yva: np.ndarray) -> str:
+    """The record's temperature (minimum NLL) and threshold, fitted on the validation patients by the
+    record's own rule -> how the threshold was chosen."""
+    record.temperature = M.fit_temperature(z_va, yva)
+    p_va = record.probability(z_va)
     if cfg.target_sensitivity:
-        return T, M.threshold_for_sensitivity(yva, p_va, cfg.target_sensitivity), \
-            f"sensitivity >= {cfg.target_sensitivity} on validation"
-    return T, M.threshold_max_balanced_accuracy(yva, p_va), "max balanced accuracy on validation"
+        record.threshold = M.threshold_for_sensitivity(yva, p_va, cfg.target_sensitivity)
+        return f"sensitivity >= {cfg.target_sensitivity} on validation"
+    record.threshold = M.threshold_max_balanced_accuracy(yva, p_va)
+    return "max balanced accuracy on validation"
 
 
 def fit_not_a_cell(cfg: TrainConfig, model, data: Data, f_va: list[np.ndarray]) -> tuple[dict, np.ndarray]:
@@ -455,14 +457,14 @@ def finish(cfg: TrainConfig, model, data: Data, state: dict) -> tuple[Record, di
     mean, std = normalization(cfg)
     load_weights(Path(cfg.out) / "best_weights.safetensors", model)
     z_va, f_va = predict_arrays(model, data.xva, mean, std, features=True)
-    T, thr, rule = calibrate(cfg, z_va, data.yva)
+    record = Record(arch=cfg.model, input_size=cfg.image_size, mean=tuple(mean), std=tuple(std))
+    rule = calibrate(cfg, record, z_va, data.yva)
     ood, s_va = fit_not_a_cell(cfg, model, data, f_va)
-    record = Record(arch=cfg.model, input_size=cfg.image_size, mean=tuple(mean), std=tuple(std),
-                    threshold=thr, temperature=T, ood_threshold=O.threshold(s_va))
+    record.ood_threshold = O.threshold(s_va)
     p_va = record.probability(z_va)
     record.extra = {
         "threshold_rule": rule,
-        "val_metrics": M.binary_metrics(data.yva, p_va, thr),
+        "val_metrics": M.binary_metrics(data.yva, p_va, record.threshold),
         "val_ece": M.ece(data.yva, p_va), "val_ece_uncalibrated": M.ece(data.yva, M.sigmoid(z_va)),
         "val_ood_pass_rate": float(np.mean(~record.is_ood(s_va))),
         "best_epoch": state["best_epoch"], "epochs_run": state["next"],
