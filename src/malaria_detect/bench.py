@@ -38,7 +38,7 @@ def _throughput(fn, x, batch=64, min_seconds=3.0):
 
 
 def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_latency: int = 200) -> dict:
-    from .predict import Predictor, bundled_model_path
+    from .predict import Predictor, bundled_field_model_path, bundled_model_path
 
     sample = Path(sample) if sample else REPO_SAMPLE
     items = D.find_images(sample)
@@ -92,7 +92,8 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
         notes.append("no PyTorch row: " + ("PyTorch is not installed" if torch is None else
                                            f"checkpoint {ckpt} not found" if ckpt else
                                            "no checkpoint given (--checkpoint runs/NAME/best.safetensors)"))
-    fields = field_speed(engines)
+    # whole fields run on the whole-field model (the bundled robust one unless --model names another)
+    fields = field_speed({"onnx fp32": fp32 if model else Predictor.load(bundled_field_model_path())})
     if not fields:
         notes.append(f"no whole-field rows: no sample fields (*.JPG) in {REPO_SAMPLE / 'fields'}")
     return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -124,7 +125,7 @@ def field_speed(engines: dict, folder: Path | None = None, repeat: int = 3) -> l
             for p in paths:
                 n_cells += analyze_field(pred, p)["n_cells"]
         dt = time.perf_counter() - t
-        out.append({"engine": name, "fields": len(paths), "fields_s": repeat * len(paths) / dt,
+        out.append({"engine": name, "file": pred.path.name, "fields": len(paths), "fields_s": repeat * len(paths) / dt,
                     "cells_s": n_cells / dt, "segment_s_per_field": seg,
                     "cells_per_field": n_cells / (repeat * len(paths))})
     return out
@@ -143,8 +144,9 @@ def format_benchmark(r: dict) -> str:
         f0 = r["fields"][0]
         lines += ["", f"whole fields ({f0['fields']} sample fields, ~{f0['cells_per_field']:.0f} cells each; "
                       "image file -> JSON record):",
-                  "| engine | fields/s | cells/s | segmentation s/field |", "|---|---|---|---|"]
-        lines += [f"| {f['engine']} | {f['fields_s']:.2f} | {f['cells_s']:.0f} | {f['segment_s_per_field']:.3f} |"
+                  "| engine | model file | fields/s | cells/s | segmentation s/field |", "|---|---|---|---|---|"]
+        lines += [f"| {f['engine']} | {f['file']} | {f['fields_s']:.2f} | {f['cells_s']:.0f} | "
+                  f"{f['segment_s_per_field']:.3f} |"
                   for f in r["fields"]]
     lines += [f"note: {n}" for n in r.get("notes", [])]
     return "\n".join(lines)
