@@ -34,6 +34,7 @@ from .segment import SegmentationError, segment_cells
 
 FIELD_MAX_PIXELS = 100_000_000   # a whole field may be large; it is tiled by segment.py
 MASK_GROW = 0.03                 # grow each cell's mask by this fraction of a diameter (keep the rim)
+MIN_FIELD_SIDE = 256             # a field photo is larger; smaller images are single cells or thumbnails
 WHO_MIN_CELLS = 500              # WHO: count at least 500-2,000 red cells on a thin film
 CSV_FIELDS = ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border"]
 
@@ -113,6 +114,10 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
         return failed_field(name, str(e), opts)
     rgb = np.asarray(img)
     rec["width"], rec["height"] = img.width, img.height
+    if min(img.size) < MIN_FIELD_SIDE:
+        return _finish(rec | {"note": f"the image is only {img.width}x{img.height} pixels: too small to be a field "
+                                      f"of cells (a single-cell image? use 'predict' for single cells)"},
+                       opts, pred.record.positive)
     try:
         cells, diameter = segment_cells(rgb, opts.cell_diameter)
     except SegmentationError as e:
