@@ -35,6 +35,9 @@ from .segment import SegmentationError, segment_cells
 FIELD_MAX_PIXELS = 100_000_000   # a whole field may be large; it is tiled by segment.py
 MASK_GROW = 0.03                 # grow each cell's mask by this fraction of a diameter (keep the rim)
 MIN_FIELD_SIDE = 256             # a field photo is larger; smaller images are single cells or thumbnails
+ALL_OOD_NOTE = ("all {n} cells found were flagged 'not a cell', so there is no parasitemia: the stain or "
+                "microscope may differ from the training data; calibrate the model on a few dozen of your "
+                "labelled cells with 'malaria-detect adapt' and use it with --model")
 WHO_MIN_CELLS = 500              # WHO: count at least 500-2,000 red cells on a thin film
 CSV_FIELDS = ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border"]
 
@@ -148,6 +151,8 @@ def _finish(rec: dict, opts: SmearOptions, positive: str) -> dict:
     rec.update(counts(rec["cells"], positive))
     if rec["n_cells"] == 0 and "note" not in rec and "error" not in rec:
         rec["note"] = "no red cells found in this image"
+    elif rec["parasitemia"] is None and rec["n_not_a_cell"] and "error" not in rec:
+        rec["note"] = ALL_OOD_NOTE.format(n=rec["n_not_a_cell"])
     if opts.rbc_per_ul and rec["parasitemia"] is not None:
         rec["parasites_per_ul"] = round(rec["parasitemia"] * opts.rbc_per_ul)
     return rec
@@ -165,7 +170,8 @@ def summarize(fields: list[dict], opts: SmearOptions | None = None) -> dict:
         s["note"] = (f"only {s['n_classified']} red cells classified: WHO guidance is to count at least "
                      f"{WHO_MIN_CELLS}-2,000 on a thin film; photograph more fields for a reliable estimate")
     if s["parasitemia"] is None:
-        s["note"] = "no red cell could be classified, so there is no parasitemia"
+        s["note"] = ALL_OOD_NOTE.format(n=s["n_not_a_cell"]) if s["n_not_a_cell"] else \
+            "no red cell could be classified, so there is no parasitemia"
     return s
 
 
