@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,41 @@ def test_bytes_input(fields_model):
     f = analyze_field(fields_model, blob, name="upload.jpg")
     g = analyze_field(fields_model, io.BytesIO(blob), name="upload.jpg")
     assert f["n_cells"] == g["n_cells"] > 50
+
+
+def test_smear_command_writes_json_csv_overlays(tmp_path, capsys):
+    from malaria_detect.cli import main
+
+    field = FIELDS / "PA171771.JPG"
+    rc = main(["smear", str(field), "--json", str(tmp_path / "out.json"), "--csv", str(tmp_path / "cells.csv"),
+               "--overlays", str(tmp_path / "ov"), "--rbc-per-ul", "5000000"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "out.json").read_text())
+    f = rep["fields"][0]
+    assert f["image"] == str(field) and f["n_cells"] > 50 and Path(f["overlay"]).is_file()
+    assert rep["model"]["file"] == "malaria_lite0_robust.onnx"  # fields default to the robust model
+    assert len((tmp_path / "cells.csv").read_text().splitlines()) == 1 + f["n_cells"]
+    out = capsys.readouterr().out
+    assert "1 field:" in out and "parasitemia" in out and "parasites/uL" in out
+    # a missing file: its own error line, the other field still reported, exit 1
+    assert main(["smear", str(field), str(tmp_path / "nope.jpg")]) == 1
+    # bad options fail before any work
+    with pytest.raises(SystemExit, match="cell-diameter"):
+        main(["smear", str(field), "--cell-diameter", "3"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["smear", str(field), "--json", str(tmp_path / "no" / "such" / "dir" / "x.json")])
+
+
+def test_cut_cells_command(tmp_path, capsys):
+    from malaria_detect.cli import main
+    from malaria_detect.data import find_images
+
+    rc = main(["cut-cells", "--fields", str(FIELDS), "--annotations", str(FIELDS / "annotations.json"),
+               "--out", str(tmp_path / "cells"), "--only", "PA171771", "--max-uninfected-per-field", "10"])
+    assert rc == 0
+    items = find_images(tmp_path / "cells", tmp_path / "cells" / "patients.csv")
+    pos = [i for i in items if i.label == 1]
+    # 3 infected cells, each cut 3 ways by its box (+ as the pipeline masks it, where segmented)
+    assert 9 <= len(pos) <= 12 and all(i.patient == "PA171771" for i in items)
+    assert 10 <= len(items) - len(pos) <= 20
+    assert "Parasitized" in capsys.readouterr().out

@@ -154,7 +154,7 @@ def cut_cells(fields_dir: str | Path, annotations: str | Path, out: str | Path, 
             im.save(out / cls / name, compress_level=1)
             rows.append((f"{cls}/{name}", stem))
             n[cls] += 1
-        if progress:
+        if progress is not None:
             progress.update(1)
     with open(out / "patients.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -186,7 +186,7 @@ def analyze_fields(pred: Predictor, paths: Iterable, opts: SmearOptions | None =
         if on_field:
             on_field(i, path, rec)
         fields.append(rec)
-        if progress:
+        if progress is not None:
             progress.update(1)
     return {"fields": fields, "summary": summarize(fields, opts),
             "model": {"file": pred.path.name, "threshold": field_threshold(pred.record),
