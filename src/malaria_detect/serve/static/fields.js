@@ -150,7 +150,8 @@
       view.scrollTop = iy * z - ay;
       if (v.onZoom) v.onZoom(v);
     };
-    v.fit = () => v.setZoom(0);
+    // fitting: drop the zoomed view's scrollbars first, so the fit is measured on the full width
+    v.fit = () => { view.classList.remove("zoomed"); v.setZoom(0); };
     v.centerOn = (x, y) => {
       view.scrollLeft = x * v.zoom + offsetX(v.zoom) - view.clientWidth / 2;
       view.scrollTop = y * v.zoom - view.clientHeight / 2;
