@@ -82,6 +82,19 @@ def _shot(browser, name):
         browser.save_screenshot(str(Path(SHOTS) / f"{name}.png"))
 
 
+def _phone_shots(browser, steps):
+    """With MALARIA_DETECT_SHOTS: at phone width, run each (script, name) step and screenshot it."""
+    if not SHOTS:
+        return
+    _phone(browser, True)
+    try:
+        for script, name in steps:
+            browser.execute_script(script)
+            _shot(browser, name)
+    finally:
+        _phone(browser, False)
+
+
 def _phone(browser, on: bool):
     """Emulate a 390 x 844 phone screen (headless windows cannot be made that narrow)."""
     if on:
@@ -457,17 +470,10 @@ def test_fields_mode_real_fields_counts_boxes_zoom_csv_and_error_card(server, br
                        str(first["ood"]).lower(), str(first["border"]).lower()]
     assert {r[0] for r in rows[1:]} == {"PA171771.JPG", "corner.tif"}
 
-    if SHOTS:
-        _phone(browser, True)
-        try:
-            browser.execute_script("window.scrollTo(0, 0)")
-            _shot(browser, "fields-phone-top")
-            browser.execute_script("document.getElementById('fields-summary').scrollIntoView()")
-            _shot(browser, "fields-phone-summary")
-            browser.execute_script("document.querySelector('#fields-results .field-card').scrollIntoView()")
-            _shot(browser, "fields-phone-field")
-        finally:
-            _phone(browser, False)
+    _phone_shots(browser, [("window.scrollTo(0, 0)", "fields-phone-top"),
+                           ("document.getElementById('fields-summary').scrollIntoView()", "fields-phone-summary"),
+                           ("document.querySelector('#fields-results .field-card').scrollIntoView()",
+                            "fields-phone-field")])
     browser.find_element(By.ID, "fields-clear").click()
     assert not browser.find_elements(By.CSS_SELECTOR, "#fields-results .field-card")
     assert not browser.find_element(By.ID, "fields-summary").is_displayed()
@@ -556,15 +562,9 @@ def test_fields_gallery_zooms_to_each_parasitized_cell(server, browser):
     assert browser.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth", view)
     assert "cell 4" in _text(browser, "fields-status")
     _shot(browser, "fields-gallery-zoomed")
-    if SHOTS:
-        _phone(browser, True)
-        try:
-            browser.execute_script("document.getElementById('fields-gallery').scrollIntoView()")
-            _shot(browser, "fields-phone-gallery")
-            browser.execute_script("document.querySelector('#gallery-list .gallery-item').click()")
-            _shot(browser, "fields-phone-gallery-zoomed")
-        finally:
-            _phone(browser, False)
+    _phone_shots(browser, [("document.getElementById('fields-gallery').scrollIntoView()", "fields-phone-gallery"),
+                           ("document.querySelector('#gallery-list .gallery-item').click()",
+                            "fields-phone-gallery-zoomed")])
     # keyboard: back to the gallery, Enter on the next crop, then 0 fits the field again
     back = card.find_element(By.CSS_SELECTOR, "button.back")
     assert back.is_displayed()

@@ -30,7 +30,7 @@ from PIL import Image
 from .data import NEGATIVE, POSITIVE, DataError
 from .preprocess import ImageError, open_rgb
 from .segment import SegmentationError, segment_cells
-from .smear import FIELD_MAX_PIXELS, MASK_GROW
+from .smear import FIELD_MAX_PIXELS, masked_crop
 
 INFECTED_TYPES = {"ring", "trophozoite", "schizont", "gametocyte"}
 UNINFECTED_TYPES = {"red blood cell"}
@@ -67,15 +67,18 @@ def _iou(a, b) -> float:
 def match_cells(pred_boxes, gt_boxes, gt_infected) -> dict[int, int]:
     """Greedy one-to-one matching, best IoU first -> {pred index: gt index}. A pair counts at IoU >= 0.5,
     or >= 0.3 when the annotated cell is infected (infected boxes are often drawn loosely)."""
-    pairs = []
-    for i, p in enumerate(pred_boxes):
-        for j, g in enumerate(gt_boxes):
-            if abs(p[0] - g[0]) < 200 and abs(p[1] - g[1]) < 200:
-                v = _iou(p, g)
-                if v >= (0.3 if gt_infected[j] else 0.5):
-                    pairs.append((v, i, j))
+    return _greedy_pairs(pred_boxes, gt_boxes, [0.3 if inf else 0.5 for inf in gt_infected])
+
+
+def _greedy_pairs(pred, gt, thr) -> dict[int, int]:
+    """One-to-one greedy matching, best IoU first, of pairs at IoU >= thr (one number, or one per
+    annotated box) -> {pred index: gt index}. Boxes 200+ px apart are never compared."""
+    thr = [thr] * len(gt) if isinstance(thr, (int, float)) else thr
+    pairs = sorted(((v, i, j) for i, p in enumerate(pred) for j, g in enumerate(gt)
+                    if abs(p[0] - g[0]) < 200 and abs(p[1] - g[1]) < 200 and (v := _iou(p, g)) >= thr[j]),
+                   reverse=True)
     out, used = {}, set()
-    for _, i, j in sorted(pairs, reverse=True):
+    for _, i, j in pairs:
         if i not in out and j not in used:
             out[i] = j
             used.add(j)
@@ -87,20 +90,6 @@ def _box_crop(img: Image.Image, box, scale: float = 1.0) -> Image.Image:
     cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2 * scale, (y1 - y0) / 2 * scale
     return img.crop((max(0, round(cx - hw)), max(0, round(cy - hh)),
                      min(img.width, round(cx + hw)), min(img.height, round(cy + hh))))
-
-
-def _mask_crop(rgb: np.ndarray, cell, diameter: float) -> Image.Image:
-    """The tight box around the (slightly grown) mask, outside it black: what smear.cell_crops feeds
-    the network, before the resize."""
-    import cv2
-
-    grow = max(1, int(round(MASK_GROW * diameter)))
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
-    m = cv2.dilate(cell.mask.astype(np.uint8), k) > 0
-    ys, xs = np.nonzero(m)
-    by0, by1, bx0, bx1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    x0, y0 = cell.box[0], cell.box[1]
-    return Image.fromarray(np.ascontiguousarray(rgb[y0 + by0:y0 + by1, x0 + bx0:x0 + bx1] * m[by0:by1, bx0:bx1, None]))
 
 
 def cut_cells(fields_dir: str | Path, annotations: str | Path, out: str | Path, only: list[str] | None = None,
@@ -145,7 +134,9 @@ def cut_cells(fields_dir: str | Path, annotations: str | Path, out: str | Path, 
                 cells, diameter = [], 0.0
             for i, j in match_cells([c.box for c in cells], r["boxes"], r["infected"]).items():
                 if keep[j]:
-                    crops.append((_mask_crop(rgb, cells[i], diameter), r["infected"][j], f"{j:03d}_mask"))
+                    crop = masked_crop(rgb, cells[i], diameter)
+                    if crop is not None:
+                        crops.append((Image.fromarray(crop), r["infected"][j], f"{j:03d}_mask"))
         for im, inf, tag in crops:
             if im.width < 4 or im.height < 4:
                 continue
@@ -164,17 +155,9 @@ def cut_cells(fields_dir: str | Path, annotations: str | Path, out: str | Path, 
 
 
 def _greedy(pred, gt, thr: float) -> tuple[set, set]:
-    """One-to-one greedy matching at IoU >= thr, best first -> (matched pred indices, matched gt indices)."""
-    pairs = sorted(((_iou(p, g), i, j) for i, p in enumerate(pred) for j, g in enumerate(gt)
-                    if abs(p[0] - g[0]) < 200 and abs(p[1] - g[1]) < 200), reverse=True)
-    mp, mg = set(), set()
-    for v, i, j in pairs:
-        if v < thr:
-            break
-        if i not in mp and j not in mg:
-            mp.add(i)
-            mg.add(j)
-    return mp, mg
+    """One-to-one greedy matching at IoU >= thr -> (matched pred indices, matched gt indices)."""
+    m = _greedy_pairs(pred, gt, thr)
+    return set(m), set(m.values())
 
 
 def score_fields(report: dict, recs: list[dict], positive: str | None = None) -> dict:

@@ -53,21 +53,29 @@ def wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def cell_crops(rgb: np.ndarray, cells, diameter: float, size: int) -> np.ndarray:
-    """(N, size, size, 3) uint8: each cell's tight box, outside its mask black, resized like a cell image."""
-    out = np.zeros((len(cells), size, size, 3), np.uint8)
+def masked_crop(rgb: np.ndarray, cell, diameter: float) -> np.ndarray | None:
+    """One cell as the network sees it before the resize: the tight box around its mask (grown by
+    MASK_GROW diameters to keep the rim), pixels outside the mask black, like the NIH crops.
+    None for an empty mask. Also what `cut-cells --mode mask` writes."""
     grow = max(1, int(round(MASK_GROW * diameter)))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+    m = cv2.dilate(cell.mask.astype(np.uint8), kernel) > 0
+    ys, xs = np.nonzero(m)
+    if len(ys) == 0:
+        return None
+    by0, by1, bx0, bx1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    x0, y0 = cell.box[0], cell.box[1]
+    return np.ascontiguousarray(rgb[y0 + by0:y0 + by1, x0 + bx0:x0 + bx1] * m[by0:by1, bx0:bx1, None])
+
+
+def cell_crops(rgb: np.ndarray, cells, diameter: float, size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8: each cell's masked crop, resized like a cell image."""
+    out = np.zeros((len(cells), size, size, 3), np.uint8)
     for i, c in enumerate(cells):
-        x0, y0, x1, y1 = c.box
-        m = cv2.dilate(c.mask.astype(np.uint8), kernel) > 0
-        ys, xs = np.nonzero(m)
-        if len(ys) == 0:
-            continue
-        by0, by1, bx0, bx1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        crop = rgb[y0 + by0:y0 + by1, x0 + bx0:x0 + bx1] * m[by0:by1, bx0:bx1, None]
-        # the same resize as every other cell image (preprocess.resize_uint8: Pillow bilinear)
-        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR))
+        crop = masked_crop(rgb, c, diameter)
+        if crop is not None:
+            # the same resize as every other cell image (preprocess.resize_uint8: Pillow bilinear)
+            out[i] = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))
     return out
 
 
