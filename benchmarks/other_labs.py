@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -63,6 +64,7 @@ def main():
     ap.add_argument("--adapt-model", default=None, help="model to calibrate with adapt (default: the last)")
     ap.add_argument("--adapt-fields", type=int, default=30, help="the first N held-out fields are the adapt pool")
     ap.add_argument("--iml-test", default=str(ROOT / "runs/data/iml_test"))
+    ap.add_argument("--iml-fields", default=str(ROOT.parent / "shared/data/iml-fields"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200])
     ap.add_argument("--draws", type=int, default=5)
     a = ap.parse_args()
@@ -117,6 +119,21 @@ def main():
         missed = [r.source for r in res if not r.ood]
         print(f"- {mname}: {100 * (len(res) - len(missed)) / len(res):.1f}% flagged"
               + (f"; not flagged: {', '.join(missed)}" if missed else ""))
+    fields = Path(a.iml_fields) / "images"
+    held = sorted(p for p in fields.glob("PA1718*.JPG") if int(p.stem[6:8]) >= a.adapt_fields)
+    wrng = np.random.default_rng(1)
+    windows, wnames = [], []
+    for p in held:
+        f = Image.open(p).convert("RGB")
+        for k, side in enumerate((200, 260)):
+            x, y = wrng.integers(0, f.width - side), wrng.integers(0, f.height - side)
+            windows.append(f.crop((x, y, x + side, y + side)))
+            wnames.append(f"{p.stem}_window{k}")
+    print(f"\nwindows of the held-out fields ({len(windows)}: 2 per field of PA1718{a.adapt_fields:02d}-99, 200 and "
+          "260 px, 2.5-3.5 cells across: an unseen stain's several-cell crops) flagged:")
+    for mname, pred in {**preds, **adapted}.items():
+        res = pred.predict(windows, names=wnames)
+        print(f"- {mname}: {100 * np.mean([r.ood for r in res]):.1f}% flagged")
     print(f"\nadapt learning curve ({base_model}; {a.draws} draws of labelled cells, up to half parasitized, "
           f"from fields PA171800-{a.adapt_fields - 1:02d}; measured on the box crops of the other held-out fields):")
     print("| labelled cells | sensitivity | specificity | ECE | flagged not-a-cell |")

@@ -12,6 +12,7 @@ from malaria_detect import data as D  # noqa: E402
 from malaria_detect import ood as O  # noqa: E402
 from malaria_detect.checkpoint import load_checkpoint  # noqa: E402
 from malaria_detect.predict import Predictor  # noqa: E402
+from malaria_detect.preprocess import normalize  # noqa: E402
 from malaria_detect.train import predict_arrays  # noqa: E402
 
 
@@ -49,3 +50,62 @@ def test_train_and_model_offer_the_same_architectures():
     from malaria_detect.models import ARCHITECTURES as MODELS
 
     assert list(ARCHITECTURES) == MODELS
+
+
+def test_view_check_separates_and_its_cut_passes_the_asked_share_of_validation_cells():
+    rng = np.random.default_rng(1)
+    cells = rng.normal(0, 1, (400, 8)).astype(np.float32)
+    views = rng.normal(0, 1, (300, 8)).astype(np.float32)
+    views[:, 0] += 4          # several cells: far along one direction
+    val = rng.normal(0, 1, (200, 8)).astype(np.float32)
+    part = O.fit_view_check(cells, views, threshold=2.5, val_cells=val, pass_rate=0.99)
+    ood = {"ood.0.means": np.zeros((2, 2), np.float32), "ood.0.prec": np.eye(2, dtype=np.float32),
+           "ood.0.scale": np.full(1, 1e-6, np.float32), **part}
+    score = O.NotACellScore(ood)
+    taps = [torch.zeros(len(val), 1, 2, 2)]                  # the Gaussian part: ~0 for every image
+    s_val = score(taps, torch.from_numpy(val)).numpy()
+    assert np.mean(s_val <= 2.5) == pytest.approx(0.99, abs=0.01)
+    s_views = score([torch.zeros(len(views), 1, 2, 2)], torch.from_numpy(views)).numpy()
+    assert np.mean(s_views > 2.5) > 0.95
+    # the layer score is above the threshold exactly where the linear score is above its cut
+    lin = val.astype(np.float64) @ part["ood.view.w"] + part["ood.view.b"][0]
+    assert ((s_val > 2.5) == (lin > 0)).all()
+
+
+def test_view_check_is_computed_by_the_exported_graph(tiny_run, samples, tmp_path):
+    """A checkpoint whose not-a-cell model has a view check exports to a graph giving the same score."""
+    from malaria_detect.checkpoint import save_checkpoint
+    from malaria_detect.export import export
+
+    model, rec, ood = load_checkpoint(tiny_run)
+    x, _, _, _ = D.load_arrays(D.find_images(samples), rec.input_size, use_cache=False, progress=False)
+    with torch.no_grad():
+        f, taps = model.forward_taps(torch.from_numpy(normalize(x, rec)))
+    pooled = f.mean((2, 3)).numpy()
+    rng = np.random.default_rng(0)
+    part = O.fit_view_check(pooled[:60], pooled[60:120] + rng.normal(0, 1, pooled[60:120].shape).astype(np.float32),
+                            rec.ood_threshold, pooled[120:])
+    ood2 = {**ood, **part}
+    save_checkpoint(tmp_path / "best.safetensors", model, rec, ood2)
+    export(tmp_path / "best.safetensors", tmp_path / "m.onnx", sample_dir=samples)
+    s_graph = Predictor.load(tmp_path / "m.onnx").run(x)[2]
+    with torch.no_grad():
+        s_torch = O.NotACellScore(ood2)(taps, f.mean((2, 3))).numpy()
+        s_gauss = O.NotACellScore(ood)(taps).numpy()
+    assert np.allclose(s_graph, s_torch, rtol=1e-3, atol=1e-3)
+    assert (s_torch >= s_gauss - 1e-6).all()      # the view check only adds flags
+
+
+def test_lab_stain_varies_colour_keeps_range_and_fills_some_black_surrounds():
+    from malaria_detect.train import lab_stain
+
+    x = torch.zeros(64, 3, 16, 16)
+    x[:, :, 4:12, 4:12] = torch.tensor([0.8, 0.6, 0.7])[None, :, None, None]   # a pinkish cell on black
+    y = lab_stain(x.clone(), torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    cell = y[:, :, 8, 8]
+    assert float(cell.std(0).mean()) > 0.05                      # the cell's colour varies between views
+    corner = y[:, :, 0, 0].amax(1)
+    filled = corner > 0.02
+    assert 0.2 < float(filled.float().mean()) < 0.8              # about half get a background...
+    assert float(corner[~filled].max()) == 0.0                   # ...the others keep the black mask

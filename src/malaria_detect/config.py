@@ -48,6 +48,10 @@ class TrainConfig:
     workers: int = _opt(2, "image-decoding threads")
     threads: int = _opt(0, "torch threads (0 = all cores)")
     robust_aug: bool = _opt(False, "also stain (optical density), gamma, blur and scale jitter: for other labs")
+    lab_stain_aug: float = _opt(0.0, "share of training images shown as another lab's cell (lab_stain: broad stain, "
+                                     "colour and background variation)")
+    ood_stain_views: int = _opt(0, "fit the not-a-cell flag also on N stain-varied views of each cell (lab_stain), "
+                                   "so that other labs' cells pass: 0 = the cells as they are")
 
 
 def default(name: str):

@@ -255,6 +255,7 @@ class ExportWrapper(nn.Module):
         logit      (N,)       raw logit of the positive class (the Record divides it by its temperature)
         cam        (N, h, w)  class-activation map: head.weight . features[:, y, x] + head.bias
         ood_score  (N,)       the not-a-cell score (ood.NotACellScore) of the early/mid feature maps
+                              (and, with a view check, of the pooled final features)
     """
 
     def __init__(self, model: nn.Module, ood: dict):
@@ -267,7 +268,7 @@ class ExportWrapper(nn.Module):
         fc = self.model.head.fc
         cam = torch.einsum("nchw,c->nhw", f, fc.weight[0]) + fc.bias[0]
         logit = fc(f.mean((2, 3))).squeeze(1)
-        return logit, cam, self.not_a_cell(taps)
+        return logit, cam, self.not_a_cell(taps, f.mean((2, 3)))
 
 
 def torch_outputs(model: nn.Module, ood: dict, record: Record, x_uint8: np.ndarray, batch_size: int = 128):

@@ -12,7 +12,14 @@ the image's score is the larger of the layers' distances.
 record's `ood_threshold`, so the threshold is set on exactly the numbers the graph gives. Only the
 Gaussians are fitted here, in NumPy float64 (`fit`).
 
-Stored in checkpoints as arrays `ood.{i}.means` (2, D), `ood.{i}.prec` (D, D), `ood.{i}.scale` (1,).
+Optionally (`fit_view_check`) a second, discriminative part: a linear score on the network's pooled
+final features, trained to tell single cells (and their stain views) from views of a field that hold
+several cells or mostly background, which the Gaussians, fitted on cells of two labs and broad stain
+variation, let pass. Its layer score is `threshold * exp(w . f + b)`, above the threshold exactly when
+the linear score is above its cut, and the image's score is the larger of both parts.
+
+Stored in checkpoints as arrays `ood.{i}.means` (2, D), `ood.{i}.prec` (D, D), `ood.{i}.scale` (1,),
+and for the view check `ood.view.w` (C,), `ood.view.b` (1,), `ood.view.scale` (1,).
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ class NotACellScore(nn.Module):
 
     def __init__(self, ood: dict):
         super().__init__()
-        self.n_layers = len({k.split(".")[1] for k in ood})
+        self.n_layers = len({k.split(".")[1] for k in ood} - {"view"})
+        self.view_check = "ood.view.w" in ood
         for k, v in ood.items():  # ood.0.means -> buffer ood_0_means
             self.register_buffer(k.replace(".", "_"), torch.as_tensor(np.asarray(v, np.float32)))
 
@@ -57,8 +65,15 @@ class NotACellScore(nn.Module):
     def from_stats(self, stats: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([self.layer(i, s) for i, s in enumerate(stats)], 1).max(1).values
 
-    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
-        return self.from_stats(tap_stats(taps))
+    def view_score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N, C) pooled final features -> (N,) the view check's layer score."""
+        return self.ood_view_scale * torch.exp((pooled @ self.ood_view_w + self.ood_view_b).clamp(max=30.0))
+
+    def forward(self, taps: list[torch.Tensor], pooled: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.from_stats(tap_stats(taps))
+        if self.view_check:
+            s = torch.maximum(s, self.view_score(pooled))
+        return s
 
 
 @torch.no_grad()
@@ -86,6 +101,36 @@ def fit(train_stats: list[np.ndarray], train_y: np.ndarray, val_stats: list[np.n
         part[f"ood.{i}.scale"][0] = 1.0 / np.median(d)
         ood.update(part)
     return ood
+
+
+def fit_view_check(cells: np.ndarray, views: np.ndarray, threshold: float, val_cells: np.ndarray,
+                   pass_rate: float = 0.995, weight_decay: float = 1e-3, steps: int = 300) -> dict:
+    """The view check: logistic regression, cells (label 0) vs views of several cells or background
+    (label 1), on standardised pooled features (N, C); its cut lets `pass_rate` of `val_cells` pass.
+    -> the `ood.view.*` arrays, with the standardisation folded into w and b."""
+    x = np.concatenate([cells, views]).astype(np.float64)
+    y = np.r_[np.zeros(len(cells)), np.ones(len(views))]
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xt = torch.from_numpy((x - mu) / sd).float()
+    yt = torch.from_numpy(y).float()
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    weight = torch.where(yt > 0, 0.5 / yt.mean(), 0.5 / (1 - yt.mean()))  # classes weighted equally
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (weight * nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt, reduction="none")).mean() \
+            + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    wf = w.detach().numpy().astype(np.float64) / sd
+    bf = float(b.detach()) - float(mu @ wf)
+    cut = float(np.quantile(val_cells.astype(np.float64) @ wf + bf, pass_rate))
+    return {"ood.view.w": wf.astype(np.float32), "ood.view.b": np.array([bf - cut], np.float32),
+            "ood.view.scale": np.array([threshold], np.float32)}
 
 
 def threshold(val_scores: np.ndarray, pass_rate: float = PASS_RATE) -> float:

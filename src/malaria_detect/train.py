@@ -64,10 +64,11 @@ def _hue_rotate(x, angle):
     return torch.einsum("nij,njhw->nihw", m, x)
 
 
-def augment(x: torch.Tensor, g: torch.Generator, robust: bool = False) -> torch.Tensor:
+def augment(x: torch.Tensor, g: torch.Generator, robust: bool = False, lab_share: float = 0.0) -> torch.Tensor:
     """Cells have no orientation and smears differ in stain colour: flips, 90-degree rotations and
     brightness / contrast / saturation / hue jitter. With `robust`, also what differs between labs
-    and microscopes (`robust_jitter`). x: (N,3,H,W) float in [0,1]."""
+    and microscopes (`robust_jitter`); with `lab_share`, that share of the images as another lab's
+    cell (`lab_stain`). x: (N,3,H,W) float in [0,1]."""
     n = x.shape[0]
     u = lambda lo, hi: torch.empty(n, 1, 1, 1).uniform_(lo, hi, generator=g)  # noqa: E731
     flip = torch.rand(n, generator=g) < 0.5
@@ -76,6 +77,11 @@ def augment(x: torch.Tensor, g: torch.Generator, robust: bool = False) -> torch.
     x = torch.stack([torch.rot90(xi, int(ki), (1, 2)) for xi, ki in zip(x, k)])
     if robust:
         x = robust_jitter(x, g)
+    if lab_share > 0:
+        pick = torch.rand(n, generator=g) < lab_share
+        if pick.any():
+            x = x.clone()
+            x[pick] = lab_stain(x[pick].contiguous(), g)
     x = x * u(0.75, 1.25)                                            # brightness
     mean = x.mean((1, 2, 3), keepdim=True)
     x = (x - mean) * u(0.75, 1.25) + mean                            # contrast
@@ -125,23 +131,53 @@ def robust_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x
 
 
+def lab_stain(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Another lab's cell, broadly, on (N,3,H,W) in [0,1]: the spread of Giemsa stains, lamps and
+    crops the not-a-cell flag must let pass (wider than `robust_jitter`, which trains the classifier):
+    - stain: optical densities mixed by a random matrix near the identity (sd 0.15: the stains'
+      colours themselves differ) and scaled 0.6-1.5 per channel;
+    - hue rotated by up to +-45 degrees, saturation 0.5-1.6, gamma 0.7-1.4;
+    - background: on half of the masked cells the black surround first becomes a pale plasma colour,
+      as in a crop cut by its box (users crop cells with their background), and is then stained and
+      lit like the cell."""
+    n = x.shape[0]
+    u = lambda lo, hi, *s: torch.empty(n, *s).uniform_(lo, hi, generator=g)  # noqa: E731
+    black = x.amax(1, keepdim=True) < 0.02
+    plasma = (u(0.75, 0.95, 1, 1, 1) + 0.04 * torch.randn(n, 3, 1, 1, generator=g)).clamp(0, 1)
+    fill = (torch.rand(n, generator=g) < 0.5)[:, None, None, None] & black
+    x = torch.where(fill, plasma.expand_as(x), x)   # the background then takes the same stain and lamp
+    od = -torch.log(x.clamp(1 / 255, 1))
+    mix = torch.eye(3)[None] + 0.15 * torch.randn(n, 3, 3, generator=g)
+    od = torch.einsum("nij,njhw->nihw", mix, od) * u(0.6, 1.5, 3, 1, 1)
+    x = _hue_rotate(torch.exp(-od.clamp_min(0)).clamp(0, 1), u(-0.8, 0.8)).clamp(0, 1)
+    gray = (x * x.new_tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
+    x = (gray + (x - gray) * u(0.5, 1.6, 1, 1, 1)).clamp(0, 1) ** u(0.7, 1.4, 1, 1, 1)
+    return torch.where(black & ~fill, torch.zeros_like(x), x)
+
+
 def to_input(xb_uint8: np.ndarray, mean, std, g: torch.Generator | None = None,
-             robust: bool = False) -> torch.Tensor:
+             robust: bool = False, lab_share: float = 0.0) -> torch.Tensor:
     x = torch.from_numpy(xb_uint8).permute(0, 3, 1, 2).float().div_(255)
     if g is not None:
-        x = augment(x, g, robust)
+        x = augment(x, g, robust, lab_share)
     x = (x - torch.tensor(mean)[None, :, None, None]) / torch.tensor(std)[None, :, None, None]
     return x.contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
-def predict_arrays(model, x_uint8: np.ndarray, mean, std, batch_size: int = 256, features: bool = False):
-    """Logits (and the tapped layers' statistics, for the not-a-cell model) of a uint8 array."""
+def predict_arrays(model, x_uint8: np.ndarray, mean, std, batch_size: int = 256, features: bool = False,
+                   view: torch.Generator | None = None):
+    """Logits (and the tapped layers' statistics, for the not-a-cell model) of a uint8 array; with
+    `view` (a seeded generator), of a `lab_stain` view of each image instead."""
     model.eval()
     device = next(model.parameters()).device
     logits, stats = [], []
     for i in range(0, len(x_uint8), batch_size):
-        f, taps = model.forward_taps(to_input(x_uint8[i:i + batch_size], mean, std).to(device))
+        x = to_input(x_uint8[i:i + batch_size], (0.0,) * 3, (1.0,) * 3)
+        if view is not None:
+            x = lab_stain(x.contiguous(), view)
+        x = (x - torch.tensor(mean)[None, :, None, None]) / torch.tensor(std)[None, :, None, None]
+        f, taps = model.forward_taps(x.contiguous(memory_format=torch.channels_last).to(device))
         logits.append(model.forward_head(f).cpu())
         if features:
             stats.append([t.cpu() for t in O.tap_stats(taps)])
@@ -393,7 +429,7 @@ def fit(cfg: TrainConfig, model, data: Data, resume: bool, ranks: Ranks, progres
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = order[step * batch:(step + 1) * batch]
-            xb = to_input(xtr[idx], mean, std, g, cfg.robust_aug).to(ranks.device)
+            xb = to_input(xtr[idx], mean, std, g, cfg.robust_aug, cfg.lab_stain_aug).to(ranks.device)
             yb = torch.from_numpy(ytr[idx]).float().to(ranks.device)
             target = yb * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
             loss = F.binary_cross_entropy_with_logits(net(xb), target)
@@ -443,12 +479,24 @@ def calibrate(cfg: TrainConfig, record: Record, z_va: np.ndarray, yva: np.ndarra
 
 
 def fit_not_a_cell(cfg: TrainConfig, model, data: Data, f_va: list[np.ndarray]) -> tuple[dict, np.ndarray]:
-    """The not-a-cell model on (up to 6,000) training cells -> (its arrays, validation cells' scores)."""
+    """The not-a-cell model on (up to 6,000) training cells, and with `cfg.ood_stain_views` also on
+    that many `lab_stain` views of each -> (its arrays, the validation cells' scores its threshold is
+    set on: the cells as they are, and with stain views one view of each as well)."""
     mean, std = normalization(cfg)
     n_fit = min(len(data.xtr), 6000)
     sub = np.random.default_rng(cfg.seed).choice(len(data.xtr), n_fit, replace=False)
     _, f_tr = predict_arrays(model, data.xtr[sub], mean, std, features=True)
-    ood = O.fit(f_tr, data.ytr[sub], f_va)
+    y = data.ytr[sub]
+    views = [predict_arrays(model, data.xtr[sub], mean, std, features=True,
+                            view=torch.Generator().manual_seed(cfg.seed + 1 + k))[1]
+             for k in range(cfg.ood_stain_views)]
+    join = lambda a, b: [np.concatenate([p, q]) for p, q in zip(a, b)]  # noqa: E731
+    for v in views:
+        f_tr, y = join(f_tr, v), np.concatenate([y, data.ytr[sub]])
+    ood = O.fit(f_tr, y, f_va)
+    if cfg.ood_stain_views:
+        f_va = join(f_va, predict_arrays(model, data.xva, mean, std, features=True,
+                                         view=torch.Generator().manual_seed(cfg.seed + 1000))[1])
     return ood, O.score(ood, f_va)
 
 
