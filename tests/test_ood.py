@@ -109,3 +109,26 @@ def test_lab_stain_varies_colour_keeps_range_and_fills_some_black_surrounds():
     filled = corner > 0.02
     assert 0.2 < float(filled.float().mean()) < 0.8              # about half get a background...
     assert float(corner[~filled].max()) == 0.0                   # ...the others keep the black mask
+
+
+def test_fitting_on_stain_views_lets_stain_varied_cells_pass(tiny_run, samples):
+    """fit_not_a_cell with ood_stain_views: the threshold is set on the validation cells and a stain
+    view of each, and other-lab-like views of held-back cells score lower than under the plain fit."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from malaria_detect.config import TrainConfig
+    from malaria_detect.train import fit_not_a_cell
+
+    model, rec, _ = load_checkpoint(tiny_run)
+    x, y, _, _ = D.load_arrays(D.find_images(samples), rec.input_size, use_cache=False, progress=False)
+    data = SimpleNamespace(xtr=x[:150], ytr=y[:150], xva=x[150:190])
+    cfg = TrainConfig(data=str(samples), out="unused", image_size=rec.input_size)
+    _, f_va = predict_arrays(model, data.xva, rec.mean, rec.std, features=True)
+    plain, s_plain = fit_not_a_cell(cfg, model, data, f_va)
+    stained, s_stained = fit_not_a_cell(replace(cfg, ood_stain_views=2), model, data, f_va)
+    assert len(s_plain) == 40 and len(s_stained) == 80        # validation cells + one stain view of each
+    _, f_new = predict_arrays(model, x[190:], rec.mean, rec.std, features=True,
+                              view=torch.Generator().manual_seed(123))   # stain views of unseen cells
+    rel = lambda ood, s_va: O.score(ood, f_new) / O.threshold(s_va)  # noqa: E731
+    assert np.median(rel(stained, s_stained)) < np.median(rel(plain, s_plain))
