@@ -133,7 +133,8 @@ def robust_jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def lab_stain(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Another lab's cell, broadly, on (N,3,H,W) in [0,1]: the spread of Giemsa stains, lamps and
-    crops the not-a-cell flag must let pass (wider than `robust_jitter`, which trains the classifier):
+    crops that the classifier (`lab_stain_aug`) must see through and the not-a-cell flag
+    (`ood_stain_views`) must let pass; wider than `robust_jitter`:
     - stain: optical densities mixed by a random matrix near the identity (sd 0.15: the stains'
       colours themselves differ) and scaled 0.6-1.5 per channel;
     - hue rotated by up to +-45 degrees, saturation 0.5-1.6, gamma 0.7-1.4;
