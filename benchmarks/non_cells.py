@@ -50,7 +50,14 @@ def non_cell_images(cells_dir: str | Path | None = None,
         for p in sorted(Path(fields_dir).glob("*.JPG")):
             f = Image.open(p).convert("RGB")
             out[p.stem] = f
-            for k, side in enumerate((180, 180, 220, 260)):
-                x, y = rng.integers(0, f.width - side), rng.integers(0, f.height - side)
-                out[f"{p.stem}_window{k}"] = f.crop((x, y, x + side, y + side))
+            out.update(field_windows(f, p.stem, (180, 180, 220, 260), rng))
+    return out
+
+
+def field_windows(field: Image.Image, stem: str, sides, rng) -> dict[str, Image.Image]:
+    """Square windows of a field at random places, one per side length: `{stem}_window{k}`."""
+    out = {}
+    for k, side in enumerate(sides):
+        x, y = rng.integers(0, field.width - side), rng.integers(0, field.height - side)
+        out[f"{stem}_window{k}"] = field.crop((x, y, x + side, y + side))
     return out

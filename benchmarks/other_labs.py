@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from non_cells import non_cell_images  # noqa: E402
+from non_cells import field_windows, non_cell_images  # noqa: E402
 
 from malaria_detect import data as D  # noqa: E402
 from malaria_detect import metrics as M  # noqa: E402
@@ -122,17 +122,13 @@ def main():
     fields = Path(a.iml_fields) / "images"
     held = sorted(p for p in fields.glob("PA1718*.JPG") if int(p.stem[6:8]) >= a.adapt_fields)
     wrng = np.random.default_rng(1)
-    windows, wnames = [], []
+    windows = {}
     for p in held:
-        f = Image.open(p).convert("RGB")
-        for k, side in enumerate((200, 260)):
-            x, y = wrng.integers(0, f.width - side), wrng.integers(0, f.height - side)
-            windows.append(f.crop((x, y, x + side, y + side)))
-            wnames.append(f"{p.stem}_window{k}")
+        windows.update(field_windows(Image.open(p).convert("RGB"), p.stem, (200, 260), wrng))
     print(f"\nwindows of the held-out fields ({len(windows)}: 2 per field of PA1718{a.adapt_fields:02d}-99, 200 and "
           "260 px, 2.5-3.5 cells across: an unseen stain's several-cell crops) flagged:")
     for mname, pred in {**preds, **adapted}.items():
-        res = pred.predict(windows, names=wnames)
+        res = pred.predict(list(windows.values()), names=list(windows))
         print(f"- {mname}: {100 * np.mean([r.ood for r in res]):.1f}% flagged")
     print(f"\nadapt learning curve ({base_model}; {a.draws} draws of labelled cells, up to half parasitized, "
           f"from fields PA171800-{a.adapt_fields - 1:02d}; measured on the box crops of the other held-out fields):")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,9 +21,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from malaria_detect import data as D  # noqa: E402
 from malaria_detect.checkpoint import load_weights, save_checkpoint  # noqa: E402
-from malaria_detect.config import TrainConfig  # noqa: E402
 from malaria_detect.models import create_model  # noqa: E402
-from malaria_detect.train import Ranks, finish, load_data  # noqa: E402
+from malaria_detect.train import Ranks, finish, load_data, run_config  # noqa: E402
 
 
 def main():
@@ -33,9 +31,8 @@ def main():
     ap.add_argument("--data", required=True, help="the training data folder (with patients.csv)")
     a = ap.parse_args()
     run = Path(a.run)
-    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
-    trained_on = cfg.data
-    cfg = replace(cfg, data=a.data, patients_csv=str(Path(a.data) / "patients.csv"), out=str(run))
+    trained_on = json.loads((run / "config.json").read_text())["data"]
+    cfg = run_config(run, a.data)
     if D.load_split(run / "split.json") != D.load_split(Path(a.data) / "split.json"):
         raise SystemExit(f"{run}/split.json differs from {a.data}/split.json")
     data = load_data(cfg, True, Ranks(), print)

@@ -36,7 +36,6 @@ from PIL import Image  # noqa: E402
 
 from malaria_detect import ood as O  # noqa: E402
 from malaria_detect.checkpoint import save_checkpoint  # noqa: E402
-from malaria_detect.config import TrainConfig  # noqa: E402
 from malaria_detect.export import export  # noqa: E402
 from malaria_detect.fieldcells import read_annotations  # noqa: E402
 from malaria_detect.predict import Predictor  # noqa: E402
@@ -44,30 +43,23 @@ from malaria_detect.preprocess import resize_uint8  # noqa: E402
 from malaria_detect.train import (  # noqa: E402
     Ranks,
     fit_not_a_cell,
-    lab_stain,
+    forward_batches,
     load_checkpoint,
     load_data,
     normalization,
     predict_arrays,
-    to_input,
+    run_config,
 )
 
 TRAIN_FIELDS = [f"PA1716{i}" for i in range(90, 100)] + [f"PA1717{i:02d}" for i in range(70)]  # PA171690-769
 BENCHMARK_FIELDS = {p.stem for p in (ROOT / "samples" / "fields").glob("*.JPG")}
 
 
-@torch.no_grad()
 def pooled(model, x_uint8: np.ndarray, mean, std, view_seed: int | None = None) -> np.ndarray:
     """(N, S, S, 3) uint8 -> (N, C) pooled final features (of a lab_stain view when view_seed is set)."""
-    g = torch.Generator().manual_seed(view_seed) if view_seed is not None else None
-    out = []
-    for i in range(0, len(x_uint8), 256):
-        x = to_input(x_uint8[i:i + 256], (0.0,) * 3, (1.0,) * 3)
-        if g is not None:
-            x = lab_stain(x.contiguous(), g)
-        x = (x - torch.tensor(mean)[None, :, None, None]) / torch.tensor(std)[None, :, None, None]
-        out.append(model.forward_taps(x.contiguous())[0].mean((2, 3)).numpy())
-    return np.concatenate(out)
+    view = torch.Generator().manual_seed(view_seed) if view_seed is not None else None
+    return np.concatenate([f.mean((2, 3)).cpu().numpy() for f, _ in forward_batches(model, x_uint8, mean, std,
+                                                                                    view=view)])
 
 
 def field_windows(fields: Path, size: int, per_field: int, rng) -> np.ndarray:
@@ -113,10 +105,7 @@ def main():
     ap.add_argument("--data", default=None, help="the training data folder, if not where the run's config says")
     a = ap.parse_args()
     run = Path(a.run)
-    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
-    cfg = replace(cfg, ood_stain_views=a.views, out=str(run))
-    if a.data:
-        cfg = replace(cfg, data=a.data, patients_csv=str(Path(a.data) / "patients.csv"))
+    cfg = replace(run_config(run, a.data), ood_stain_views=a.views)
     model, _, _ = load_checkpoint(run / "best.safetensors")
     record = Predictor.load(a.record_from).record
     t = time.time()

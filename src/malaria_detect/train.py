@@ -24,7 +24,7 @@ import os
 import subprocess
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,12 +157,26 @@ def lab_stain(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def to_input(xb_uint8: np.ndarray, mean, std, g: torch.Generator | None = None,
-             robust: bool = False, lab_share: float = 0.0) -> torch.Tensor:
+             robust: bool = False, lab_share: float = 0.0, view: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 (N,H,W,3) -> the network's input: augmented with `g` (training), or with `view` (a seeded
+    generator) one `lab_stain` view of each image; then scaled with mean/std."""
     x = torch.from_numpy(xb_uint8).permute(0, 3, 1, 2).float().div_(255)
     if g is not None:
         x = augment(x, g, robust, lab_share)
+    if view is not None:
+        x = lab_stain(x.contiguous(), view)
     x = (x - torch.tensor(mean)[None, :, None, None]) / torch.tensor(std)[None, :, None, None]
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def forward_batches(model, x_uint8: np.ndarray, mean, std, batch_size: int = 256,
+                    view: torch.Generator | None = None):
+    """(final feature map, tapped maps) of each batch of a uint8 array, in eval mode, without gradients."""
+    model.eval()
+    device = next(model.parameters()).device
+    for i in range(0, len(x_uint8), batch_size):
+        with torch.no_grad():
+            yield model.forward_taps(to_input(x_uint8[i:i + batch_size], mean, std, view=view).to(device))
 
 
 @torch.no_grad()
@@ -170,15 +184,8 @@ def predict_arrays(model, x_uint8: np.ndarray, mean, std, batch_size: int = 256,
                    view: torch.Generator | None = None):
     """Logits (and the tapped layers' statistics, for the not-a-cell model) of a uint8 array; with
     `view` (a seeded generator), of a `lab_stain` view of each image instead."""
-    model.eval()
-    device = next(model.parameters()).device
     logits, stats = [], []
-    for i in range(0, len(x_uint8), batch_size):
-        x = to_input(x_uint8[i:i + batch_size], (0.0,) * 3, (1.0,) * 3)
-        if view is not None:
-            x = lab_stain(x.contiguous(), view)
-        x = (x - torch.tensor(mean)[None, :, None, None]) / torch.tensor(std)[None, :, None, None]
-        f, taps = model.forward_taps(x.contiguous(memory_format=torch.channels_last).to(device))
+    for f, taps in forward_batches(model, x_uint8, mean, std, batch_size, view):
         logits.append(model.forward_head(f).cpu())
         if features:
             stats.append([t.cpu() for t in O.tap_stats(taps)])
@@ -312,6 +319,14 @@ def _optimizer(model, cfg: TrainConfig, stage: str):
     for p in params:
         p.requires_grad_(True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay), lr
+
+
+def run_config(run: str | Path, data: str | None = None) -> TrainConfig:
+    """A run folder's configuration, with `out` the folder itself (wherever it was trained) and, with
+    `data`, another copy of its training data (and that copy's patients.csv)."""
+    cfg = TrainConfig(**json.loads((Path(run) / "config.json").read_text()))
+    cfg = replace(cfg, out=str(run))
+    return replace(cfg, data=data, patients_csv=str(Path(data) / "patients.csv")) if data else cfg
 
 
 def open_run(cfg: TrainConfig, resume: bool, ranks: Ranks) -> TrainConfig:
