@@ -94,6 +94,18 @@ def test_view_check_is_computed_by_the_exported_graph(tiny_run, samples, tmp_pat
         s_gauss = O.NotACellScore(ood)(taps).numpy()
     assert np.allclose(s_graph, s_torch, rtol=1e-3, atol=1e-3)
     assert (s_torch >= s_gauss - 1e-6).all()      # the view check only adds flags
+    # leaving the first tapped layer out (as the robust model's flag does): the score is the larger of
+    # the other parts, in torch and in the exported graph
+    ood3 = O.leave_out(ood2, [0])
+    assert float(ood2["ood.0.scale"][0]) > 0                  # the original arrays are not changed
+    with torch.no_grad():
+        parts = O.NotACellScore(ood2).parts(taps, f.mean((2, 3))).numpy()
+        s_left = O.NotACellScore(ood3)(taps, f.mean((2, 3))).numpy()
+    assert parts.shape == (len(x), 3) and np.allclose(parts.max(1), s_torch, rtol=1e-5)
+    assert np.allclose(s_left, parts[:, 1:].max(1), rtol=1e-5)
+    save_checkpoint(tmp_path / "left.safetensors", model, rec, ood3)
+    export(tmp_path / "left.safetensors", tmp_path / "left.onnx", sample_dir=samples)
+    assert np.allclose(Predictor.load(tmp_path / "left.onnx").run(x)[2], s_left, rtol=1e-3, atol=1e-3)
 
 
 def test_lab_stain_varies_colour_keeps_range_and_fills_some_black_surrounds():

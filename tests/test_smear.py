@@ -197,3 +197,29 @@ def test_cut_cells_command(tmp_path, capsys):
     assert 9 <= len(pos) <= 12 and all(i.patient == "PA171771" for i in items)
     assert 10 <= len(items) - len(pos) <= 20
     assert "Parasitized" in capsys.readouterr().out
+
+
+def test_robust_model_lets_other_lab_cells_cut_by_their_boxes_pass_and_flags_several_cell_views(fields_model):
+    """The field model's not-a-cell flag travels: IML cells (another lab, stain and background) cut by
+    their annotated boxes mostly pass, infected ones are mostly called, and windows of the same
+    fields that hold several cells are flagged."""
+    from malaria_detect.fieldcells import _box_crop
+
+    crops, infected, windows = [], [], []
+    for rec in read_annotations(FIELDS / "annotations.json"):
+        img = Image.open(FIELDS / rec["image_name"]).convert("RGB")
+        for box, inf in zip(rec["boxes"], rec["infected"]):
+            crops.append(_box_crop(img, box))
+            infected.append(inf)
+        for x, y in ((100, 100), (600, 400)):
+            windows.append(img.crop((x, y, x + 260, y + 260)))
+    res = fields_model.predict(crops)
+    flagged = np.array([r.ood for r in res])
+    called = np.array([r.label == fields_model.record.positive for r in res])
+    infected = np.array(infected)
+    assert len(res) > 300 and infected.sum() >= 5
+    assert flagged.mean() <= 0.05
+    assert called[infected].mean() >= 0.8 and called[~infected].mean() <= 0.05
+    assert np.mean([r.ood for r in fields_model.predict(windows)]) >= 0.9
+    # the flag leaves out the first tapped layer (its colour statistics drift with a lab's stain)
+    assert fields_model.record.extra["not_a_cell"]["left_out_layers"] == [0]

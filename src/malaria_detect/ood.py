@@ -18,6 +18,10 @@ several cells or mostly background, which the Gaussians, fitted on cells of two 
 variation, let pass. Its layer score is `threshold * exp(w . f + b)`, above the threshold exactly when
 the linear score is above its cut, and the image's score is the larger of both parts.
 
+A part whose scale is 0 is left out of the score (`leave_out`): the robust model's flag leaves out its
+first tapped layer, whose statistics are mostly colour and drift with a lab's stain from field to field
+(scripts/flag_margin.py).
+
 Stored in checkpoints as arrays `ood.{i}.means` (2, D), `ood.{i}.prec` (D, D), `ood.{i}.scale` (1,),
 and for the view check `ood.view.w` (C,), `ood.view.b` (1,), `ood.view.scale` (1,).
 """
@@ -69,11 +73,16 @@ class NotACellScore(nn.Module):
         """(N, C) pooled final features -> (N,) the view check's layer score."""
         return self.ood_view_scale * torch.exp((pooled @ self.ood_view_w + self.ood_view_b).clamp(max=30.0))
 
-    def forward(self, taps: list[torch.Tensor], pooled: torch.Tensor | None = None) -> torch.Tensor:
-        s = self.from_stats(tap_stats(taps))
+    def parts(self, taps: list[torch.Tensor], pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, P) each part's score: the tapped layers, then the view check if there is one."""
+        stats = tap_stats(taps)
+        cols = [self.layer(i, s) for i, s in enumerate(stats)]
         if self.view_check:
-            s = torch.maximum(s, self.view_score(pooled))
-        return s
+            cols.append(self.view_score(pooled))
+        return torch.stack(cols, 1)
+
+    def forward(self, taps: list[torch.Tensor], pooled: torch.Tensor | None = None) -> torch.Tensor:
+        return self.parts(taps, pooled).max(1).values
 
 
 @torch.no_grad()
@@ -131,6 +140,14 @@ def fit_view_check(cells: np.ndarray, views: np.ndarray, threshold: float, val_c
     cut = float(np.quantile(val_cells.astype(np.float64) @ wf + bf, pass_rate))
     return {"ood.view.w": wf.astype(np.float32), "ood.view.b": np.array([bf - cut], np.float32),
             "ood.view.scale": np.array([threshold], np.float32)}
+
+
+def leave_out(ood: dict, layers) -> dict:
+    """A copy of the not-a-cell arrays whose tapped `layers` no longer count (their scale set to 0)."""
+    out = {k: np.array(v, copy=True) for k, v in ood.items()}
+    for i in layers:
+        out[f"ood.{i}.scale"][:] = 0.0
+    return out
 
 
 def threshold(val_scores: np.ndarray, pass_rate: float = PASS_RATE) -> float:
