@@ -27,6 +27,24 @@ def test_thresholds_sit_between_scores_and_reach_the_target():
     assert M.binary_metrics(y, p, t)["balanced_accuracy"] == 0.875
 
 
+def test_a_small_labelled_set_moves_a_threshold_only_as_far_as_it_has_evidence_to():
+    rng = np.random.default_rng(0)
+    neg = rng.uniform(0.0, 0.5, 50)
+    pos = np.r_[rng.uniform(0.75, 1.0, 49), 0.55]        # one infected cell scores low, near uninfected ones
+    y, p = np.r_[np.zeros(50), np.ones(50)].astype(int), np.r_[neg, pos]
+    # maximising balanced accuracy alone drops the threshold below that one cell ...
+    assert M.threshold_max_balanced_accuracy(y, p) < 0.55
+    # ... while one cell's worth of evidence leaves a threshold that is right where it was
+    assert M.threshold_near(y, p, 0.7) == 0.7
+    # a threshold that is clearly off (it misses most infected cells) is moved to within one cell of the best
+    assert M.binary_metrics(y, p, 0.95)["recall"] < 0.5
+    best = M.binary_metrics(y, p, M.threshold_max_balanced_accuracy(y, p))["balanced_accuracy"]
+    m = M.binary_metrics(y, p, M.threshold_near(y, p, 0.95))
+    assert m["recall"] >= 0.95 and m["balanced_accuracy"] >= best - 0.02
+    # with no slack it only breaks ties towards the reference: the best balanced accuracy
+    assert M.binary_metrics(y, p, M.threshold_near(y, p, 0.95, cells=0))["balanced_accuracy"] == best
+
+
 def test_temperature_and_ece():
     rng = np.random.default_rng(0)
     z = rng.normal(0, 3, 20000)

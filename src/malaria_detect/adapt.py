@@ -8,8 +8,10 @@ flag may fire on every cell. With a small folder of the lab's own cells (`Parasi
 `Uninfected/`, a few dozen of each) this refits, torch-free and in seconds:
 
 - the **temperature** T of p = sigmoid(logit / T) (minimum negative log-likelihood on the lab's cells);
-- the **threshold** on p (maximum balanced accuracy, or the highest threshold that reaches
-  `--target-sensitivity`);
+- the **threshold** on p: the model's own cut (unmoved in raw-logit units) unless the lab's cells show
+  it is off: of the thresholds whose balanced accuracy on them is within one cell of each class of
+  the best, the one nearest the model's own (`metrics.threshold_near`; chosen inside the adapt pool,
+  scripts/adapt_rule.py); or the highest threshold that reaches `--target-sensitivity`;
 - the **not-a-cell threshold**: raised, if needed, to 1.2 x the score that 99 % of the lab's cells pass
   (their other fields vary more than 100 cells show), never lowered
   (a model's view check, which flags views of several cells, keeps its cut in the graph: raising the
@@ -57,14 +59,19 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+def unmoved(threshold: float, old_temperature: float, new_temperature: float) -> float:
+    """A threshold on p, unmoved in raw-logit units, expressed under the new temperature."""
+    z = old_temperature * _logit(threshold)
+    return float(1 / (1 + math.exp(-z / new_temperature)))
+
+
 def field_threshold_under(old, new) -> float:
     """The whole-field threshold, unmoved in raw-logit units, expressed under the new temperature.
 
     A field needs an operating point for 1-2 % prevalence (specificity >= 99.7 %), which a few dozen
     labelled uninfected cells cannot set. Moving it with the refitted cell threshold was measured to
     drop infected-cell precision on held-out fields from 0.84 to 0.34 (MODEL_CARD.md), so adapt keeps it."""
-    z = old.temperature * _logit(old.extra["field_threshold"])
-    return float(1 / (1 + math.exp(-z / new.temperature)))
+    return unmoved(old.extra["field_threshold"], old.temperature, new.temperature)
 
 
 def adapt(data_dir: str | Path, out: str | Path, model: str | Path | None = None,
@@ -101,7 +108,9 @@ def adapt(data_dir: str | Path, out: str | Path, model: str | Path | None = None
         thr, rule = M.threshold_for_sensitivity(y, p, target_sensitivity), \
             f"sensitivity >= {target_sensitivity} on the lab's cells"
     else:
-        thr, rule = M.threshold_max_balanced_accuracy(y, p), "max balanced accuracy on the lab's cells"
+        thr = M.threshold_near(y, p, unmoved(old.threshold, old.temperature, T))
+        rule = "the model's own threshold, moved only as far as the lab's cells show it is off: the nearest " \
+               "to it within one cell of each class of their best balanced accuracy"
     ood_thr = old.ood_threshold
     if ood_thr is not None:
         ood_thr = max(float(ood_thr), float(np.quantile(s, OOD_PASS)) * OOD_MARGIN)

@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new model file (.onnx)")
     p.add_argument("--model", default=None, help="ONNX model to calibrate; default: the bundled model")
     p.add_argument("--target-sensitivity", type=float, default=None,
-                   help="choose the threshold reaching this sensitivity on your cells (default: max balanced accuracy)")
+                   help="choose the threshold reaching this sensitivity on your cells (default: the model's own, "
+                        "moved only as far as your cells show it is off)")
 
     p = sub.add_parser("cut-cells", help="labelled cell images cut from annotated fields (IML_Malaria JSON)",
                        description="Cut the boxed cells of annotated whole fields into Parasitized/ and Uninfected/ "

@@ -183,6 +183,28 @@ def threshold_max_balanced_accuracy(y, p) -> float:
     return _between(thr, int(np.argmax(tpr - fpr)))
 
 
+def threshold_near(y, p, reference: float, cells: float = 1.0) -> float:
+    """The threshold nearest `reference` (in logit) among those whose balanced accuracy on (y, p) is
+    within `cells` cell(s) of each class of the best: a small labelled set moves a threshold only as
+    far as it has evidence to. (Maximising balanced accuracy alone on 100 cells moved a threshold
+    that was already right: one infected cell with a low score, caught at no cost in sample, cost
+    ~1 % specificity on the lab's other cells; scripts/adapt_rule.py.)"""
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, np.float64)
+    fpr, tpr, thr = roc_curve(y, p)
+    cuts = np.array([_between(thr, i) for i in range(len(thr))] + [reference])
+    ranked = np.r_[(tpr + 1 - fpr) / 2, 0.0]
+    ranked[-1] = (np.mean(p[y] >= reference) + np.mean(p[~y] < reference)) / 2
+    tol = cells * 0.5 * (1 / max(y.sum(), 1) + 1 / max((~y).sum(), 1))
+    ok = cuts[ranked >= ranked.max() - tol - 1e-12]
+
+    def logit(q):
+        q = np.clip(q, 1e-9, 1 - 1e-9)
+        return np.log(q / (1 - q))
+
+    return float(ok[np.argmin(np.abs(logit(ok) - logit(reference)))])
+
+
 def threshold_for_sensitivity(y, p, target: float) -> float:
     """The highest threshold whose sensitivity on (y, p) is at least `target`."""
     fpr, tpr, thr = roc_curve(y, p)
