@@ -8,6 +8,7 @@ and by first/last 15), takes 25/50/100/200 labelled cells of one half (up to hal
 `benchmarks/other_labs.py` does), refits the temperature as `adapt` does and sets the threshold by
 each rule, and measures sensitivity and specificity on the other half's box crops. Rules:
 
+- `the model's own`: its threshold, unmoved in raw-logit units (what no calibration gives);
 - `max balanced accuracy`: the threshold maximising it on the labelled cells (adapt's rule until now);
 - `near, k cells`: of the thresholds within k cell(s) of each class of the best balanced accuracy, the
   one nearest the model's own (`metrics.threshold_near`); k = 0 only breaks ties towards the model.
@@ -52,7 +53,8 @@ def main():
         x, y, kept, _ = D.load_arrays(items, rec.input_size, progress=False)
         z = pred.run(x)[0].astype(np.float64)
         field = np.array([int(it.path.stem[6:8]) for it in kept])
-        rules = {"max balanced accuracy": lambda yy, pp, ref: M.threshold_max_balanced_accuracy(yy, pp),
+        rules = {"the model's own (not moved)": lambda yy, pp, ref: ref,
+                 "max balanced accuracy": lambda yy, pp, ref: M.threshold_max_balanced_accuracy(yy, pp),
                  **{f"near, {k} cell(s)": partial(near, cells=k) for k in (0, 1, 2)}}
         rng = np.random.default_rng(0)
         for n in (25, 50, 100, 200):

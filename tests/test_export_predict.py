@@ -130,3 +130,23 @@ def test_export_target_sensitivity_sets_the_operating_point(tiny_run, tmp_path, 
     p = pred.probability(pred.run(x)[0])
     assert M.binary_metrics(y, p, pred.record.threshold)["recall"] >= 0.98
     assert "test_metrics" in r and r["test_metrics"]["n_patients"] >= 1
+
+
+def test_bundled_models_by_name(samples, tmp_path, monkeypatch):
+    """--model nih / --model robust pick the bundled models (a user from another lab need not find the
+    package folder); a file of that name wins; an unknown name says what is accepted."""
+    from malaria_detect.errors import MissingFileError
+    from malaria_detect.evaluate import Scorer
+    from malaria_detect.predict import bundled_field_model_path, bundled_model_path
+
+    assert Predictor.load("robust").path == bundled_field_model_path()
+    assert Predictor.load("nih").path == bundled_model_path()
+    assert Scorer("robust").path == bundled_field_model_path()
+    cell = sorted((samples / "Parasitized").iterdir())[0]
+    assert Predictor.load("robust").predict_one(cell).label == "Parasitized"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "robust").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a valid ONNX model"):
+        Predictor.load("robust")
+    with pytest.raises(MissingFileError, match="'nih'.*'robust'"):
+        Predictor.load("robst")

@@ -40,7 +40,15 @@ def test_a_small_labelled_set_moves_a_threshold_only_as_far_as_it_has_evidence_t
     assert M.binary_metrics(y, p, 0.95)["recall"] < 0.5
     best = M.binary_metrics(y, p, M.threshold_max_balanced_accuracy(y, p))["balanced_accuracy"]
     m = M.binary_metrics(y, p, M.threshold_near(y, p, 0.95))
-    assert m["recall"] >= 0.95 and m["balanced_accuracy"] >= best - 0.02
+    assert m["recall"] >= 0.95 and m["balanced_accuracy"] >= best - 0.02 - 1e-9
+    # a top score of exactly 1 (a small refitted temperature): the cut is judged by what it calls
+    yy = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    pp = np.array([0.7, 0.5, 0.3, 0.2, 0.1, 1.0, 0.6, 0.4, 0.04, 0.03])
+    top = M.binary_metrics(yy, pp, M.threshold_max_balanced_accuracy(yy, pp))["balanced_accuracy"]
+    t = M.threshold_near(yy, pp, 0.99999)
+    assert M.binary_metrics(yy, pp, t)["balanced_accuracy"] >= top - 0.2 - 1e-9
+    # a reference on a cell's score is moved off it
+    assert M.threshold_near(y, p, float(p[0])) != float(p[0])
     # with no slack it only breaks ties towards the reference: the best balanced accuracy
     assert M.binary_metrics(y, p, M.threshold_near(y, p, 0.95, cells=0))["balanced_accuracy"] == best
 

@@ -102,6 +102,7 @@ def test_view_check_is_computed_by_the_exported_graph(tiny_run, samples, tmp_pat
         parts = O.NotACellScore(ood2).parts(taps, f.mean((2, 3))).numpy()
         s_left = O.NotACellScore(ood3)(taps, f.mean((2, 3))).numpy()
     assert parts.shape == (len(x), 3) and np.allclose(parts.max(1), s_torch, rtol=1e-5)
+    assert (parts[:, 0] > parts[:, 1:].max(1)).any()         # so leaving layer 0 out changes some scores
     assert np.allclose(s_left, parts[:, 1:].max(1), rtol=1e-5)
     save_checkpoint(tmp_path / "left.safetensors", model, rec, ood3)
     export(tmp_path / "left.safetensors", tmp_path / "left.onnx", sample_dir=samples)

@@ -200,9 +200,10 @@ def test_cut_cells_command(tmp_path, capsys):
 
 
 def test_robust_model_lets_other_lab_cells_cut_by_their_boxes_pass_and_flags_several_cell_views(fields_model):
-    """The field model's not-a-cell flag travels: IML cells (another lab, stain and background) cut by
-    their annotated boxes mostly pass, infected ones are mostly called, and windows of the same
-    fields that hold several cells are flagged."""
+    """IML cells (another lab than NIH, its stain and background) cut by their annotated boxes mostly
+    pass the field model's not-a-cell flag and infected ones are called, while windows of the same
+    fields holding several cells are flagged. (The sample fields are development fields of the robust
+    model, so this guards behaviour, not generalisation: that is benchmarks/other_labs.py's.)"""
     from malaria_detect.fieldcells import _box_crop
 
     crops, infected, windows = [], [], []

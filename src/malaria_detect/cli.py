@@ -11,7 +11,7 @@ import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import NAMES_HELP, TrainConfig
 from .preprocess import csv_safe
 
 DESCRIPTION = """\
@@ -82,8 +82,8 @@ def _add_config_options(p, skip=()) -> None:
 
 def _add_common_model(p, help_extra=""):
     p.add_argument("--model", default=None,
-                   help="model file (.onnx, or a training checkpoint .safetensors / run folder); "
-                        "default: the bundled model" + help_extra)
+                   help="model file (.onnx, or a training checkpoint .safetensors / run folder), " + NAMES_HELP
+                        + "; default: the bundled model" + help_extra)
 
 
 def _add_ray_options(p, how: str, rows: str):
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "unreadable (or the model gave no answer for it), after every row that could be "
                                    "written was written.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    p.add_argument("--model", default=None, help="ONNX model; default: the bundled model")
+    p.add_argument("--model", default=None, help="ONNX model file, " + NAMES_HELP + "; default: nih")
     p.add_argument("--csv", default=None, help="write one row per image: path,label,p_parasitized,ood,error "
                                                "(+ heatmap with --heatmaps)")
     p.add_argument("--heatmaps", default=None, metavar="DIR",
@@ -176,8 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Cells flagged 'not a cell' are counted apart and left out of the parasitemia.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="field images (jpg, png, tif, ...) or folders of them")
     p.add_argument("--model", default=None,
-                   help="ONNX model (e.g. one made by adapt); default: the bundled robust model, "
-                        "malaria_lite0_robust.onnx (trained on cells of two labs)")
+                   help="ONNX model (e.g. one made by adapt), " + NAMES_HELP + "; default: robust")
     p.add_argument("--json", default=None, metavar="OUT.json",
                    help="write {fields: [{image, width, height, cells: [{box, label, p_parasitized, ood}], n_cells, "
                         "n_parasitized, parasitemia, parasitemia_ci95, ...}], summary: {...}}")
@@ -199,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "network is unchanged. Use the result with --model in predict, smear and serve.")
     p.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/ cell images of your lab")
     p.add_argument("--out", required=True, help="the new model file (.onnx)")
-    p.add_argument("--model", default=None, help="ONNX model to calibrate; default: the bundled model")
+    p.add_argument("--model", default=None, help="ONNX model to calibrate, " + NAMES_HELP + "; default: nih")
     p.add_argument("--target-sensitivity", type=float, default=None,
                    help="choose the threshold reaching this sensitivity on your cells (default: the model's own, "
                         "moved only as far as your cells show it is off)")
@@ -216,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-uninfected-per-field", type=int, default=0, help="subsample uninfected cells (0 = all)")
 
     p = sub.add_parser("serve", help="web app + REST API (default http://127.0.0.1:8000)")
-    p.add_argument("--model", default=None, help="ONNX model; default: the bundled model")
+    p.add_argument("--model", default=None, help="ONNX model for single cells, " + NAMES_HELP + "; default: nih")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allowed-hosts", default=None, metavar="HOSTS",
@@ -224,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "rebinding; default: MALARIA_DETECT_ALLOWED_HOSTS, else any")
 
     p = sub.add_parser("benchmark", help="latency and throughput: ONNX fp32, ONNX int8, PyTorch")
-    p.add_argument("--model", default=None, help="ONNX model; default: the bundled model")
+    p.add_argument("--model", default=None, help="ONNX model file, " + NAMES_HELP + "; default: nih")
     p.add_argument("--int8-model", default=None, help="int8 ONNX model to compare (default: the bundled one)")
     p.add_argument("--checkpoint", default=None, help="torch checkpoint for the PyTorch eager column")
     p.add_argument("--sample", default=None, help="labelled image folder (default: the bundled sample)")

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 
+# the bundled models by name, wherever `--model` (or `model=`) takes a model file (predict.model_path)
+BUNDLED_NAMES = {"nih": "malaria_lite0.onnx", "robust": "malaria_lite0_robust.onnx"}
+NAMES_HELP = ("or a bundled model by name: 'nih' (NIH cells; the single-cell default) or 'robust' (cells of "
+              "two labs, stain-augmented; the whole-field default, for cells from other labs)")
+
 ARCHITECTURES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "simple_cnn")
 
 

@@ -26,8 +26,11 @@ def cross_validate(data_dir, folds: int = 5, model: str = TrainConfig.model, out
     """`options`: TrainConfig fields for each fold's training (epochs, image_size, seed, patients_csv, ...;
     their defaults are TrainConfig's). The seed also shuffles the patients into folds."""
     from .evaluate import Scorer, evaluate
+    from .predict import model_path
 
-    is_file = Path(model).suffix in (".onnx", ".safetensors") or Path(model).is_dir()
+    path = model_path(model)           # a file, a run folder or a bundled model's name; else an architecture
+    is_file = path.suffix in (".onnx", ".safetensors") or path.is_dir()
+    model = path if is_file else model
     base = TrainConfig(data=str(data_dir), out=str(out), **({} if is_file else {"model": model}), **options)
     seed, patients_csv = base.seed, base.patients_csv
     items = D.find_images(data_dir, patients_csv)

@@ -23,7 +23,9 @@ class Scorer:
     """Uniform access to a model: record + uint8 arrays -> (logits, ood scores)."""
 
     def __init__(self, path: str | Path | None = None, tta: bool = False):
-        p = Path(path) if path else None
+        from .predict import model_path
+
+        p = model_path(path) if path else None
         self.tta = tta
         if p is None or p.suffix == ".onnx":
             from .predict import Predictor

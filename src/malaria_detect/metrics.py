@@ -185,16 +185,19 @@ def threshold_max_balanced_accuracy(y, p) -> float:
 
 def threshold_near(y, p, reference: float, cells: float = 1.0) -> float:
     """The threshold nearest `reference` (in logit) among those whose balanced accuracy on (y, p) is
-    within `cells` cell(s) of each class of the best: a small labelled set moves a threshold only as
-    far as it has evidence to. (Maximising balanced accuracy alone on 100 cells moved a threshold
-    that was already right: one infected cell with a low score, caught at no cost in sample, cost
-    ~1 % specificity on the lab's other cells; scripts/adapt_rule.py.)"""
+    at most `cells` x (1/(2 n_pos) + 1/(2 n_neg)) below the best (the worth of one misjudged cell of
+    each class): a small labelled set moves a threshold only as far as it has evidence to.
+    (Maximising balanced accuracy alone on 100 cells moved a threshold that was already right: one
+    infected cell with a low score, caught at no cost in sample, cost ~1 % specificity on the lab's
+    other cells; scripts/adapt_rule.py.) Every candidate sits between two scores, never on one."""
     y = np.asarray(y).astype(bool)
     p = np.asarray(p, np.float64)
-    fpr, tpr, thr = roc_curve(y, p)
+    _, _, thr = roc_curve(y, p)
+    below = p[p < reference]
+    if np.any(p == reference):  # keep the boundary off a cell's score, as _between does
+        reference = (reference + (below.max() if len(below) else reference - 1e-3)) / 2
     cuts = np.array([_between(thr, i) for i in range(len(thr))] + [reference])
-    ranked = np.r_[(tpr + 1 - fpr) / 2, 0.0]
-    ranked[-1] = (np.mean(p[y] >= reference) + np.mean(p[~y] < reference)) / 2
+    ranked = np.array([(np.mean(p[y] >= c) + np.mean(p[~y] < c)) / 2 for c in cuts])
     tol = cells * 0.5 * (1 / max(y.sum(), 1) + 1 / max((~y).sum(), 1))
     ok = cuts[ranked >= ranked.max() - tol - 1e-12]
 

@@ -23,6 +23,7 @@ from typing import IO, overload
 import numpy as np
 from PIL import Image
 
+from .config import BUNDLED_NAMES, NAMES_HELP
 from .data import IMAGE_EXTENSIONS
 from .errors import MissingFileError, ModelError, UsageError
 from .preprocess import ImageError, Record, RecordError, normalize, open_rgb, resize_uint8, shrink
@@ -30,11 +31,11 @@ from .preprocess import ImageError, Record, RecordError, normalize, open_rgb, re
 # What `Predictor.predict` takes as one image.
 ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | IO[bytes]
 
-BUNDLED_MODEL = "malaria_lite0.onnx"
+BUNDLED_MODEL = BUNDLED_NAMES["nih"]
 # the model trained for other labs' cells too (NIH + IML fields, stain/blur/zoom augmentation): the
 # default of whole-field analysis (smear, POST /smear); see MODEL_CARD.md for why it is not the
 # single-cell default as well
-FIELD_MODEL = "malaria_lite0_robust.onnx"
+FIELD_MODEL = BUNDLED_NAMES["robust"]
 # ONNX metadata key holding onnx_weights_sha256() of the file, written by export; checked at load.
 WEIGHTS_KEY = "malaria_detect_weights_sha256"
 NON_FINITE = "the model's output is not a finite number (NaN or infinity): the model file may be damaged"
@@ -47,6 +48,16 @@ def bundled_model_path() -> Path:
 
 def bundled_field_model_path() -> Path:
     return bundled_model_path().with_name(FIELD_MODEL)
+
+
+def model_path(model: str | Path | None) -> Path:
+    """The file a `--model` value names: a path, a bundled model's name, or None (the bundled default)."""
+    if model is None or str(model) == "":
+        return bundled_model_path()
+    path = Path(model)
+    if not path.exists() and str(model) in BUNDLED_NAMES:  # a file of that name, if there is one, wins
+        return bundled_model_path().with_name(BUNDLED_NAMES[str(model)])
+    return path
 
 
 def bundled_sha256_path(model: Path | None = None) -> Path:
@@ -254,9 +265,9 @@ class Predictor:
     def load(cls, path: str | Path | None = None, threads: int | None = None) -> Predictor:
         import onnxruntime as ort
 
-        path = Path(path) if path else bundled_model_path()
+        path = model_path(path)
         if not path.is_file():
-            raise MissingFileError(f"{path}: model file not found")
+            raise MissingFileError(f"{path}: model file not found (give an .onnx file, {NAMES_HELP})")
         blob = path.read_bytes()
         _check_bundled(path, blob)
         opts = ort.SessionOptions()

@@ -313,7 +313,7 @@ def _model_ctor(model) -> tuple[Predictor, dict]:
     pred = Predictor.load(model)
     if model is None:
         return pred, {"model_blob": None, "model_name": None}
-    return pred, {"model_blob": Path(model).read_bytes(), "model_name": Path(model).name}
+    return pred, {"model_blob": Path(pred.path).read_bytes(), "model_name": Path(pred.path).name}
 
 
 def _prepare(paths, model, address, num_cpus):
