@@ -47,15 +47,7 @@ def main():
     unpack(pack)
     weights = ROOT / ".gpu" / "lite0_imagenet_fp16.safetensors"
     MM.load_imagenet_state = lambda name: {k: v.float() for k, v in load_file(str(weights)).items()}
-    if torch.cuda.is_available():  # one process, one GPU: the training loop's device
-        init = T.Ranks.__init__
-
-        def on_gpu(self):
-            init(self)
-            self.device = torch.device("cuda")
-
-        T.Ranks.__init__ = on_gpu
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = True   # train() runs on the GPU (Ranks picks it without torchrun)
     cfg = T.TrainConfig(data=str(pack), out=os.environ.get("OUT", "runs") + "/run",
                         patients_csv=str(pack / "patients.csv"), split_file=str(pack / "split.json"),
                         robust_aug=True, lab_stain_aug=0.5, head_epochs=1,

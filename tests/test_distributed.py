@@ -93,3 +93,13 @@ def test_two_ranks_step_in_lockstep_resume_and_write_one_checkpoint(tmp_path):
     assert rec.extra["split"] == load_split(run / "split.json") and rec.extra["n_train_images"] == 64
     assert set(ood) == {f"ood.{i}.{k}" for i in (0, 1) for k in ("means", "prec", "scale")}
     assert done.stdout.count("best epoch") == 1  # one rank reports
+
+
+def test_without_torchrun_training_uses_the_gpu_when_there_is_one(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    r = T.Ranks()
+    assert not r.active and r.device.type == "cuda" and r.world == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert T.Ranks().device.type == "cpu"

@@ -199,7 +199,7 @@ def predict_arrays(model, x_uint8: np.ndarray, mean, std, batch_size: int = 256,
 
 class Ranks:
     """This process's place among torchrun's processes. Without torchrun every method is a no-op
-    and train() is exactly the single-process loop.
+    and train() is exactly the single-process loop, on the GPU when there is one (else the CPU).
 
     Under `torchrun --nproc-per-node N -m malaria_detect.cli train ...` (DDP; gloo on CPU, nccl
     with one GPU per process): rank 0 makes the patient split and fills the image cache while the
@@ -215,7 +215,7 @@ class Ranks:
         self.world = int(os.environ["WORLD_SIZE"]) if self.active else 1
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.active else 0
         self.is_main = self.rank == 0
-        self.device = torch.device("cpu")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.started = False
         if self.active:
             import torch.distributed as dist
