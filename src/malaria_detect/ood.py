@@ -18,9 +18,9 @@ several cells or mostly background, which the Gaussians, fitted on cells of two 
 variation, let pass. Its layer score is `threshold * exp(w . f + b)`, above the threshold exactly when
 the linear score is above its cut, and the image's score is the larger of both parts.
 
-A part whose scale is 0 is left out of the score (`leave_out`): the robust model's flag leaves out its
-first tapped layer, whose statistics are mostly colour and drift with a lab's stain from field to field
-(scripts/flag_margin.py).
+A part whose scale is 0 is left out of the score (`leave_out`): scripts/flag_margin.py may leave out
+the first tapped layer, whose statistics are mostly colour and drift with a lab's stain from field to
+field, when the other parts flag as many non-cell images.
 
 Stored in checkpoints as arrays `ood.{i}.means` (2, D), `ood.{i}.prec` (D, D), `ood.{i}.scale` (1,),
 and for the view check `ood.view.w` (C,), `ood.view.b` (1,), `ood.view.scale` (1,).
