@@ -228,3 +228,4 @@ def test_robust_model_lets_other_lab_cells_cut_by_their_boxes_pass_and_flags_sev
     loose = fields_model.predict(loose_crops)
     assert np.mean([r.ood for r in loose]) <= 0.02          # (3 % with a view check fitted without them)
     assert "loose box crops" in fields_model.record.extra["not_a_cell"]["view_check"]["fit"]
+    assert fields_model.record.extra["not_a_cell"]["left_out_layers"] == []   # the parts flag_margin chose
