@@ -65,16 +65,21 @@ def pooled(model, x_uint8: np.ndarray, mean, std, view_seed: int | None = None) 
                                                                                     view=view)])
 
 
-def field_windows(fields: Path, size: int, per_field: int, rng) -> np.ndarray:
-    """Random windows of the training fields, 2.5-4.5 median cell sides across."""
+def training_fields(fields: Path):
+    """(image, boxes) of each IML training field, leaving out those of the non-cell benchmark."""
     anns = {a["image_name"]: a for a in read_annotations(fields / "annotations.json")}
-    out = []
     for name in TRAIN_FIELDS:
         if name in BENCHMARK_FIELDS or f"{name}.JPG" not in anns:
             continue
-        boxes = np.array(anns[f"{name}.JPG"]["boxes"])
+        yield Image.open(fields / "images" / f"{name}.JPG").convert("RGB"), anns[f"{name}.JPG"]["boxes"]
+
+
+def field_windows(fields: Path, size: int, per_field: int, rng) -> np.ndarray:
+    """Random windows of the training fields, 2.5-4.5 median cell sides across."""
+    out = []
+    for im, boxes in training_fields(fields):
+        boxes = np.array(boxes)
         cell = float(np.median(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])))
-        im = Image.open(fields / "images" / f"{name}.JPG").convert("RGB")
         for _ in range(per_field):
             side = int(cell * rng.uniform(2.5, 4.5))
             x, y = rng.integers(0, im.width - side), rng.integers(0, im.height - side)
@@ -85,13 +90,8 @@ def field_windows(fields: Path, size: int, per_field: int, rng) -> np.ndarray:
 def loose_crops(fields: Path, size: int, per_field: int, rng, scale=(1.0, 1.5)) -> np.ndarray:
     """Cells of the training fields cut by their box made 1.0-1.5 times larger: one cell, with parts of
     its neighbours, as a person cropping loosely gets it (single cells for the view check)."""
-    anns = {a["image_name"]: a for a in read_annotations(fields / "annotations.json")}
     out = []
-    for name in TRAIN_FIELDS:
-        if name in BENCHMARK_FIELDS or f"{name}.JPG" not in anns:
-            continue
-        boxes = anns[f"{name}.JPG"]["boxes"]
-        im = Image.open(fields / "images" / f"{name}.JPG").convert("RGB")
+    for im, boxes in training_fields(fields):
         for j in rng.choice(len(boxes), min(per_field, len(boxes)), replace=False):
             out.append(resize_uint8(_box_crop(im, boxes[j], float(rng.uniform(*scale))), size))
     return np.stack(out)

@@ -57,7 +57,6 @@ class NotACellScore(nn.Module):
 
     def __init__(self, ood: dict):
         super().__init__()
-        self.n_layers = len({k.split(".")[1] for k in ood} - {"view"})
         self.view_check = "ood.view.w" in ood
         for k, v in ood.items():  # ood.0.means -> buffer ood_0_means
             self.register_buffer(k.replace(".", "_"), torch.as_tensor(np.asarray(v, np.float32)))
@@ -66,8 +65,12 @@ class NotACellScore(nn.Module):
         return _distance(stats, getattr(self, f"ood_{i}_means"), getattr(self, f"ood_{i}_prec")) \
             * getattr(self, f"ood_{i}_scale")
 
+    def layers(self, stats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tapped layer's score, from its statistics."""
+        return [self.layer(i, s) for i, s in enumerate(stats)]
+
     def from_stats(self, stats: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([self.layer(i, s) for i, s in enumerate(stats)], 1).max(1).values
+        return torch.stack(self.layers(stats), 1).max(1).values
 
     def view_score(self, pooled: torch.Tensor) -> torch.Tensor:
         """(N, C) pooled final features -> (N,) the view check's layer score."""
@@ -75,8 +78,7 @@ class NotACellScore(nn.Module):
 
     def parts(self, taps: list[torch.Tensor], pooled: torch.Tensor | None = None) -> torch.Tensor:
         """(N, P) each part's score: the tapped layers, then the view check if there is one."""
-        stats = tap_stats(taps)
-        cols = [self.layer(i, s) for i, s in enumerate(stats)]
+        cols = self.layers(tap_stats(taps))
         if self.view_check:
             cols.append(self.view_score(pooled))
         return torch.stack(cols, 1)
