@@ -28,7 +28,7 @@ run: $(VENV)/.core
 	$(BIN)/malaria-detect serve --host $(HOST) --port $(PORT)
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks recipes research
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -18,11 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from malaria_detect.cells.predictor import Predictor
+from malaria_detect.evaluation.evaluate import evaluate
 
-from malaria_detect.evaluate import evaluate  # noqa: E402
-from malaria_detect.predict import Predictor  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 COLS = ["accuracy", "recall", "specificity", "precision", "f1", "mcc", "roc_auc"]
 

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each rank logs its loss at every step, then runs the CLI's `train` unchanged.
 WORKER = '''
 import os, sys
-from malaria_detect import cli, train as T
+from malaria_detect import cli
+from malaria_detect.training import loop as T
 log = open(os.environ["LOSS_LOG"] + "." + os.environ.get("RANK", "0"), "w")
 real = T.F.binary_cross_entropy_with_logits
 def logged(*a, **k):

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/ood_and_tta.py --data ../shared/data/nih-cells
 
 Prints two tables:
-  1. the fraction flagged `ood` among non-cell images (benchmarks/non_cells.py) and among the
+  1. the fraction flagged `ood` among non-cell images (malaria_detect.evaluation.noncells) and among the
      held-out test patients' cells (which should pass);
   2. accuracy / AUC / time on the test patients without and with 8-view TTA.
 """
@@ -11,19 +11,15 @@ Prints two tables:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+from malaria_detect import data as D
+from malaria_detect.cells.predictor import Predictor
+from malaria_detect.evaluation import metrics as M
+from malaria_detect.evaluation.noncells import non_cell_images
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from non_cells import non_cell_images  # noqa: E402
-
-from malaria_detect import data as D  # noqa: E402
-from malaria_detect import metrics as M  # noqa: E402
-from malaria_detect.predict import Predictor  # noqa: E402
 
 
 def main():

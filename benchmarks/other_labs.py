@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/other_labs.py --models OLD.onnx NEW.onnx [--adapt-model NEW.onnx] [--draws 5]
 
-Needs the IML cells of the held-out block cut by `malaria-detect cut-cells` (scripts/robust_training_set.py):
+Needs the IML cells of the held-out block cut by `malaria-detect cut-cells` (recipes/robust/robust_training_set.py):
     runs/data/iml_test  block PA1718xx, held out from training and every choice. It is split by
                         consecutive number: fields PA171800-829 are the "lab's own labelled cells" that
                         adapt may use; every IML figure below is measured on fields PA171830-899.
@@ -21,23 +21,19 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from malaria_detect import data as D
+from malaria_detect.cells.predictor import Predictor
+from malaria_detect.evaluation import metrics as M
+from malaria_detect.evaluation.adapt import adapt
+from malaria_detect.evaluation.noncells import field_windows, non_cell_images
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from non_cells import field_windows, non_cell_images  # noqa: E402
-
-from malaria_detect import data as D  # noqa: E402
-from malaria_detect import metrics as M  # noqa: E402
-from malaria_detect.adapt import adapt  # noqa: E402
-from malaria_detect.predict import Predictor  # noqa: E402
 
 NIH = ROOT.parent / "shared" / "data" / "nih-cells"
 

@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from malaria_detect.cells.predictor import Predictor
+from malaria_detect.imaging import iter_image_paths
 
-from malaria_detect.predict import Predictor, iter_image_paths  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn):

@@ -7,9 +7,9 @@ Blocks (split by consecutive image numbers, never at random): PA171690-PA171769 
 classifier, PA171770-PA171799 chose its operating point and tuned the segmentation, **PA1718xx is
 held out** and is the block to report on.
 
-Pipeline: `smear.analyze_field` (segment.py + the Predictor). Baseline (as first tried by a new
+Pipeline: `fields.analysis.analyze_field` (fields/segment.py + the Predictor). Baseline (as first tried by a new
 user): green channel -> Otsu -> distance transform -> watershed, each region masked on black and
-classified by the given (default: bundled) model. Scores: `fieldcells.score_fields` (the same rules
+classified by the given (default: bundled) model. Scores: `evaluation.fieldscore.score_fields` (the same rules
 as ../shared/tools/score_smear.py). Fields/s is end to end, JPEG file -> JSON record, one process.
 """
 
@@ -17,20 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from malaria_detect.cells.predictor import Predictor
+from malaria_detect.counting import counts
+from malaria_detect.data.annotations import read_annotations
+from malaria_detect.evaluation.fieldscore import score_fields
+from malaria_detect.fields.analysis import FIELD_MAX_PIXELS, analyze_field
+from malaria_detect.fields.crops import cell_crops
+from malaria_detect.fields.segment import Cell
+from malaria_detect.imaging import open_rgb
 
-from malaria_detect.fieldcells import read_annotations, score_fields  # noqa: E402
-from malaria_detect.predict import Predictor  # noqa: E402
-from malaria_detect.preprocess import open_rgb  # noqa: E402
-from malaria_detect.segment import Cell  # noqa: E402
-from malaria_detect.smear import FIELD_MAX_PIXELS, analyze_field, cell_crops, counts  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 IML = ROOT.parent / "shared" / "data" / "iml-fields"
 

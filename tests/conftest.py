@@ -26,7 +26,7 @@ def nih() -> Path:
 
 @pytest.fixture(scope="session")
 def bundled():
-    from malaria_detect.predict import Predictor
+    from malaria_detect.cells.predictor import Predictor
 
     return Predictor.load()
 
@@ -35,7 +35,8 @@ def bundled():
 def tiny_run(tmp_path_factory) -> Path:
     """A real (tiny) two-stage training run on the committed sample: 64 px, 1 + 1 epochs."""
     torch = pytest.importorskip("torch")
-    from malaria_detect.train import TrainConfig, train
+    from malaria_detect.training.config import TrainConfig
+    from malaria_detect.training.loop import train
 
     torch.manual_seed(0)
     os.environ.setdefault("MALARIA_DETECT_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -47,7 +48,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_run, tmp_path_factory) -> Path:
-    from malaria_detect.export import export
+    from malaria_detect.training.export import export
 
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     export(tiny_run, out, sample_dir=SAMPLES)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from malaria_detect import data as D
-from malaria_detect.adapt import adapt
+from malaria_detect.cells.predictor import Predictor
 from malaria_detect.cli import main
-from malaria_detect.predict import Predictor
+from malaria_detect.evaluation.adapt import adapt
 
 
 def _lab(tmp_path, samples, n_pos, n_neg):
@@ -76,7 +76,7 @@ def test_adapt_keeps_the_field_operating_point(tmp_path, samples):
     an operating point for 1-2 % prevalence); only its expression under the new temperature changes."""
     import math
 
-    from malaria_detect.predict import bundled_field_model_path
+    from malaria_detect.modelfile import bundled_field_model_path
 
     base = Predictor.load(bundled_field_model_path()).record
     adapt(_lab(tmp_path, samples, 30, 30), tmp_path / "f.onnx", bundled_field_model_path())

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 import malaria_detect as md
+from malaria_detect.cells.predictor import Prediction
 from malaria_detect.errors import UsageError
-from malaria_detect.predict import Prediction
-from malaria_detect.preprocess import Record, RecordError
+from malaria_detect.record import Record, RecordError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,8 +73,20 @@ def test_bad_inputs_get_their_error_not_an_exception(bundled):
 
 
 def test_smear_convenience(bundled):
-    rep = bundled.smear([ROOT / "samples" / "fields" / "PA171771.JPG"])
+    field = ROOT / "samples" / "fields" / "PA171771.JPG"
+    rep = md.smear([field], model=bundled)
     assert rep["fields"][0]["n_cells"] > 50 and rep["model"]["class_names"] == list(bundled.record.class_names)
+    default = md.smear([field])  # the bundled whole-field model
+    assert default["model"]["file"] == md.available_models()["robust"]["file"]
+
+
+def test_available_models_list_the_bundled_models_with_their_records():
+    models = md.available_models()
+    assert set(models) == {"nih", "robust"}
+    for name, m in models.items():
+        assert Path(m["path"]).is_file() and m["record"].class_names == ("Uninfected", "Parasitized")
+        assert md.load(name).record == m["record"]  # the same record ONNX Runtime's metadata gives
+    assert models["nih"]["default_for"] == ["single cells"] and models["robust"]["default_for"] == ["whole fields"]
 
 
 def test_empty_input_gives_the_cams_real_shape(bundled):
@@ -104,6 +116,6 @@ def test_old_records_with_resize_still_load():
 
 def test_importing_changes_no_global_pillow_setting():
     code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import malaria_detect.cli, "
-            "malaria_detect.serve.app, malaria_detect.smear; print(Image.MAX_IMAGE_PIXELS == before)")
+            "malaria_detect.serve.app, malaria_detect.fields.analysis; print(Image.MAX_IMAGE_PIXELS == before)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "True"

@@ -507,7 +507,7 @@ def test_fields_gallery_zooms_to_each_parasitized_cell(server, browser):
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from malaria_detect.smear import wilson
+    from malaria_detect.counting import wilson
 
     _fields_mode(browser, server)
     answer = _fabricated()

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from malaria_detect import data as D
+from malaria_detect.cells.heatmaps import cam_peak_xy, cam_to_map, heatmap_overlay
 from malaria_detect.cli import main
-from malaria_detect.predict import cam_peak_xy, cam_to_map, heatmap_overlay
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from non_cells import non_cell_images  # noqa: E402
+from malaria_detect.evaluation.noncells import non_cell_images
 
 
 def test_record_is_complete(bundled):
@@ -103,7 +99,7 @@ def test_tta_runs_and_agrees(bundled, samples):
 
 
 def test_benchmark_command_reports_each_engine():
-    from malaria_detect.bench import run_benchmark
+    from malaria_detect.evaluation.speed import run_benchmark
 
     r = run_benchmark(n_latency=5)
     engines = [row["engine"] for row in r["rows"]]

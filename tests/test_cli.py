@@ -13,7 +13,7 @@ from PIL import Image
 
 from malaria_detect import cli
 from malaria_detect.cli import build_parser, main
-from malaria_detect.config import TrainConfig, default
+from malaria_detect.training.config import TrainConfig, default
 
 
 @pytest.fixture()
@@ -94,7 +94,7 @@ def test_train_and_cv_options_come_from_train_config():
 
 
 def test_cv_passes_its_options_to_each_folds_training(samples, tmp_path, monkeypatch):
-    import malaria_detect.cv as CV
+    import malaria_detect.evaluation.crossval as CV
 
     seen = {}
 

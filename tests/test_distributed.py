@@ -13,17 +13,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import SAMPLES  # noqa: E402
+from conftest import SAMPLES
 
-from malaria_detect import train as T  # noqa: E402
-from malaria_detect.data import load_split  # noqa: E402
+from malaria_detect.data import load_split
+from malaria_detect.training.checkpoint import load_checkpoint
+from malaria_detect.training.distributed import Ranks
 
 # Runs `malaria-detect train` (cli.main) in each rank, recording a hash of the model's weights after
 # every optimizer step; DIE_AFTER_EPOCH makes rank 0 exit once that epoch's resume state is saved.
 WORKER = textwrap.dedent('''
     import hashlib, json, os, sys
     import torch
-    from malaria_detect import cli, train as T
+    from malaria_detect import cli
+    from malaria_detect.training import loop as T
 
     log = open(os.environ["STEP_LOG"] + "." + os.environ["RANK"], "a")
     real_optimizer, real_save = T._optimizer, T._save_resume
@@ -88,7 +90,7 @@ def test_two_ranks_step_in_lockstep_resume_and_write_one_checkpoint(tmp_path):
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["stage"]) for r in rows] == [(1, "head"), (2, "finetune")]  # rank 0 wrote, once
-    model, rec, ood = T.load_checkpoint(run)
+    model, rec, ood = load_checkpoint(run)
     assert rec.arch == "efficientnet_lite0" and rec.input_size == 48 and rec.extra["epochs_run"] == 2
     assert rec.extra["split"] == load_split(run / "split.json") and rec.extra["n_train_images"] == 64
     assert set(ood) == {f"ood.{i}.{k}" for i in (0, 1) for k in ("means", "prec", "scale")}
@@ -99,7 +101,7 @@ def test_without_torchrun_training_uses_the_gpu_when_there_is_one(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    r = T.Ranks()
+    r = Ranks()
     assert not r.active and r.device.type == "cuda" and r.world == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert T.Ranks().device.type == "cpu"
+    assert Ranks().device.type == "cpu"

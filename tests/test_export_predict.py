@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from malaria_detect import data as D
-from malaria_detect.predict import Predictor
+from malaria_detect.cells.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_onnx_matches_pytorch_and_carries_the_record(tiny_run, tiny_onnx, samples):
     pytest.importorskip("torch")
-    from malaria_detect.export import torch_outputs
-    from malaria_detect.train import load_checkpoint
+    from malaria_detect.training.checkpoint import load_checkpoint
+    from malaria_detect.training.export import torch_outputs
 
     model, rec, ood = load_checkpoint(tiny_run)
     pred = Predictor.load(tiny_onnx)
@@ -38,7 +38,7 @@ def test_onnx_matches_pytorch_and_carries_the_record(tiny_run, tiny_onnx, sample
 
 def test_export_refuses_when_onnx_disagrees(tiny_run, tmp_path, monkeypatch, samples):
     pytest.importorskip("torch")
-    from malaria_detect import export as E
+    from malaria_detect.training import export as E
 
     with pytest.raises(RuntimeError, match="disagree"):
         E.export(tiny_run, tmp_path / "m.onnx", sample_dir=samples, tol=-1.0)
@@ -77,7 +77,7 @@ def test_predict_cli_csv_with_bad_files_and_heatmaps(tiny_onnx, samples, tmp_pat
 
 
 def test_importing_the_predictor_does_not_import_torch():
-    code = ("import sys, malaria_detect.predict, malaria_detect.evaluate, malaria_detect.serve.app, "
+    code = ("import sys, malaria_detect.cells.predictor, malaria_detect.evaluation.evaluate, malaria_detect.serve.app, "
             "malaria_detect.cli; print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
@@ -118,8 +118,8 @@ def test_not_a_malaria_model_is_refused(tmp_path):
 
 def test_export_target_sensitivity_sets_the_operating_point(tiny_run, tmp_path, samples):
     pytest.importorskip("torch")
-    from malaria_detect import metrics as M
-    from malaria_detect.export import export
+    from malaria_detect.evaluation import metrics as M
+    from malaria_detect.training.export import export
 
     r = export(tiny_run, tmp_path / "sens.onnx", target_sensitivity=0.98, data_dir=samples)
     pred = Predictor.load(tmp_path / "sens.onnx")
@@ -136,8 +136,8 @@ def test_bundled_models_by_name(samples, tmp_path, monkeypatch):
     """--model nih / --model robust pick the bundled models (a user from another lab need not find the
     package folder); a file of that name wins; an unknown name says what is accepted."""
     from malaria_detect.errors import MissingFileError
-    from malaria_detect.evaluate import Scorer
-    from malaria_detect.predict import bundled_field_model_path, bundled_model_path
+    from malaria_detect.evaluation.evaluate import Scorer
+    from malaria_detect.modelfile import bundled_field_model_path, bundled_model_path
 
     assert Predictor.load("robust").path == bundled_field_model_path()
     assert Predictor.load("nih").path == bundled_model_path()

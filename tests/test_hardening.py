@@ -26,9 +26,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from malaria_detect import data as D
-from malaria_detect import predict as P
+from malaria_detect import modelfile as P
+from malaria_detect.cells.predictor import Predictor
 from malaria_detect.cli import main
-from malaria_detect.preprocess import MAX_SIDE, ImageError, Record, RecordError, open_rgb
+from malaria_detect.imaging import MAX_SIDE, ImageError, open_rgb
+from malaria_detect.record import Record, RecordError
 from malaria_detect.serve.app import Settings, SettingsError, create_app
 
 PAR = "Parasitized/C118P79ThinF_IMG_20151002_105735_cell_153.webp"    # clear cases (see test_serve)
@@ -92,7 +94,7 @@ def _nan_model(onnx_model, path: Path) -> Path:
 
 def test_nan_output_is_an_error_never_a_label(onnx_model, tmp_path, samples, capsys):
     bad = _nan_model(onnx_model, tmp_path / "bad.onnx")
-    pred = P.Predictor.load(bad)
+    pred = Predictor.load(bad)
     res = pred.predict([samples / PAR, samples / UNI], heatmaps=True)
     assert all(r.label is None and r.p_parasitized is None and "not a finite number" in r.error for r in res)
     assert main(["predict", str(samples / PAR), "--model", str(bad)]) == 1  # no answer for the input
@@ -124,7 +126,7 @@ def test_invalid_record_is_refused_at_load_with_one_line(onnx_model, bundled, tm
         Record.from_json(json.dumps(d))
     bad = _save_with_record(onnx_model, tmp_path / "bad.onnx", **changes)
     with pytest.raises(RecordError, match=f"{bad}: invalid model record: {words}"):
-        P.Predictor.load(bad)
+        Predictor.load(bad)
     assert main(["predict", str(samples / PAR), "--model", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(bad) in err and words in err and "Traceback" not in err
@@ -145,17 +147,17 @@ def test_bundled_model_matches_its_sha256_file_and_a_damaged_copy_is_refused(tmp
     (assets / P.BUNDLED_MODEL).write_bytes(blob)
     monkeypatch.setattr(P, "bundled_model_path", lambda: assets / P.BUNDLED_MODEL)
     with pytest.raises(P.ModelError, match="does not match malaria_lite0.onnx.sha256"):
-        P.Predictor.load()
+        Predictor.load()
 
 
 def test_weights_hash_in_metadata_catches_flipped_bytes(onnx_model, tmp_path):
     pytest.importorskip("torch")  # export.write_metadata lives with the training extras
-    from malaria_detect.export import write_metadata
+    from malaria_detect.training.export import write_metadata
 
     good = tmp_path / "good.onnx"
     shutil.copy(P.bundled_model_path(), good)
-    write_metadata(good, P.Predictor.load().record)
-    assert P.WEIGHTS_KEY in P.Predictor.load(good).session.get_modelmeta().custom_metadata_map
+    write_metadata(good, Predictor.load().record)
+    assert P.WEIGHTS_KEY in Predictor.load(good).session.get_modelmeta().custom_metadata_map
     big = max(onnx_model.graph.initializer, key=lambda t: len(t.raw_data)).raw_data
     blob = bytearray(good.read_bytes())
     at = bytes(blob).find(big)
@@ -165,7 +167,7 @@ def test_weights_hash_in_metadata_catches_flipped_bytes(onnx_model, tmp_path):
     bad = tmp_path / "flipped.onnx"
     bad.write_bytes(blob)
     with pytest.raises(P.ModelError, match=f"{bad}: its weights do not match the hash"):
-        P.Predictor.load(bad)
+        Predictor.load(bad)
 
 
 # ---------------------------------------------------------------- 2. answers by upload position
@@ -345,7 +347,7 @@ def test_csv_into_a_missing_folder_fails_before_predicting(samples, tmp_path, mo
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the CSV destination was checked")
 
-    monkeypatch.setattr(P.Predictor, "load", no_load)
+    monkeypatch.setattr(Predictor, "load", no_load)
     with pytest.raises(SystemExit, match="does not exist"):
         main(["predict", str(samples / PAR), "--csv", str(tmp_path / "missing" / "out.csv")])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from malaria_detect import metrics as M
+from malaria_detect.evaluation import metrics as M
 
 
 def test_binary_metrics_by_hand():

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from malaria_detect.models import create_model, imagenet_classifier, load_backbone_strict, load_imagenet_state  # noqa: E402
+from malaria_detect.training.models import create_model, imagenet_classifier, load_backbone_strict, load_imagenet_state
 
 
 def test_imagenet_weights_are_real_chelsea_is_a_cat():

@@ -8,12 +8,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from malaria_detect import data as D  # noqa: E402
-from malaria_detect import ood as O  # noqa: E402
-from malaria_detect.checkpoint import load_checkpoint  # noqa: E402
-from malaria_detect.predict import Predictor  # noqa: E402
-from malaria_detect.preprocess import normalize  # noqa: E402
-from malaria_detect.train import predict_arrays  # noqa: E402
+from malaria_detect import data as D
+from malaria_detect.cells.predictor import Predictor
+from malaria_detect.imaging import normalize
+from malaria_detect.training import notacell as O
+from malaria_detect.training.checkpoint import load_checkpoint
+from malaria_detect.training.loop import predict_arrays
 
 
 def test_training_score_equals_the_exported_graphs(tiny_run, tiny_onnx, samples):
@@ -46,8 +46,8 @@ def test_fit_normalises_each_layer_to_a_median_of_one_on_validation():
 
 
 def test_train_and_model_offer_the_same_architectures():
-    from malaria_detect.config import ARCHITECTURES
-    from malaria_detect.models import ARCHITECTURES as MODELS
+    from malaria_detect.training.config import ARCHITECTURES
+    from malaria_detect.training.models import ARCHITECTURES as MODELS
 
     assert list(ARCHITECTURES) == MODELS
 
@@ -74,8 +74,8 @@ def test_view_check_separates_and_its_cut_passes_the_asked_share_of_validation_c
 
 def test_view_check_is_computed_by_the_exported_graph(tiny_run, samples, tmp_path):
     """A checkpoint whose not-a-cell model has a view check exports to a graph giving the same score."""
-    from malaria_detect.checkpoint import save_checkpoint
-    from malaria_detect.export import export
+    from malaria_detect.training.checkpoint import save_checkpoint
+    from malaria_detect.training.export import export
 
     model, rec, ood = load_checkpoint(tiny_run)
     x, _, _, _ = D.load_arrays(D.find_images(samples), rec.input_size, use_cache=False, progress=False)
@@ -110,7 +110,7 @@ def test_view_check_is_computed_by_the_exported_graph(tiny_run, samples, tmp_pat
 
 
 def test_lab_stain_varies_colour_keeps_range_and_fills_some_black_surrounds():
-    from malaria_detect.train import lab_stain
+    from malaria_detect.training.augment import lab_stain
 
     x = torch.zeros(64, 3, 16, 16)
     x[:, :, 4:12, 4:12] = torch.tensor([0.8, 0.6, 0.7])[None, :, None, None]   # a pinkish cell on black
@@ -130,8 +130,8 @@ def test_fitting_on_stain_views_lets_stain_varied_cells_pass(tiny_run, samples):
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from malaria_detect.config import TrainConfig
-    from malaria_detect.train import fit_not_a_cell
+    from malaria_detect.training.config import TrainConfig
+    from malaria_detect.training.loop import fit_not_a_cell
 
     model, rec, _ = load_checkpoint(tiny_run)
     x, y, _, _ = D.load_arrays(D.find_images(samples), rec.input_size, use_cache=False, progress=False)

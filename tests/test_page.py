@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from malaria_detect.predict import _colormap
+from malaria_detect.cells.heatmaps import _colormap
 from malaria_detect.serve.app import STATIC, Settings, create_app
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import ROOT, SAMPLES
 
-from malaria_detect.predict import iter_image_paths
+from malaria_detect.imaging import iter_image_paths
 
 _no_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                              reason="ray is not installed: pip install -e '.[scale]' (make test installs it)")
@@ -152,7 +152,7 @@ FIELDS = ROOT / "samples" / "fields"
 @needs_ray
 @pytest.mark.skipif(not FIELDS.is_dir(), reason="no sample fields in samples/fields")
 def test_fields_on_ray_match_the_single_process_path(ray_local, bundled, tmp_path):
-    smear = pytest.importorskip("malaria_detect.smear")
+    smear = pytest.importorskip("malaria_detect.fields.analysis")
     import pyarrow.parquet as pq
 
     from malaria_detect.scale import analyze_fields_ray

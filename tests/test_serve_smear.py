@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from malaria_detect.counting import WHO_MIN_CELLS, wilson
 from malaria_detect.serve.app import STATIC, Settings, create_app
-from malaria_detect.smear import WHO_MIN_CELLS, wilson
 
 FIELD = "fields/PA171771.JPG"
 FIELD_KEYS = {"image", "width", "height", "cells", "n_cells", "n_classified", "n_parasitized", "n_not_a_cell",

@@ -30,7 +30,7 @@ def test_check_data_on_the_full_dataset(nih):
 def test_robust_model_on_the_same_test_patients(nih, capsys):
     """The whole-field model keeps NIH performance: same 32 test patients, none leaked (its split adds
     IML fields to the NIH split of the first model)."""
-    from malaria_detect.predict import bundled_field_model_path
+    from malaria_detect.modelfile import bundled_field_model_path
 
     assert main(["evaluate", "--model", str(bundled_field_model_path()), "--data", str(nih), "--json",
                  "--bootstrap", "200"]) == 0
@@ -44,9 +44,11 @@ def test_whole_fields_on_held_out_iml_fields():
     the precision measured on the whole block (benchmarks/smear_iml.py)."""
     from pathlib import Path
 
-    from malaria_detect.fieldcells import read_annotations, score_fields
-    from malaria_detect.predict import Predictor, bundled_field_model_path
-    from malaria_detect.smear import analyze_fields
+    from malaria_detect.cells.predictor import Predictor
+    from malaria_detect.data.annotations import read_annotations
+    from malaria_detect.evaluation.fieldscore import score_fields
+    from malaria_detect.fields.analysis import analyze_fields
+    from malaria_detect.modelfile import bundled_field_model_path
 
     iml = Path(__file__).resolve().parents[2] / "shared" / "data" / "iml-fields"
     if not (iml / "annotations.json").exists():

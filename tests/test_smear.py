@@ -13,9 +13,13 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from malaria_detect import segment as S
-from malaria_detect.fieldcells import _iou, read_annotations, score_fields
-from malaria_detect.smear import SmearOptions, analyze_field, analyze_fields, draw_overlay, summarize, wilson, write_csv
+from malaria_detect.counting import summarize, wilson
+from malaria_detect.data.annotations import _iou, read_annotations
+from malaria_detect.evaluation.fieldscore import score_fields
+from malaria_detect.fields import segment as S
+from malaria_detect.fields.analysis import SmearOptions, analyze_field, analyze_fields
+from malaria_detect.fields.overlay import draw_overlay
+from malaria_detect.fields.report import write_csv
 
 FIELDS = ROOT / "samples" / "fields"
 ANN = {r["image_name"]: r for r in read_annotations(FIELDS / "annotations.json")}
@@ -28,7 +32,8 @@ def _rgb(name):
 @pytest.fixture(scope="module")
 def fields_model():
     """The default model of whole-field analysis: the bundled robust model."""
-    from malaria_detect.predict import Predictor, bundled_field_model_path
+    from malaria_detect.cells.predictor import Predictor
+    from malaria_detect.modelfile import bundled_field_model_path
 
     return Predictor.load(bundled_field_model_path())
 
@@ -204,15 +209,15 @@ def test_robust_model_lets_other_lab_cells_cut_by_their_boxes_pass_and_flags_sev
     pass the field model's not-a-cell flag and infected ones are called, while windows of the same
     fields holding several cells are flagged. (The sample fields are development fields of the robust
     model, so this guards behaviour, not generalisation: that is benchmarks/other_labs.py's.)"""
-    from malaria_detect.fieldcells import _box_crop
+    from malaria_detect.fields.crops import box_crop
 
     crops, infected, windows, loose_crops = [], [], [], []
     for rec in read_annotations(FIELDS / "annotations.json"):
         img = Image.open(FIELDS / rec["image_name"]).convert("RGB")
         for box, inf in zip(rec["boxes"], rec["infected"]):
-            crops.append(_box_crop(img, box))
+            crops.append(box_crop(img, box))
             infected.append(inf)
-            loose_crops.append(_box_crop(img, box, 1.3))
+            loose_crops.append(box_crop(img, box, 1.3))
         for x, y in ((100, 100), (600, 400)):
             windows.append(img.crop((x, y, x + 260, y + 260)))
     res = fields_model.predict(crops)

@@ -3,8 +3,8 @@ an option), whose one-line message says what is wrong and what to do.
 
 Every such error derives from `MalariaDetectError`, so the command line can report exactly these in
 one line and let anything else (a bug) show its traceback. The concrete classes live next to the
-code that raises them (`data.DataError`, `preprocess.ImageError` and `RecordError`,
-`segment.SegmentationError`, `serve.app.SettingsError`, ...); those raised by several modules are
+code that raises them (`data.DataError`, `imaging.ImageError`, `record.RecordError`,
+`fields.segment.SegmentationError`, `serve.settings.SettingsError`, ...); those raised by several modules are
 here. This module has no dependencies, so each of them can import it.
 """
 

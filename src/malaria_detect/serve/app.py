@@ -27,10 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .. import __version__
-from ..data import IMAGE_EXTENSIONS
+from ..cells.heatmaps import heatmap_overlay
+from ..cells.predictor import Prediction, Predictor
 from ..errors import MalariaDetectError
-from ..predict import Prediction, Predictor, heatmap_overlay
-from ..preprocess import ImageError, PixelBudget, open_rgb
+from ..imaging import IMAGE_EXTENSIONS, ImageError, PixelBudget, open_rgb
 from .docs import add_offline_docs
 from .fields import add_smear_routes
 

@@ -20,13 +20,13 @@ import io
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from ..preprocess import ImageError, PixelBudget, open_rgb
+from ..imaging import ImageError, PixelBudget, open_rgb
 
 OVERLAY_MAX_SIDE = 1600   # the overlay in the answer is at most this many pixels wide
 
 
 def _overlay_data_url(img, rec: dict, positive: str) -> str:
-    from ..smear import draw_overlay
+    from ..fields.overlay import draw_overlay
 
     ov = draw_overlay(img, rec, positive)
     if ov.width > OVERLAY_MAX_SIDE:
@@ -45,14 +45,15 @@ def add_smear_routes(app: FastAPI, settings, supported) -> None:
         if settings.model:
             return app.state.predictor
         if getattr(app.state, "field_predictor", None) is None:
-            from ..predict import Predictor, bundled_field_model_path
+            from ..cells.predictor import Predictor
+            from ..modelfile import bundled_field_model_path
 
             app.state.field_predictor = Predictor.load(bundled_field_model_path())
         return app.state.field_predictor
 
     def analyze(names: list[str], blobs: list[bytes], overlay: bool, cell_diameter: float | None) -> list[dict]:
         # OpenCV and scikit-image load with the first field, not with the server (~64 MB)
-        from ..smear import SmearOptions, analyze_field, failed_field
+        from ..fields.analysis import SmearOptions, analyze_field, failed_field
 
         pred = field_predictor()
         budget = PixelBudget(settings.max_request_pixels)
@@ -98,7 +99,8 @@ def add_smear_routes(app: FastAPI, settings, supported) -> None:
         good = [i for i in range(len(files)) if i not in bad]
         done = await run_in_threadpool(analyze, [names[i] for i in good], [blobs[i] for i in good], overlay,
                                        cell_diameter)
-        from ..smear import failed_field, summarize
+        from ..counting import summarize
+        from ..fields.analysis import failed_field
 
         fields: list[dict] = [None] * len(files)  # by upload position, never by name
         for i, rec in zip(good, done):

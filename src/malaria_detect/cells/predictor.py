@@ -1,0 +1,263 @@
+"""Torch-free prediction: ONNX Runtime + NumPy + Pillow.
+
+    pred = Predictor.load()                 # the bundled model; or Predictor.load("model.onnx")
+    one = pred.predict("cell.png")          # -> Prediction (also bytes, a PIL image, an HxWx3 array)
+    many = pred.predict(["cell.png", "cells/"], heatmaps=True)   # -> list[Prediction], folders expanded
+
+The preprocessing (input size, mean/std, class names, threshold, temperature, not-a-cell
+threshold) is read from the model file's metadata, never declared here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, overload
+
+import numpy as np
+from PIL import Image
+
+from ..errors import MissingFileError, ModelError, UsageError
+from ..imaging import ImageError, iter_image_paths, normalize, open_rgb, resize_uint8
+from ..modelfile import NAMES_HELP, _check_bundled, _check_weights, model_path
+from ..record import Record, RecordError
+
+# What `Predictor.predict` takes as one image.
+ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | IO[bytes]
+
+NON_FINITE = "the model's output is not a finite number (NaN or infinity): the model file may be damaged"
+
+
+@dataclass
+class Prediction:
+    """One image's answer: its label and calibrated p_parasitized, whether it looks like no cell at
+    all (`ood`, with its score), or why it could not be read (`error`, and no label)."""
+
+    source: str                     # the path, or a short name for an image given in memory
+    label: str | None = None
+    p_parasitized: float | None = None
+    ood: bool | None = None
+    ood_score: float | None = None
+    error: str | None = None
+    cam: np.ndarray | None = field(default=None, repr=False)  # (h, w) class-activation map, raw
+
+    def to_dict(self) -> dict:
+        """Typed values, as JSON writes them: None where there is no value."""
+        return {"path": self.source, "label": self.label, "p_parasitized": self.p_parasitized, "ood": self.ood,
+                "error": self.error}
+
+    def row(self) -> dict:
+        """The same keys as strings, as CSV writes them ("" where there is no value)."""
+        return {"path": self.source, "label": self.label or "",
+                "p_parasitized": "" if self.p_parasitized is None else f"{self.p_parasitized:.6f}",
+                "ood": "" if self.ood is None else str(self.ood).lower(), "error": self.error or ""}
+
+
+_IN_MEMORY = {bytes: "bytes", bytearray: "bytes", memoryview: "bytes", Image.Image: "PIL image", np.ndarray: "array"}
+
+
+def is_image_like(x) -> bool:
+    """One image: a path (str or Path), encoded bytes, a file object, a PIL image or an H x W x 3
+    uint8 array. (A path may name a folder, which stands for the images in it.)"""
+    if isinstance(x, np.ndarray):
+        return x.ndim in (2, 3)  # (N, H, W, 3) is a batch: an iterable of images
+    return isinstance(x, (str, os.PathLike, *_IN_MEMORY)) or hasattr(x, "read")
+
+
+def _source_name(src, i: int) -> str:
+    """A short readable name for the i-th input: its path, a file's or PIL image's own file name,
+    else its kind and position ("<bytes 0>", "<PIL image 2>", "<array 5>")."""
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    own = getattr(src, "filename", None) or getattr(src, "name", None)
+    if isinstance(own, str) and own:
+        return own
+    kind = next((k for t, k in _IN_MEMORY.items() if isinstance(src, t)), "file" if hasattr(src, "read") else
+                type(src).__name__)
+    return f"<{kind} {i}>"
+
+
+def _expand(images) -> tuple[list, bool]:
+    """-> (the inputs as a list, folders replaced by their image files; whether one image was given).
+    An iterator is consumed here, once."""
+    one = is_image_like(images)
+    items = [images] if one else list(images)
+    out = []
+    for src in items:
+        if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
+            out.extend(iter_image_paths([src]))
+            one = False  # a folder stands for its images: a list
+        else:
+            out.append(src)
+    return out, one
+
+
+class Predictor:
+    """A model, ready to answer: `Predictor.load()` (the bundled model) or `Predictor.load("m.onnx")`,
+    then `predict(image)` -> Prediction, `predict([images or folders])` -> list[Prediction]. (Whole
+    microscope fields: `malaria_detect.smear`.)"""
+
+    def __init__(self, session, record: Record, path: Path):
+        self.session, self.record, self.path = session, record, path
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, threads: int | None = None) -> Predictor:
+        import onnxruntime as ort
+
+        path = model_path(path)
+        if not path.is_file():
+            raise MissingFileError(f"{path}: model file not found (give an .onnx file, {NAMES_HELP})")
+        blob = path.read_bytes()
+        _check_bundled(path, blob)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            # from the path, not from `blob`: a session made from bytes keeps a second copy of the model
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ModelError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        meta = session.get_modelmeta().custom_metadata_map
+        if "malaria_detect_record" not in meta:
+            raise ModelError(f"{path}: not a malaria-detect model (no preprocessing record in its metadata)")
+        _check_weights(path, blob, meta)
+        try:
+            record = Record.from_json(meta["malaria_detect_record"])
+        except (RecordError, TypeError) as e:
+            raise RecordError(f"{path}: invalid model record: {e}") from None
+        return cls(session, record, path)
+
+    # ------------------------------------------------------------ arrays
+
+    def run(self, x_uint8: np.ndarray, batch_size: int = 64):
+        """(N,S,S,3) uint8 at the model's input size -> (logits, cams, ood_scores)."""
+        outs = [self.session.run(None, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
+                for i in range(0, len(x_uint8), batch_size)]
+        if not outs:
+            return np.zeros(0, np.float32), np.zeros((0, *self.cam_shape()), np.float32), np.zeros(0, np.float32)
+        return tuple(np.concatenate([o[j] for o in outs]) for j in range(3))
+
+    def cam_shape(self) -> tuple[int, int]:
+        """(h, w) of one image's CAM: from the graph's declared output shape, else by running one image."""
+        shape = self.session.get_outputs()[1].shape[1:]
+        if len(shape) == 2 and all(isinstance(d, int) for d in shape):
+            return tuple(shape)
+        s = self.record.input_size
+        return self.run(np.zeros((1, s, s, 3), np.uint8))[1].shape[1:]
+
+    def run_tta(self, x_uint8: np.ndarray, batch_size: int = 64):
+        """Average logits and scores over the 8 flips/rotations of the square input (CAM: identity view)."""
+        logits, scores = [], []
+        cams = None
+        for k in range(4):
+            for flip in (False, True):
+                v = np.rot90(x_uint8, k, axes=(1, 2))
+                v = v[:, :, ::-1] if flip else v
+                z, c, s = self.run(np.ascontiguousarray(v), batch_size)
+                logits.append(z)
+                scores.append(s)
+                if cams is None:
+                    cams = c
+        return np.mean(logits, 0), cams, np.mean(scores, 0)
+
+    def probability(self, logits: np.ndarray) -> np.ndarray:
+        return self.record.probability(logits)
+
+    def decide(self, logits, ood_scores):
+        return self.record.decide(logits, ood_scores)
+
+    # ------------------------------------------------------------ images
+
+    def _decode(self, src):
+        if not is_image_like(src):
+            return None, f"not an image: {type(src).__name__}"
+        try:
+            img = open_rgb(src)
+            return resize_uint8(img, self.record.input_size), None
+        except ImageError as e:
+            return None, str(e)
+        except Exception as e:  # never let one file stop a batch
+            return None, f"{type(e).__name__}: {e}"
+
+    @overload
+    def predict(self, images: ImageLike, names: Sequence[str] | None = None, batch_size: int = 64,
+                tta: bool = False, heatmaps: bool = False, workers: int = 2, progress=None) -> Prediction: ...
+
+    @overload
+    def predict(self, images: Iterable[ImageLike], names: Sequence[str] | None = None, batch_size: int = 64,
+                tta: bool = False, heatmaps: bool = False, workers: int = 2,
+                progress=None) -> list[Prediction]: ...
+
+    def predict(self, images, names=None, batch_size=64, tta=False, heatmaps=False, workers=2, progress=None):
+        """One image -> its Prediction; several (any iterable, consumed once) -> a list, in order.
+
+        An image is a path (str or Path), encoded bytes, a file object, a PIL image or an H x W x 3
+        uint8 RGB array; a path to a folder stands for every image in it (recursively, as the command
+        line lists them), so it gives a list. `names` (one per image, after folders are expanded)
+        replace the sources' own names. Decoding runs on `workers` threads, overlapping inference.
+        An input that cannot be read gets a Prediction with `error` set, never an exception."""
+        sources, one = _expand(images)
+        if names is None:
+            names = [_source_name(s, i) for i, s in enumerate(sources)]
+        else:
+            names = [str(n) for n in names]
+            if len(names) != len(sources):
+                raise UsageError(f"{len(names)} names for {len(sources)} images")
+        results = self._predict_all(sources, names, batch_size, tta, heatmaps, workers, progress)
+        return results[0] if one else results
+
+    def _predict_all(self, sources: list, names: list[str], batch_size, tta, heatmaps, workers,
+                     progress) -> list[Prediction]:
+        results: list[Prediction | None] = [None] * len(sources)
+        batch, batch_idx = [], []
+
+        def flush():
+            if not batch:
+                return
+            x = np.stack(batch)
+            z, cam, s = self.run_tta(x, batch_size) if tta else self.run(x, batch_size)
+            p, labels, ood = self.record.decide(z, s)
+            finite = np.isfinite(z) & np.isfinite(s) & np.isfinite(cam).reshape(len(cam), -1).all(1)
+            for k, i in enumerate(batch_idx):
+                if not finite[k]:  # a damaged model: an error for this image, never a label
+                    results[i] = Prediction(names[i], error=NON_FINITE)
+                    continue
+                results[i] = Prediction(names[i], str(labels[k]), float(p[k]), bool(ood[k]), float(s[k]),
+                                        cam=cam[k] if heatmaps else None)
+            if progress:
+                progress.update(len(batch))
+            batch.clear()
+            batch_idx.clear()
+
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            for i, (arr, err) in enumerate(self._decode_ahead(sources, ex, window=4 * batch_size)):
+                if err:
+                    results[i] = Prediction(names[i], error=err)
+                    if progress:
+                        progress.update(1)
+                    continue
+                batch.append(arr)
+                batch_idx.append(i)
+                if len(batch) >= batch_size:
+                    flush()
+            flush()
+        return results
+
+    def _decode_ahead(self, sources, ex, window: int):
+        """Decoded images in input order, with at most `window` decodes in flight on the worker
+        threads, so decoding overlaps inference and memory stays bounded for any number of files."""
+        pending = deque()
+        for src in sources:
+            pending.append(ex.submit(self._decode, src))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def predict_one(self, src, heatmap: bool = False, tta: bool = False) -> Prediction:
+        """One image -> its Prediction (the same as `predict(src)` for one image)."""
+        return self.predict([src], heatmaps=heatmap, tta=tta, workers=1)[0]

@@ -1,0 +1,2 @@
+"""Whole fields: segmentation, cell crops, the analysis of a field, its CSV and overlay. No torch."""
+

@@ -1,0 +1,120 @@
+"""Whole thin-smear fields: find every red cell, classify it, count, report parasitemia.
+
+    from malaria_detect import load
+    from malaria_detect.fields.analysis import analyze_fields
+    report = analyze_fields(load("robust"), ["field1.jpg", "slide_A/"])   # the smear --json dict
+
+Each field takes the one path of a cell, for each of its cells:
+
+    field ─► segment (fields/segment.py: boxes + masks) ─► crop each cell's box, pixels outside its
+          mask set to black (like the NIH training crops) ─► the Predictor, in batches (same record,
+          temperature, threshold, not-a-cell score) ─► counts, parasitemia + 95 % Wilson interval
+
+Cells flagged "not a cell" and cells whose score is not finite are counted apart and left out of
+the parasitemia (counting.py). A folder of fields is one sample: its counts are pooled in `summary`.
+NumPy + Pillow + OpenCV + ONNX Runtime; no torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..cells.predictor import Predictor
+from ..counting import ALL_OOD_NOTE, counts, summarize
+from ..imaging import ImageError, iter_image_paths, open_rgb
+from .crops import cell_crops
+from .segment import SegmentationError, segment_cells
+
+FIELD_MAX_PIXELS = 100_000_000   # a whole field may be large; it is tiled by fields/segment.py
+
+MIN_FIELD_SIDE = 256             # a field photo is larger; smaller images are single cells or thumbnails
+
+
+@dataclass
+class SmearOptions:
+    cell_diameter: float | None = None   # pixels; None = estimate from each field
+    batch_size: int = 128
+    rbc_per_ul: float | None = None      # red cells per microlitre, for parasites/uL
+
+
+def field_threshold(record) -> float:
+    """The threshold for cells of whole fields: `extra.field_threshold` when the model has one (chosen
+    on validation fields, where only 1-2 % of cells are infected: see recipes/robust/field_threshold.py),
+    else the cell threshold."""
+    return float(record.extra.get("field_threshold", record.threshold))
+
+
+def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOptions | None = None) -> dict:
+    """One field -> its JSON record (see the smear command). Never raises for a bad image: the
+    record then has `error` and zero counts."""
+    opts = opts or SmearOptions()
+    name = name if name is not None else str(src)
+    rec = {"image": name, "width": None, "height": None, "cells": []}
+    t0 = time.perf_counter()
+    try:
+        img = open_rgb(src, FIELD_MAX_PIXELS, max_side=None)
+    except ImageError as e:
+        return failed_field(name, str(e), opts)
+    rgb = np.asarray(img)
+    rec["width"], rec["height"] = img.width, img.height
+    if min(img.size) < MIN_FIELD_SIDE:
+        return _finish(rec | {"note": f"the image is only {img.width}x{img.height} pixels: too small to be a field "
+                                      f"of cells (a single-cell image? use 'predict' for single cells)"},
+                       opts, pred.record.positive)
+    try:
+        cells, diameter = segment_cells(rgb, opts.cell_diameter)
+    except SegmentationError as e:
+        return _finish(rec | {"note": f"no cells found: {e}"}, opts, pred.record.positive)
+    rec["cell_diameter_px"] = round(diameter, 1)
+    if cells:
+        x = cell_crops(rgb, cells, diameter, pred.record.input_size)
+        z, _, s = pred.run(x, opts.batch_size)
+        p, labels, ood = pred.record.decide(z, s, threshold=field_threshold(pred.record))
+        for c, pi, li, oi, si in zip(cells, p, labels, ood, s):
+            finite = bool(np.isfinite(pi) and np.isfinite(si))
+            rec["cells"].append({"box": list(c.box), "label": str(li) if finite else None,
+                                 "p_parasitized": round(float(pi), 6) if finite else None,
+                                 "ood": bool(oi) if finite else False, "border": c.border})
+    else:
+        rec["note"] = "no red cells found in this image"
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    return _finish(rec, opts, pred.record.positive)
+
+
+def failed_field(name: str, error: str, opts: SmearOptions | None = None) -> dict:
+    """The record of a field that could not be read: its error, zero counts, no parasitemia."""
+    return _finish({"image": name, "width": None, "height": None, "cells": [], "error": error},
+                   opts or SmearOptions(), positive="")  # no cells, so no class name is needed
+
+
+def _finish(rec: dict, opts: SmearOptions, positive: str) -> dict:
+    rec.update(counts(rec["cells"], positive))
+    if rec["n_cells"] == 0 and "note" not in rec and "error" not in rec:
+        rec["note"] = "no red cells found in this image"
+    elif rec["parasitemia"] is None and rec["n_not_a_cell"] and "error" not in rec:
+        rec["note"] = ALL_OOD_NOTE.format(n=rec["n_not_a_cell"])
+    if opts.rbc_per_ul and rec["parasitemia"] is not None:
+        rec["parasites_per_ul"] = round(rec["parasitemia"] * opts.rbc_per_ul)
+    return rec
+
+
+def analyze_fields(pred: Predictor, paths: Iterable, opts: SmearOptions | None = None, progress=None,
+                   on_field=None) -> dict:
+    """Files and folders (recursively) -> {"fields": [...], "summary": {...}} (the smear --json format).
+    `on_field(index, path, record)` is called after each field (e.g. to draw its overlay)."""
+    opts = opts or SmearOptions()
+    fields = []
+    for i, path in enumerate(iter_image_paths(paths)):
+        rec = analyze_field(pred, path, str(path), opts)
+        if on_field:
+            on_field(i, path, rec)
+        fields.append(rec)
+        if progress is not None:
+            progress.update(1)
+    return {"fields": fields, "summary": summarize(fields, opts.rbc_per_ul),
+            "model": {"file": pred.path.name, "threshold": field_threshold(pred.record),
+                      "class_names": list(pred.record.class_names)}}

@@ -1,0 +1,47 @@
+"""A field drawn with its cells and counts, for a person to look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from ..imaging import open_rgb
+from .analysis import FIELD_MAX_PIXELS
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def draw_overlay(src, rec: dict, positive: str) -> Image.Image:
+    """The field with every cell drawn (uninfected thin green, parasitized (`positive`, the model's
+    positive class name) bold red with its probability, not-a-cell grey) and the counts in a header band."""
+    img = src if isinstance(src, Image.Image) else open_rgb(src, FIELD_MAX_PIXELS, max_side=None)
+    scale = max(1.0, img.width / 1280)
+    head = int(40 * scale)
+    out = Image.new("RGB", (img.width, img.height + head), (255, 255, 255))
+    out.paste(img, (0, head))
+    d = ImageDraw.Draw(out)
+    big = _font(int(20 * scale))
+    for c in rec["cells"]:
+        x0, y0, x1, y1 = c["box"]
+        box = (x0, y0 + head, x1 - 1, y1 - 1 + head)
+        if c["ood"] or c["label"] is None:
+            d.rectangle(box, outline=(150, 150, 150), width=max(1, int(scale)))
+        elif c["label"] == positive:
+            d.rectangle(box, outline=(220, 0, 0), width=max(3, int(4 * scale)))
+            d.text((x0 + 2, y0 + head - int(18 * scale)), f"{c['p_parasitized']:.2f}", fill=(220, 0, 0), font=big,
+                   stroke_width=2, stroke_fill=(255, 255, 255))
+        else:
+            d.rectangle(box, outline=(0, 150, 60), width=max(1, int(scale)))
+    pm = rec.get("parasitemia")
+    ci = rec.get("parasitemia_ci95")
+    text = (f"{Path(rec['image']).name}: {rec['n_cells']} cells, {rec['n_parasitized']} parasitized, "
+            f"{rec['n_not_a_cell']} not a cell — parasitemia "
+            + (f"{pm:.2%} (95% CI {ci[0]:.2%}–{ci[1]:.2%})" if pm is not None else "n/a"))
+    d.text((int(8 * scale), int(10 * scale)), text, fill=(0, 0, 0), font=big)
+    return out

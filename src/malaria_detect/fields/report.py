@@ -1,0 +1,22 @@
+"""A whole-field report written as a table: one CSV row per cell."""
+
+from __future__ import annotations
+
+import csv
+
+from ..tables import csv_safe
+
+CSV_FIELDS = ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border"]
+
+
+def write_csv(report: dict, path) -> None:
+    """One row per cell (strings only in CSV)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for fld in report["fields"]:
+            for i, c in enumerate(fld["cells"]):
+                w.writerow({"image": csv_safe(fld["image"]), "cell": i, "x0": c["box"][0], "y0": c["box"][1],
+                            "x1": c["box"][2], "y1": c["box"][3], "label": c["label"] or "",
+                            "p_parasitized": "" if c["p_parasitized"] is None else f"{c['p_parasitized']:.6f}",
+                            "ood": str(c["ood"]).lower(), "border": str(c["border"]).lower()})

@@ -1,0 +1,184 @@
+"""Model files: the bundled models by name, the ONNX metadata that carries a model's record and its
+weights hash (written and read with the standard library: the prediction path has no `onnx`
+package), and the checks made at every load (the bundled models' sha256, the weights hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+from .errors import ModelError
+from .record import Record
+
+# the bundled models by name, wherever `--model` (or `model=`) takes a model file (model_path)
+BUNDLED_NAMES = {"nih": "malaria_lite0.onnx", "robust": "malaria_lite0_robust.onnx"}
+
+NAMES_HELP = ("or a bundled model by name: 'nih' (NIH cells; the single-cell default) or 'robust' (cells of "
+              "two labs, stain-augmented; the whole-field default, for cells from other labs)")
+BUNDLED_MODEL = BUNDLED_NAMES["nih"]
+
+# the model trained for other labs' cells too (NIH + IML fields, stain/blur/zoom augmentation): the
+# default of whole-field analysis (smear, POST /smear); see MODEL_CARD.md for why it is not the
+# single-cell default as well
+FIELD_MODEL = BUNDLED_NAMES["robust"]
+
+# ONNX metadata key holding onnx_weights_sha256() of the file, written by export; checked at load.
+WEIGHTS_KEY = "malaria_detect_weights_sha256"
+
+
+def bundled_model_path() -> Path:
+    return Path(str(resources.files("malaria_detect") / "assets" / BUNDLED_MODEL))
+
+
+def bundled_field_model_path() -> Path:
+    return bundled_model_path().with_name(FIELD_MODEL)
+
+
+def model_path(model: str | Path | None) -> Path:
+    """The file a `--model` value names: a path, a bundled model's name, or None (the bundled default)."""
+    if model is None or str(model) == "":
+        return bundled_model_path()
+    path = Path(model)
+    if not path.exists() and str(model) in BUNDLED_NAMES:  # a file of that name, if there is one, wins
+        return bundled_model_path().with_name(BUNDLED_NAMES[str(model)])
+    return path
+
+
+def bundled_sha256_path(model: Path | None = None) -> Path:
+    """A bundled model's expected sha256, checked at every load. After replacing a bundled model,
+    refresh it: cd src/malaria_detect/assets && sha256sum malaria_lite0.onnx > malaria_lite0.onnx.sha256"""
+    model = model or bundled_model_path()
+    return model.with_name(model.name + ".sha256")
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        if i >= len(b) or shift > 63:
+            raise ValueError("truncated protobuf varint")
+        v |= (b[i] & 0x7F) << shift
+        i += 1
+        if not b[i - 1] & 0x80:
+            return v, i
+        shift += 7
+
+
+def _top_fields(blob: bytes):
+    """(field number, start, end) of each top-level protobuf field of an ONNX file."""
+    i = 0
+    while i < len(blob):
+        start = i
+        key, i = _varint(blob, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(blob, i)
+        elif wire == 2:
+            n, i = _varint(blob, i)
+            i += n
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"not an ONNX protobuf (wire type {wire})")
+        if i > len(blob):
+            raise ValueError("truncated ONNX protobuf")
+        yield key >> 3, start, i
+
+
+def onnx_weights_sha256(blob: bytes) -> str:
+    """sha256 of an ONNX file's top-level protobuf fields except metadata_props (field 14): the graph
+    with all its weights, the opsets and the producer, but not the metadata that carries this hash.
+    Standard library only (the prediction path has no `onnx` package)."""
+    h, view = hashlib.sha256(), memoryview(blob)
+    for num, start, end in _top_fields(blob):
+        if num != 14:
+            h.update(view[start:end])
+    return h.hexdigest()
+
+
+def _put_varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)
+
+
+def _len_field(num: int, payload: bytes) -> bytes:
+    return _put_varint(num << 3 | 2) + _put_varint(len(payload)) + payload
+
+
+def write_model_record(path: str | Path, record: Record) -> None:
+    """Store the (validated) record and the weights hash as the ONNX file's metadata (replacing what
+    was there); the graph and weights are copied byte for byte. Standard library only, so `adapt`
+    and `export` share it and neither needs the `onnx` package to write a model."""
+    record.validate()
+    path = Path(path)
+    blob = path.read_bytes()
+    kept = b"".join(blob[a:b] for num, a, b in _top_fields(blob) if num != 14)
+    meta = {"malaria_detect_record": record.to_json(), "producer": "malaria-detect",
+            WEIGHTS_KEY: onnx_weights_sha256(blob)}
+    entries = b"".join(_len_field(14, _len_field(1, k.encode()) + _len_field(2, v.encode())) for k, v in meta.items())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(kept + entries)
+    tmp.replace(path)
+
+
+def _check_bundled(path: Path, blob: bytes) -> None:
+    """The bundled models must match the sha256 stored next to them."""
+    if path.resolve() not in (bundled_model_path().resolve(), bundled_field_model_path().resolve()):
+        return
+    ref = bundled_sha256_path(path)
+    if not ref.is_file():
+        raise ModelError(f"{path}: {ref.name} is missing, the bundled model cannot be verified")
+    want = (ref.read_text().split() or [""])[0].lower()
+    got = hashlib.sha256(blob).hexdigest()
+    if got != want:
+        raise ModelError(f"{path}: sha256 {got[:16]}... does not match {ref.name} ({want[:16]}...): "
+                         f"the bundled model is damaged or was replaced without refreshing {ref.name}")
+
+
+def _check_weights(path: Path, blob: bytes, meta: dict) -> None:
+    """A model that carries a weights hash (every export since it was added) must match it."""
+    if WEIGHTS_KEY in meta:
+        try:
+            got = onnx_weights_sha256(blob)
+        except ValueError as e:
+            raise ModelError(f"{path}: {e}") from None
+        if got != meta[WEIGHTS_KEY]:
+            raise ModelError(f"{path}: its weights do not match the hash stored in it: the file is damaged")
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """An ONNX file's metadata (key -> value), read without loading the graph into ONNX Runtime."""
+    blob = Path(path).read_bytes()
+    out = {}
+    for num, start, end in _top_fields(blob):
+        if num != 14:
+            continue
+        entry = blob[start:end]
+        _, i = _varint(entry, 0)      # the field's key
+        _, i = _varint(entry, i)      # its length
+        kv = {}
+        for sub, a, b in _top_fields(entry[i:]):
+            body = entry[i + a:i + b]
+            _, j = _varint(body, 0)
+            _, j = _varint(body, j)
+            kv[sub] = body[j:].decode("utf-8", "replace")
+        out[kv.get(1, "")] = kv.get(2, "")
+    return out
+
+
+def available_models() -> dict[str, dict]:
+    """The bundled models by name -> {"file", "path", "default_for", "record"} (the record as stored in the
+    file: classes, operating points, provenance), without starting ONNX Runtime."""
+    out = {}
+    for name, file in BUNDLED_NAMES.items():
+        path = bundled_model_path().with_name(file)
+        record = Record.from_json(read_metadata(path)["malaria_detect_record"])
+        out[name] = {"file": file, "path": str(path), "record": record,
+                     "default_for": ["single cells"] if file == BUNDLED_MODEL else
+                     ["whole fields"] if file == FIELD_MODEL else []}
+    return out

@@ -1,0 +1,146 @@
+"""The model's record: everything needed to use a model, stored inside the model file (ONNX metadata,
+checkpoint metadata) and read back by every consumer, and the one rule that turns the network's
+outputs into answers (`Record.decide`). No other module declares these numbers.
+
+NumPy only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+import numpy as np
+
+from .errors import MalariaDetectError
+
+# A model's network input side must lie in this range (pixels): a record asking for 20,000 is refused.
+INPUT_SIZE_RANGE = (16, 1024)
+
+
+class RecordError(MalariaDetectError, ValueError):
+    """A model's preprocessing record is missing a value or has one that cannot be right."""
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def sigmoid(z):
+    z = np.asarray(z, np.float64)
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+
+@dataclass
+class Record:
+    """Everything needed to use a model, stored inside it, and the one rule that turns the network's
+    outputs into answers (`probability`, `decide`): no other module re-codes it.
+
+    Images are always squashed to input_size x input_size with Pillow's bilinear filter
+    (`resize_uint8`). Model files written before this was fixed carry the key `"resize": "bilinear"`;
+    it is accepted when read and no longer written."""
+
+    arch: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, str] = ("Uninfected", "Parasitized")  # index 1 is the positive class
+    threshold: float = 0.5          # on the calibrated p_parasitized
+    temperature: float = 1.0        # p = sigmoid(logit / temperature)
+    ood_threshold: float | None = None  # feature-space distance above which an input is "not a cell"
+    extra: dict = field(default_factory=dict)  # provenance: split, data hash, config, metrics, git
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Record:
+        """Parse and validate a stored record; raises RecordError with a one-line message."""
+        try:
+            d = json.loads(text)
+        except (ValueError, TypeError) as e:
+            raise RecordError(f"the record is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise RecordError("the record is not a JSON object")
+        if "resize" in d:  # older model files: the only resize there ever was
+            if d["resize"] != "bilinear":
+                raise RecordError(f"resize must be 'bilinear', got {d['resize']!r}")
+            del d["resize"]
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise RecordError(f"unknown record keys: {', '.join(sorted(set(d) - known))}")
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        if required - set(d):
+            raise RecordError(f"missing record keys: {', '.join(sorted(required - set(d)))}")
+        for k in ("mean", "std", "class_names"):
+            if isinstance(d.get(k), list):
+                d[k] = tuple(d[k])
+        record = cls(**d)
+        record.validate()
+        return record
+
+    def validate(self) -> Record:
+        """Raise RecordError unless every number the prediction path uses is usable."""
+        def bad(what):
+            raise RecordError(what)
+
+        if not isinstance(self.arch, str) or not self.arch:
+            bad(f"arch must be a name, got {self.arch!r}")
+        lo, hi = INPUT_SIZE_RANGE
+        if not isinstance(self.input_size, int) or isinstance(self.input_size, bool) or \
+                not lo <= self.input_size <= hi:
+            bad(f"input_size must be an integer from {lo} to {hi} pixels, got {self.input_size!r}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or len(v) != 3 or not all(_finite(x) for x in v):
+                bad(f"{name} must be 3 finite numbers (R, G, B), got {v!r}")
+        if not all(x > 0 for x in self.std):
+            bad(f"std must be > 0 for every channel, got {self.std!r}")
+        c = self.class_names
+        if not isinstance(c, (tuple, list)) or len(c) != 2 or not all(isinstance(x, str) and x for x in c) \
+                or c[0] == c[1]:
+            bad(f"class_names must be 2 different names (negative, positive), got {c!r}")
+        if not _finite(self.threshold) or not 0 < self.threshold < 1:
+            bad(f"threshold must be between 0 and 1 (exclusive), got {self.threshold!r}")
+        if not _finite(self.temperature) or self.temperature <= 0:
+            bad(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.ood_threshold is not None and not _finite(self.ood_threshold):
+            bad(f"ood_threshold must be a finite number or null, got {self.ood_threshold!r}")
+        if not isinstance(self.extra, dict):
+            bad(f"extra must be an object, got {type(self.extra).__name__}")
+        return self
+
+    # ------------------------------------------------------------ the decision rule
+
+    @property
+    def positive(self) -> str:
+        """The positive class's name (index 1: "Parasitized" for the models this project trains)."""
+        return self.class_names[1]
+
+    @property
+    def negative(self) -> str:
+        return self.class_names[0]
+
+    def probability(self, logits) -> np.ndarray:
+        """Calibrated p(positive) = sigmoid(logit / temperature), float64."""
+        return sigmoid(np.asarray(logits, np.float64) / self.temperature)
+
+    def is_ood(self, ood_scores) -> np.ndarray:
+        """True where the not-a-cell score is above the record's threshold (never, without one)."""
+        s = np.asarray(ood_scores, np.float64)
+        return np.zeros(s.shape, bool) if self.ood_threshold is None else s > self.ood_threshold
+
+    def labels(self, p, threshold: float | None = None) -> np.ndarray:
+        """The positive class where p >= threshold (the record's, or another operating point such as a
+        whole-field one), else the negative one."""
+        thr = self.threshold if threshold is None else threshold
+        return np.where(np.asarray(p, np.float64) >= thr, self.positive, self.negative)
+
+    def decide(self, logits, ood_scores=None, threshold: float | None = None):
+        """Logits (and not-a-cell scores) -> (p, labels, ood): p = sigmoid(z / T), `labels(p, threshold)`,
+        ood from `is_ood` (all False without scores)."""
+        p = self.probability(logits)
+        labels = self.labels(p, threshold)
+        ood = self.is_ood(ood_scores) if ood_scores is not None else np.zeros(p.shape, bool)
+        return p, labels, ood

@@ -1,0 +1,60 @@
+"""The training configuration, in one place: `train` runs on it, it is saved in every run folder
+(config.json) and in every model's record, and the command line builds the options of `train` and
+`cv` from it (each field's default and help), so no default is written twice.
+
+Torch-free: the command line imports it without PyTorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+
+ARCHITECTURES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "simple_cnn")
+
+
+def _opt(default, help: str, **cli):
+    """A field with its command-line help (and, in `cli`, a flag name, a type, choices, ...)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(metadata={"help": "folder with Parasitized/ and Uninfected/ subfolders"})
+    out: str = field(metadata={"help": "run folder, e.g. runs/lite0"})
+    model: str = _opt("efficientnet_lite0", "architecture", choices=ARCHITECTURES)
+    pretrained: bool = _opt(True, "start from random weights instead of ImageNet", flag="--no-pretrained")
+    image_size: int = _opt(112, "network input side in pixels")
+    batch_size: int = _opt(64, "images per optimizer step (over all processes under torchrun)")
+    head_epochs: int = _opt(1, "stage 1: frozen backbone, head only")
+    epochs: int = _opt(5, "stage 2: fine-tuning epochs (the scratch model trains only this stage)")
+    lr_head: float = _opt(3e-3, "stage 1 learning rate")
+    lr: float = _opt(1e-3, "fine-tuning peak learning rate (cosine decay, warm-up over the first 100 steps)")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    finetune_blocks: int = _opt(0, "0 = fine-tune all layers; N = only the top N blocks and the conv head")
+    label_smoothing: float = _opt(0.05, "label smoothing of the targets")
+    dropout: float = _opt(0.2, "dropout before the linear head")
+    patience: int = _opt(3, "early stopping: fine-tuning epochs without a better validation ROC-AUC")
+    seed: int = _opt(0, "seed of the split, the initialisation and the augmentation")
+    split: list = field(default_factory=lambda: [0.7, 0.1, 0.2],
+                        metadata={"help": "fractions of patients for train, val and test", "nargs": 3,
+                                  "type": float, "metavar": ("TRAIN", "VAL", "TEST")})
+    split_file: str | None = _opt(None, "reuse a saved split.json (e.g. the shipped model's: same test patients)",
+                                  type=str)
+    patients_csv: str | None = _opt(None, "CSV file,patient for data without NIH file names", flag="--patients",
+                                    type=str)
+    max_train_images: int = _opt(0, "subsample training images (quick runs; 0 = all)")
+    target_sensitivity: float | None = _opt(None, "set the threshold for this validation sensitivity "
+                                                  "(default: max balanced accuracy)", type=float)
+    workers: int = _opt(2, "image-decoding threads")
+    threads: int = _opt(0, "torch threads (0 = all cores)")
+    robust_aug: bool = _opt(False, "also stain (optical density), gamma, blur and scale jitter: for other labs")
+    lab_stain_aug: float = _opt(0.0, "share of training images shown as another lab's cell (lab_stain: broad stain, "
+                                     "colour and background variation)")
+    ood_stain_views: int = _opt(0, "fit the not-a-cell flag also on N stain-varied views of each cell (lab_stain), "
+                                   "so that other labs' cells pass: 0 = the cells as they are")
+
+
+def default(name: str):
+    """The default of a TrainConfig field."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    return f.default_factory() if f.default_factory is not MISSING else f.default
