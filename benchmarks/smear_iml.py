@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from malaria_detect.cells.predictor import Predictor
-from malaria_detect.counting import counts
+from malaria_detect.counting import field_counts
 from malaria_detect.data.annotations import read_annotations
 from malaria_detect.evaluation.fieldscore import score_fields
 from malaria_detect.fields.analysis import FIELD_MAX_PIXELS, analyze_field
@@ -64,7 +64,7 @@ def baseline_field(pred: Predictor, path: Path) -> dict:
         p, labels_, ood = pred.decide(z, s)
         rec["cells"] = [{"box": list(c.box), "label": str(li), "p_parasitized": float(pi), "ood": bool(oi)}
                         for c, pi, li, oi in zip(cells, p, labels_, ood)]
-    rec.update(counts(rec["cells"], pred.record.positive))
+    rec.update(field_counts(rec["cells"], pred.record.positive))
     return rec
 
 

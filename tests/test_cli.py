@@ -13,6 +13,7 @@ from PIL import Image
 
 from malaria_detect import cli
 from malaria_detect.cli import build_parser, main
+from malaria_detect.counting import plural
 from malaria_detect.training.config import TrainConfig, default
 
 
@@ -50,13 +51,13 @@ def test_missing_input_exits_non_zero_after_writing_every_row(cells, tmp_path, c
     assert len(rows) == 1 + 4 and rows[-1].endswith("file not found")  # strings only in CSV
     assert "1 of 4 inputs missing or unreadable" in capsys.readouterr().err
     assert main(["predict", str(cells)]) == 0
-    assert "Exit status" in build_parser()._subparsers._group_actions[0].choices["predict"].format_help()
+    assert "Exit status" in build_parser()[0]._subparsers._group_actions[0].choices["predict"].format_help()
 
 
 def test_plural_and_batch_size_help(capsys):
-    predict_help = build_parser()._subparsers._group_actions[0].choices["predict"].format_help()
+    predict_help = build_parser()[0]._subparsers._group_actions[0].choices["predict"].format_help()
     assert "images per network batch" in predict_help
-    assert cli._plural(1, "image") == "1 image" and cli._plural(2, "image") == "2 images"
+    assert plural(1, "image") == "1 image" and plural(2, "image") == "2 images"
 
 
 def test_only_the_projects_errors_are_one_line(monkeypatch, capsys, tmp_path):
@@ -71,13 +72,13 @@ def test_only_the_projects_errors_are_one_line(monkeypatch, capsys, tmp_path):
     def bug(a):
         raise ValueError("a real bug")
 
-    monkeypatch.setitem(cli.COMMANDS, "check-data", bug)
+    monkeypatch.setattr(cli.training, "cmd_check_data", bug)
     with pytest.raises(ValueError, match="a real bug"):  # not turned into 'error: a real bug'
         main(["check-data", str(tmp_path)])
 
 
 def test_train_and_cv_options_come_from_train_config():
-    sub = build_parser()._subparsers._group_actions[0].choices
+    sub = build_parser()[0]._subparsers._group_actions[0].choices
     train = sub["train"].parse_args(["--data", "d", "--out", "o"])
     for f in fields(TrainConfig)[2:]:  # after data and out, which have no default
         assert getattr(train, f.name) == default(f.name), f.name

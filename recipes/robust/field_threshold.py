@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from malaria_detect.cells.predictor import Predictor
-from malaria_detect.counting import counts
+from malaria_detect.counting import field_counts
 from malaria_detect.data.annotations import read_annotations
 from malaria_detect.evaluation.fieldscore import score_fields
 from malaria_detect.fields.analysis import analyze_field
@@ -36,7 +36,7 @@ def relabel(report: dict, thr: float, record) -> dict:
     for f in report["fields"]:
         cells = [c if c["p_parasitized"] is None else dict(c, label=str(record.labels(c["p_parasitized"], thr)))
                  for c in f["cells"]]
-        fields.append(dict(f, cells=cells) | counts(cells, record.positive))
+        fields.append(dict(f, cells=cells) | field_counts(cells, record.positive))
     return {"fields": fields, "model": {"class_names": list(record.class_names)}}
 
 

@@ -1,33 +1,30 @@
-"""The counting rule, in one place: how answers (one per image, or one per cell of a field) are counted,
-the parasitemia and its 95 % Wilson interval, a sample's pooled counts, and the notes that go with
-them. The command line, the web API, Ray and the CSVs count through these functions; the web page
-shows what the server counted.
+"""The counting rule, in one place: how answers (one per image, or one per cell of a field) are
+counted, the parasitemia and its 95 % Wilson interval, a sample's pooled counts, and the notes that go
+with them. The command line, the web API (and so the page), Ray and the CSVs count through this
+module; the page shows what the server counted.
+
+    c = Counts.of([(label, ood), ...], positive="Parasitized")   # answers without a label: unclassified
+    c.parasitemia, c.ci95                                        # over the classified cells only
+    Summary.of(field_records, rbc_per_ul).to_dict()              # a sample: the smear report's summary
+    ImageSummary.of(predictions, record).format()                # a folder of cell images: predict's summary
+
+The rule: answers flagged "not a cell" and answers without a label (unreadable, or a score that is not
+a finite number) are counted apart and left out of the fraction, whose denominator is the classified
+cells only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 
 WHO_MIN_CELLS = 500              # WHO: count at least 500-2,000 red cells on a thin film
 
 ALL_OOD_NOTE = ("all {n} cells found were flagged 'not a cell', so there is no parasitemia: the stain or "
                 "microscope may differ from the training data; calibrate the model on a few dozen of your "
                 "labelled cells with 'malaria-detect adapt' and use it with --model")
-
-
-def tally(answers: Iterable[tuple[str | None, bool | None]], positive: str) -> dict:
-    """The one rule for counting (label, ood) answers, whether images of a folder or cells of a field:
-    answers flagged not a cell, and answers without a label (unreadable, or a score that is not a
-    finite number), are counted apart and left out of the parasitized fraction, whose denominator is
-    the classified cells only."""
-    answers = list(answers)
-    classified = [label for label, ood in answers if label is not None and not ood]
-    k = sum(label == positive for label in classified)
-    return {"n": len(answers), "n_classified": len(classified), "n_positive": k,
-            "n_not_a_cell": sum(bool(ood) for label, ood in answers if label is not None),
-            "n_unlabelled": sum(label is None for label, _ in answers),
-            "fraction": k / len(classified) if classified else None}
+NONE_CLASSIFIED_NOTE = "no red cell could be classified, so there is no parasitemia"
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
@@ -41,37 +38,178 @@ def wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def counts(cells: list[dict], positive: str) -> dict:
-    """Counts and parasitemia of one field's cells (`positive`: the model's positive class name), by
-    the one counting rule (`tally`): not-a-cell and unclassified cells are left out."""
-    t = tally(((c["label"], c["ood"]) for c in cells), positive)
-    return _with_ci({"n_cells": t["n"], "n_classified": t["n_classified"], "n_parasitized": t["n_positive"],
-                     "n_not_a_cell": t["n_not_a_cell"], "n_unclassified": t["n_unlabelled"]})
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _with_ci(c: dict) -> dict:
-    k, n = c["n_parasitized"], c["n_classified"]
-    return c | {"parasitemia": k / n if n else None, "parasitemia_ci95": wilson(k, n)}
+def percent(x: float) -> str:
+    """Parasitemia is often well under 1 %: two decimals."""
+    return f"{x:.2%}"
 
 
-def pooled(fields: list[dict]) -> dict:
-    """The counts of several fields added up (one sample), with their parasitemia and interval."""
-    keys = ("n_cells", "n_classified", "n_parasitized", "n_not_a_cell", "n_unclassified")
-    return _with_ci({k: sum(f[k] for f in fields) for k in keys})
+@dataclass(frozen=True)
+class Counts:
+    """The counts of a list of answers by the counting rule; `+` pools two lists."""
+
+    n_cells: int = 0          # every answer (image or cell)
+    n_classified: int = 0     # labelled and not flagged: the denominator
+    n_parasitized: int = 0    # classified as the positive class
+    n_not_a_cell: int = 0     # labelled but flagged "not a cell"
+    n_unclassified: int = 0   # no label (unreadable, or not a finite score)
+
+    @classmethod
+    def of(cls, answers: Iterable[tuple[str | None, bool | None]], positive: str) -> Counts:
+        """(label, ood) answers; `positive` is the model's positive class name."""
+        n = classified = k = ood = unlabelled = 0
+        for label, flagged in answers:
+            n += 1
+            if label is None:
+                unlabelled += 1
+            elif flagged:
+                ood += 1
+            else:
+                classified += 1
+                k += label == positive
+        return cls(n, classified, k, ood, unlabelled)
+
+    @classmethod
+    def of_cells(cls, cells: Iterable[dict], positive: str) -> Counts:
+        """A field record's cells ({"label", "ood", ...})."""
+        return cls.of(((c["label"], c["ood"]) for c in cells), positive)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Counts:
+        """The counts stored in a field record or a summary (their n_* keys)."""
+        return cls(**{f.name: int(d[f.name]) for f in fields(cls)})
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    @property
+    def parasitemia(self) -> float | None:
+        return self.n_parasitized / self.n_classified if self.n_classified else None
+
+    @property
+    def ci95(self) -> list[float] | None:
+        return wilson(self.n_parasitized, self.n_classified)
+
+    def to_dict(self) -> dict:
+        """The keys of a field record and of a summary, parasitemia and its interval included."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {
+            "parasitemia": self.parasitemia, "parasitemia_ci95": self.ci95}
+
+    def parasitemia_text(self) -> str:
+        """'1.63% (95% CI 0.89%-2.98%)', or 'n/a'."""
+        if self.parasitemia is None:
+            return "n/a"
+        lo, hi = self.ci95
+        return f"{percent(self.parasitemia)} (95% CI {percent(lo)}-{percent(hi)})"
 
 
-def summarize(fields: list[dict], rbc_per_ul: float | None = None) -> dict:
-    """Counts pooled over all fields (one sample), with the WHO note when too few cells were counted
-    (and parasites/uL when the red-cell count per microlitre is given)."""
-    s = pooled(fields)
-    s["n_fields"] = len(fields)
-    s["n_errors"] = sum("error" in f for f in fields)
-    if rbc_per_ul and s["parasitemia"] is not None:
-        s["parasites_per_ul"] = round(s["parasitemia"] * rbc_per_ul)
-    if s["n_classified"] < WHO_MIN_CELLS:
-        s["note"] = (f"only {s['n_classified']} red cells classified: WHO guidance is to count at least "
-                     f"{WHO_MIN_CELLS}-2,000 on a thin film; photograph more fields for a reliable estimate")
-    if s["parasitemia"] is None:
-        s["note"] = ALL_OOD_NOTE.format(n=s["n_not_a_cell"]) if s["n_not_a_cell"] else \
-            "no red cell could be classified, so there is no parasitemia"
-    return s
+def parasites_per_ul(parasitemia: float | None, rbc_per_ul: float | None) -> int | None:
+    return round(parasitemia * rbc_per_ul) if rbc_per_ul and parasitemia is not None else None
+
+
+def field_counts(cells: list[dict], positive: str) -> dict:
+    """A field record's count keys, from its cells (`positive`: the model's positive class name)."""
+    return Counts.of_cells(cells, positive).to_dict()
+
+
+def field_note(rec: dict) -> str | None:
+    """The note a field without a parasitemia gets (None when it has one, or already has a note or error)."""
+    if "note" in rec or "error" in rec:
+        return None
+    if rec["n_cells"] == 0:
+        return "no red cells found in this image"
+    if rec["parasitemia"] is None and rec["n_not_a_cell"]:
+        return ALL_OOD_NOTE.format(n=rec["n_not_a_cell"])
+    return None
+
+
+def format_field(rec: dict) -> str:
+    """One field record as one terminal line: its counts and parasitemia, or why it has none."""
+    if "error" in rec:
+        return f"{rec['image']}\tERROR {rec['error']}"
+    c = Counts.from_dict(rec)
+    pm = c.parasitemia
+    tail = (f"{percent(pm)} [{percent(c.ci95[0])}, {percent(c.ci95[1])}]" if pm is not None
+            else f"n/a ({rec.get('note', 'no classified cell')})")
+    return (f"{rec['image']}\t{c.n_cells} cells, {c.n_parasitized} parasitized, {c.n_not_a_cell} not a cell, "
+            f"parasitemia {tail}")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A sample: the counts of its fields pooled, with the WHO note when too few cells were counted."""
+
+    counts: Counts
+    n_fields: int
+    n_errors: int
+    parasites_per_ul: int | None = None
+    note: str | None = None
+
+    @classmethod
+    def of(cls, records: list[dict], rbc_per_ul: float | None = None) -> Summary:
+        """Field records (each with its n_* counts) -> the sample's summary (parasites/uL with rbc_per_ul)."""
+        c = sum((Counts.from_dict(r) for r in records), Counts())
+        note = None
+        if c.n_classified < WHO_MIN_CELLS:
+            note = (f"only {c.n_classified} red cells classified: WHO guidance is to count at least "
+                    f"{WHO_MIN_CELLS}-2,000 on a thin film; photograph more fields for a reliable estimate")
+        if c.parasitemia is None:
+            note = ALL_OOD_NOTE.format(n=c.n_not_a_cell) if c.n_not_a_cell else NONE_CLASSIFIED_NOTE
+        return cls(c, len(records), sum("error" in r for r in records),
+                   parasites_per_ul(c.parasitemia, rbc_per_ul), note)
+
+    def to_dict(self) -> dict:
+        """The smear report's `summary`."""
+        d = self.counts.to_dict() | {"n_fields": self.n_fields, "n_errors": self.n_errors}
+        if self.parasites_per_ul is not None:
+            d["parasites_per_ul"] = self.parasites_per_ul
+        if self.note:
+            d["note"] = self.note
+        return d
+
+    def format(self) -> str:
+        """The summary as the terminal shows it (a line, and the note)."""
+        c = self.counts
+        return (f"{plural(self.n_fields, 'field')}: {c.n_cells} cells, {c.n_parasitized} parasitized, "
+                f"{c.n_not_a_cell} not a cell; parasitemia {c.parasitemia_text()}"
+                + (f", {self.parasites_per_ul:,} parasites/uL" if self.parasites_per_ul is not None else "")
+                + (f"; {self.n_errors} unreadable" if self.n_errors else "")
+                + (f"\nnote: {self.note}" if self.note else ""))
+
+
+def summarize(records: list[dict], rbc_per_ul: float | None = None) -> dict:
+    """The smear report's `summary` of field records (Summary.of(...).to_dict())."""
+    return Summary.of(records, rbc_per_ul).to_dict()
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    """A list of cell images (`predict`): how many of each class, flagged, unreadable."""
+
+    counts: Counts
+    positive: str
+    negative: str
+
+    @classmethod
+    def of(cls, predictions: Iterable, record) -> ImageSummary:
+        """Predictions (anything with .label and .ood) of a model whose record names the classes."""
+        return cls(Counts.of(((p.label, p.ood) for p in predictions), record.positive), record.positive,
+                   record.negative)
+
+    def to_dict(self) -> dict:
+        """predict --json's `summary` (the classes by their names)."""
+        c = self.counts
+        return {"images": c.n_cells, self.positive: c.n_parasitized,
+                self.negative: c.n_classified - c.n_parasitized, "parasitized_fraction": c.parasitemia,
+                "not_a_cell": c.n_not_a_cell, "errors": c.n_unclassified}
+
+    def format(self) -> str:
+        c = self.counts
+        frac = f"{c.parasitemia:.1%}" if c.parasitemia is not None else "n/a"
+        return (f"{plural(c.n_cells, 'image')}: {c.n_parasitized} {self.positive}, "
+                f"{c.n_classified - c.n_parasitized} {self.negative} (parasitized fraction {frac} of the "
+                f"{plural(c.n_classified, 'cell')}); {c.n_not_a_cell} flagged as not a cell (left out of the "
+                f"fraction); {c.n_unclassified} unreadable")

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..imaging import ImageError, open_rgb
-from .folders import LABEL_NAMES, find_images
+from .folders import LABEL_NAMES, POSITIVE, find_images
 from .splits import _patient_table
 
 
@@ -56,3 +56,22 @@ def check_data(root: str | Path, patient_csv=None, workers: int = 2, progress: b
         "size": {"width": [int(w.min()), float(np.median(w)), int(w.max())],
                  "height": [int(h.min()), float(np.median(h)), int(h.max())]},
     }
+
+
+def format_check(r: dict) -> str:
+    """check_data's report as the terminal shows it."""
+    infected = sum(1 for c in r["per_patient"].values() if c[POSITIVE])
+    w, h = r["size"]["width"], r["size"]["height"]
+    lines = [f"{r['root']}: {r['n_images']} images, {r['n_patients']} patients"]
+    lines += [f"  {k:<12} {v}" for k, v in r["per_class"].items()]
+    lines.append(f"  patients with parasitized cells: {infected}; healthy-only: {r['n_patients'] - infected}")
+    if r["patients_without_id"]:
+        lines.append(f"  WARNING: {r['patients_without_id']} images have no patient id: splits cannot be "
+                     "patient-disjoint")
+    lines.append(f"  width min/median/max {w[0]}/{w[1]:.0f}/{w[2]}, height {h[0]}/{h[1]:.0f}/{h[2]}")
+    lines.append(f"  unreadable: {len(r['unreadable'])}")
+    lines += [f"    {b['file']}: {b['error']}" for b in r["unreadable"][:20]]
+    lines.append(f"  exact duplicate groups (same pixels): {len(r['duplicate_groups'])}, "
+                 f"with conflicting labels: {len(r['duplicates_with_conflicting_labels'])}")
+    lines += ["    " + "  =  ".join(g) for g in r["duplicate_groups"][:10]]
+    return "\n".join(lines)

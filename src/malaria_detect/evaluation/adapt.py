@@ -145,3 +145,16 @@ def adapt(data_dir: str | Path, out: str | Path, model: str | Path | None = None
     Predictor.load(out)  # the new file loads and verifies
     return {"out": str(out), **record.extra["adapted"], "after": {"temperature": T, "threshold": thr,
                                                                   "ood_threshold": ood_thr}}
+
+
+def format_adapt(r: dict) -> str:
+    """adapt's result as the terminal shows it."""
+    b, s = r["in_sample_before"], r["in_sample_after"]
+    return (f"calibrated on {r['n_files']} cells ({r['n_parasitized']} parasitized, {r['n_uninfected']} uninfected) "
+            f"of {r['data']}\n"
+            f"  temperature {r['before']['temperature']:.3f} -> {r['after']['temperature']:.3f}, threshold "
+            f"{r['before']['threshold']:.3f} -> {r['after']['threshold']:.3f} ({r['threshold_rule']})\n"
+            f"  on these cells (in-sample, optimistic): sensitivity {b['sensitivity']:.3f} -> "
+            f"{s['sensitivity']:.3f}, specificity {b['specificity']:.3f} -> {s['specificity']:.3f}; flagged "
+            f"not-a-cell {r['ood_flagged_before']:.1%} -> {r['ood_flagged_after']:.1%}\n"
+            f"model written to {r['out']}: use it with --model (predict, smear, serve, evaluate)")

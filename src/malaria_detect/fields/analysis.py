@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cells.predictor import Predictor
-from ..counting import ALL_OOD_NOTE, counts, summarize
+from ..counting import field_counts, field_note, parasites_per_ul, summarize
 from ..imaging import ImageError, iter_image_paths, open_rgb
 from .crops import cell_crops
 from .segment import SegmentationError, segment_cells
@@ -92,13 +92,14 @@ def failed_field(name: str, error: str, opts: SmearOptions | None = None) -> dic
 
 
 def _finish(rec: dict, opts: SmearOptions, positive: str) -> dict:
-    rec.update(counts(rec["cells"], positive))
-    if rec["n_cells"] == 0 and "note" not in rec and "error" not in rec:
-        rec["note"] = "no red cells found in this image"
-    elif rec["parasitemia"] is None and rec["n_not_a_cell"] and "error" not in rec:
-        rec["note"] = ALL_OOD_NOTE.format(n=rec["n_not_a_cell"])
-    if opts.rbc_per_ul and rec["parasitemia"] is not None:
-        rec["parasites_per_ul"] = round(rec["parasitemia"] * opts.rbc_per_ul)
+    """The field's counts, parasitemia and note, by the counting rule (counting.py)."""
+    rec.update(field_counts(rec["cells"], positive))
+    note = field_note(rec)
+    if note:
+        rec["note"] = note
+    per_ul = parasites_per_ul(rec["parasitemia"], opts.rbc_per_ul)
+    if per_ul is not None:
+        rec["parasites_per_ul"] = per_ul
     return rec
 
 

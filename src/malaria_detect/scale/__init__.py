@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
-from .jobs import LOST, RayUnavailable, analyze_fields_ray, connect, list_sources, predict_ray
+from .cluster import RayUnavailable, connect, list_sources
+from .jobs import LOST, analyze_fields_ray, predict_ray
 
 __all__ = ["LOST", "RayUnavailable", "analyze_fields_ray", "connect", "list_sources", "predict_ray"]

@@ -1,0 +1,118 @@
+"""Commands on whole microscope fields: smear, cut-cells."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from . import options as O
+
+SMEAR_HELP = ("Segment the red cells of whole thin-smear field images (files and folders; a folder of fields is one "
+              "sample), classify each cell with the model, and report counts and parasitemia with a 95 percent "
+              "Wilson interval per field and pooled. Cells flagged 'not a cell' are counted apart and left out of "
+              "the parasitemia.")
+CUT_HELP = ("Cut the boxed cells of annotated whole fields into Parasitized/ and Uninfected/ folders (+ patients.csv: "
+            "file,field), as a person crops them (box) and as the whole-field pipeline masks them (mask): data for "
+            "train, evaluate and adapt.")
+
+
+def add_parsers(sub) -> dict:
+    p = sub.add_parser("smear", help="whole smear fields: find every red cell, classify it, parasitemia",
+                       description=SMEAR_HELP)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="field images (jpg, png, tif, ...) or folders of them")
+    O.add_model(p, "ONNX model (e.g. one made by adapt)", "robust")
+    p.add_argument("--json", default=None, metavar="OUT.json",
+                   help="write {fields: [{image, width, height, cells: [{box, label, p_parasitized, ood}], n_cells, "
+                        "n_parasitized, parasitemia, parasitemia_ci95, ...}], summary: {...}}")
+    p.add_argument("--csv", default=None, metavar="CELLS.csv", help="one row per cell: image,cell,x0,y0,x1,y1,label,"
+                                                                     "p_parasitized,ood,border")
+    p.add_argument("--overlays", default=None, metavar="DIR",
+                   help="write each field with its cells drawn (parasitized bold red with p) and the counts")
+    p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
+                   help="typical red-cell diameter in pixels (default: estimated from each image)")
+    p.add_argument("--rbc-per-ul", type=float, default=None, metavar="N",
+                   help="red cells per microlitre of blood (e.g. 5000000): also report parasites/uL")
+    p.add_argument("--batch-size", type=O.positive_int, default=128, help="cells per network batch (default 128)")
+    O.add_ray(p, ", one field per task", "one row per field (counts + the whole record as JSON)")
+
+    p = sub.add_parser("cut-cells", help="labelled cell images cut from annotated fields (IML_Malaria JSON)",
+                       description=CUT_HELP)
+    p.add_argument("--fields", required=True, help="folder of field images")
+    p.add_argument("--annotations", required=True, help="JSON list of {image_name, objects: [{type, bbox}]}")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--only", nargs="*", default=None, metavar="PREFIX", help="only fields whose name starts so")
+    p.add_argument("--mode", nargs="+", default=["box", "mask"], choices=["box", "mask"])
+    p.add_argument("--max-uninfected-per-field", type=int, default=0, help="subsample uninfected cells (0 = all)")
+    return {"smear": cmd_smear, "cut-cells": cmd_cut_cells}
+
+
+def _report(a, opts, model: str) -> dict:
+    """The smear report: from a Ray actor pool, or in this process (with overlays and a progress bar)."""
+    if a.ray:
+        from ..scale import analyze_fields_ray
+
+        return analyze_fields_ray(a.paths, address=a.ray, model=model, opts=opts, num_cpus=a.ray_cpus,
+                                  parquet=a.parquet)
+    from ..cells.predictor import Predictor
+    from ..fields.analysis import analyze_fields
+    from ..fields.overlay import draw_overlay
+    from ..imaging import iter_image_paths
+
+    pred = Predictor.load(model)
+    paths = list(iter_image_paths(a.paths))
+    if not paths:
+        raise SystemExit("error: no images found in " + " ".join(a.paths))
+
+    def overlay(i, path, rec):
+        if a.overlays and "error" not in rec:
+            out = Path(a.overlays) / f"{i:04d}_{path.stem}_overlay.png"
+            draw_overlay(path, rec, pred.record.positive).save(out)
+            rec["overlay"] = str(out)
+
+    with O.progress_bar(len(paths), "fields", "field") as bar:
+        return analyze_fields(pred, paths, opts, progress=bar, on_field=overlay)
+
+
+def cmd_smear(a):
+    from ..counting import Summary, format_field
+    from ..fields.analysis import SmearOptions
+    from ..fields.report import write_csv
+    from ..modelfile import bundled_field_model_path
+
+    if a.cell_diameter is not None and not (math.isfinite(a.cell_diameter) and 6 <= a.cell_diameter <= 2000):
+        raise SystemExit("error: --cell-diameter must be between 6 and 2000 pixels")
+    O.check_ray(a, "--overlays")
+    for out in (a.json, a.csv):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise SystemExit(f"error: the folder of {out} does not exist")
+    if a.overlays:
+        if Path(a.overlays).exists() and not Path(a.overlays).is_dir():
+            raise SystemExit(f"error: --overlays {a.overlays} is a file, not a folder")
+        Path(a.overlays).mkdir(parents=True, exist_ok=True)
+    opts = SmearOptions(cell_diameter=a.cell_diameter, batch_size=a.batch_size, rbc_per_ul=a.rbc_per_ul)
+    report = _report(a, opts, a.model or str(bundled_field_model_path()))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1))
+    if a.csv:
+        write_csv(report, a.csv)
+    for f in report["fields"]:
+        print(format_field(f))
+    s = Summary.of(report["fields"], a.rbc_per_ul)
+    print("\n" + s.format()
+          + (f"\nJSON written to {a.json}" if a.json else "") + (f"\nCSV written to {a.csv}" if a.csv else "")
+          + (f"\noverlays written to {a.overlays}" if a.overlays else ""))
+    return 1 if s.n_errors else 0
+
+
+def cmd_cut_cells(a):
+    from ..data.cutcells import cut_cells
+
+    with O.progress_bar(None, "fields", "field") as bar:
+        r = cut_cells(a.fields, a.annotations, a.out, a.only, tuple(a.mode), a.max_uninfected_per_field,
+                      progress=bar)
+    print(f"{r['fields']} fields -> {r['Parasitized']} Parasitized and {r['Uninfected']} Uninfected cell images "
+          f"in {a.out} (patients.csv: file,field)")
+    for e in r["errors"]:
+        print(f"  warning: {e}")
+    return 0

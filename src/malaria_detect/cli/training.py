@@ -1,0 +1,109 @@
+"""Commands that build and check models and data: train, export, cv, check-data, download."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+
+from ..training.config import TrainConfig
+from . import options as O
+
+# TrainConfig fields that `cv` sets itself (per fold) or has its own option for
+CV_OWN = ("out", "model", "split", "split_file")
+
+
+def add_parsers(sub) -> dict:
+    p = sub.add_parser("train", help="train a model (transfer learning or the scratch baseline)")
+    O.add_config_options(p)
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out from its last epoch")
+
+    p = sub.add_parser("export", help="checkpoint -> ONNX (+ int8), re-validated with ONNX Runtime")
+    p.add_argument("--checkpoint", required=True, help="run folder or .safetensors checkpoint")
+    p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--int8", action="store_true", help="write a statically quantized int8 model")
+    p.add_argument("--data", default=None, help="training data folder (validation patients for --int8 and "
+                                                "--target-sensitivity, and for re-validation)")
+    p.add_argument("--sample", default=None, help="folder of images to re-validate ONNX vs PyTorch on")
+    p.add_argument("--target-sensitivity", type=O.fraction, default=None,
+                   help="choose the threshold that reaches this sensitivity on the validation patients")
+    p.add_argument("--max-int8-drop", type=float, default=0.5,
+                   help="refuse an int8 model whose validation accuracy drops by more points than this (0.5)")
+
+    p = sub.add_parser("cv", help="patient-grouped k-fold cross-validation (mean +- sd of every metric)")
+    p.add_argument("--folds", type=int, default=5, help="number of patient folds (default 5)")
+    p.add_argument("--model", default=TrainConfig.model,
+                   help="an architecture to train per fold (efficientnet_lite0, simple_cnn, ...) or a model "
+                        f"file (.onnx/.safetensors) to score per patient fold (default: {TrainConfig.model})")
+    p.add_argument("--out", default="runs/cv", help="folder for the folds' runs and cv.json (default runs/cv)")
+    O.add_json_flag(p)
+    O.add_config_options(p, skip=CV_OWN)  # each fold's training options
+
+    p = sub.add_parser("check-data", help="counts per class and patient, unreadable files, duplicates, sizes")
+    p.add_argument("data")
+    p.add_argument("--patients", default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("download", help="download the public NIH cell_images.zip and unpack it")
+    p.add_argument("dest", help="folder to unpack into")
+    p.add_argument("--url", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--sha256", default=None, help=argparse.SUPPRESS)
+    return {"train": cmd_train, "export": cmd_export, "cv": cmd_cv, "check-data": cmd_check_data,
+            "download": cmd_download}
+
+
+def cmd_train(a):
+    try:
+        from ..training.loop import train
+    except ImportError as e:
+        raise SystemExit(f"error: training needs PyTorch: pip install 'malaria-detect[train]' ({e})") from None
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
+    cfg.split = list(cfg.split)
+    if cfg.head_epochs == 0 and cfg.epochs == 0:
+        raise SystemExit("error: nothing to train (--head-epochs 0 --epochs 0)")
+    train(cfg, resume=a.resume, progress=sys.stderr.isatty())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, leave without the interpreter's teardown: the run is finished and written,
+        # but destructors of gloo's worker threads (held by the DDP reducer) can abort the process
+        # at exit ("terminate called without an active exception", pytorch/pytorch#190489), which
+        # torchrun then reports as a failed run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def cmd_export(a):
+    from ..training.export import export
+
+    r = export(a.checkpoint, a.out, int8=a.int8, target_sensitivity=a.target_sensitivity,
+               sample_dir=a.sample, data_dir=a.data, max_int8_drop=a.max_int8_drop / 100)
+    print(json.dumps(r, indent=1))
+    return 0
+
+
+def cmd_cv(a):
+    from ..evaluation.crossval import cross_validate, format_cv
+
+    options = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name not in (*CV_OWN, "data")}
+    r = cross_validate(a.data, a.folds, a.model, a.out, **options)
+    print(json.dumps(r) if a.json else format_cv(r))
+    return 0
+
+
+def cmd_check_data(a):
+    from ..data import check_data, format_check
+
+    r = check_data(a.data, a.patients, progress=not a.json and sys.stderr.isatty())
+    print(json.dumps(r, indent=1) if a.json else format_check(r))
+    return 0
+
+
+def cmd_download(a):
+    from ..data import NIH_SHA256, NIH_URL, download
+
+    folder = download(a.dest, a.url or NIH_URL, a.sha256 or NIH_SHA256)
+    print(f"dataset ready in {folder}")
+    return 0

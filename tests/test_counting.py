@@ -1,0 +1,73 @@
+"""The one counting rule (counting.py): what the CLI, the API, Ray and the page's summaries count by."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from malaria_detect.cells.predictor import Prediction
+from malaria_detect.counting import WHO_MIN_CELLS, Counts, ImageSummary, Summary, field_counts, format_field, wilson
+from malaria_detect.record import Record
+
+POS = "Parasitized"
+ANSWERS = [(POS, False), ("Uninfected", False), ("Uninfected", False), (POS, True), (None, False), (None, True)]
+
+
+def test_flagged_and_unlabelled_answers_are_counted_apart_and_left_out_of_the_fraction():
+    c = Counts.of(ANSWERS, POS)
+    assert (c.n_cells, c.n_classified, c.n_parasitized, c.n_not_a_cell, c.n_unclassified) == (6, 3, 1, 1, 2)
+    assert c.parasitemia == pytest.approx(1 / 3) and c.ci95 == wilson(1, 3)
+    assert Counts.of([], POS).parasitemia is None and Counts.of([], POS).ci95 is None
+
+
+def test_pooling_adds_counts_and_recomputes_the_interval():
+    a, b = Counts.of(ANSWERS, POS), Counts.of([(POS, False)] * 4, POS)
+    pooled = a + b
+    assert pooled.n_cells == 10 and pooled.n_classified == 7 and pooled.n_parasitized == 5
+    assert pooled.ci95 == wilson(5, 7) and Counts.from_dict(pooled.to_dict()) == pooled
+
+
+def test_summary_of_fields_pools_them_with_the_who_note_and_parasites_per_ul():
+    cells = [{"label": POS if i < 3 else "Uninfected", "ood": i == 9} for i in range(600)]
+    f1 = {"image": "a.jpg", "cells": cells} | field_counts(cells, POS)
+    f2 = {"image": "b.jpg", "cells": [], "error": "cannot decode image"} | field_counts([], POS)
+    s = Summary.of([f1, f2], rbc_per_ul=5_000_000)
+    d = s.to_dict()
+    assert d["n_fields"] == 2 and d["n_errors"] == 1 and d["n_classified"] == 599 and d["n_not_a_cell"] == 1
+    assert d["parasitemia"] == pytest.approx(3 / 599) and d["parasites_per_ul"] == round(3 / 599 * 5_000_000)
+    assert "note" not in d  # 599 >= WHO_MIN_CELLS
+    few = Summary.of([{"image": "c.jpg", "cells": cells[:10]} | field_counts(cells[:10], POS)]).to_dict()
+    assert f"at least {WHO_MIN_CELLS}-2,000" in few["note"] and "parasites_per_ul" not in few
+    assert "parasitized, 1 not a cell; parasitemia 0.50% (95% CI" in s.format() and "1 unreadable" in s.format()
+
+
+def test_a_field_line_and_an_image_summary_read_as_the_terminal_shows_them():
+    cells = [{"label": POS, "ood": False}, {"label": "Uninfected", "ood": False}]
+    rec = {"image": "f.jpg"} | field_counts(cells, POS)
+    assert format_field(rec) == "f.jpg\t2 cells, 1 parasitized, 0 not a cell, parasitemia 50.00% [9.45%, 90.55%]"
+    assert format_field({"image": "x.jpg", "error": "file not found"}) == "x.jpg\tERROR file not found"
+    record = Record("efficientnet_lite0", 112, (0.5,) * 3, (0.5,) * 3)
+    preds = [Prediction("a", POS, 0.9, False), Prediction("b", "Uninfected", 0.1, False),
+             Prediction("c", POS, 0.8, True), Prediction("d", error="file not found")]
+    s = ImageSummary.of(preds, record)
+    assert s.to_dict() == {"images": 4, POS: 1, "Uninfected": 1, "parasitized_fraction": 0.5, "not_a_cell": 1,
+                           "errors": 1}
+    assert s.format().startswith("4 images: 1 Parasitized, 1 Uninfected (parasitized fraction 50.0% of the 2 cells)")
+
+
+def test_the_sample_fields_report_is_the_summary_of_its_fields(bundled_field_report):
+    report = bundled_field_report
+    assert report["summary"] == Summary.of(report["fields"]).to_dict()
+    for f in report["fields"]:
+        assert {k: f[k] for k in Counts().to_dict()} == field_counts(f["cells"], POS)
+    json.dumps(report)  # plain JSON types only
+
+
+@pytest.fixture(scope="module")
+def bundled_field_report():
+    import malaria_detect as md
+
+    fields = Path(__file__).resolve().parents[1] / "samples" / "fields"
+    return md.smear(sorted(fields.glob("*.JPG"))[:2])
