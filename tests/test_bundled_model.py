@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -11,6 +12,8 @@ from malaria_detect import data as D
 from malaria_detect.cells.heatmaps import cam_peak_xy, cam_to_map, heatmap_overlay
 from malaria_detect.cli import main
 from malaria_detect.evaluation.noncells import non_cell_images
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_record_is_complete(bundled):
@@ -106,6 +109,20 @@ def test_benchmark_command_reports_each_engine():
     assert engines[0] == "onnx fp32"
     for row in r["rows"]:
         assert row["latency_p50_ms"] > 0 and row["throughput_cells_s"] > 0 and row["accuracy_sample"] > 0.9
+
+
+def test_benchmark_without_the_repository_uses_the_installed_sample(monkeypatch, tmp_path):
+    """After a plain `pip install` there is no samples/ beside the package: the benchmark scores the
+    sample installed with it (cells of NIH test patients) and the page's example fields."""
+    from malaria_detect.data import find_images, load_split
+    from malaria_detect.evaluation import speed
+
+    monkeypatch.setattr(speed, "REPO_SAMPLE", tmp_path / "no-samples")
+    r = speed.run_benchmark(n_latency=2)
+    assert Path(r["sample"]) == speed.PACKAGED_SAMPLE and r["n_sample"] == 24
+    assert r["rows"][0]["accuracy_sample"] > 0.9 and r["fields"] and r["fields"][0]["fields"] == 2
+    test_patients = set(load_split(ROOT / "recipes" / "nih_split.json")["test"])
+    assert {it.patient for it in find_images(speed.PACKAGED_SAMPLE)} <= test_patients  # never trained on
 
 
 def test_cv_scores_a_fixed_onnx_model_per_patient_fold(samples, bundled, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Choose the whole-field operating point of a model on annotated validation fields, and store it in
 the model's record (`extra.field_threshold`), which `smear` then uses instead of the cell threshold.
 
-    .venv/bin/python recipes/robust/field_threshold.py MODEL.onnx [--block PA17177 PA17178 PA17179] [--min-precision 0.8]
+    .venv/bin/python recipes/robust/field_threshold.py MODEL.onnx [--block PA17177 PA17178 PA17179] \\
+        [--min-precision 0.8]
 
 Why a second threshold: the cell threshold maximises balanced accuracy on validation cells of which
 about half are parasitized. In a field only 1-2 % of red cells are infected, so at that threshold

@@ -1,7 +1,7 @@
 """Set a model's not-a-cell flag with an unseen stain as validation: which parts count, and the threshold.
 
-    .venv/bin/python recipes/robust/flag_margin.py runs/labstain112_ood src/malaria_detect/assets/malaria_lite0_robust.onnx \\
-        [--max-flagged 0.03] [--out NEW.onnx]
+    .venv/bin/python recipes/robust/flag_margin.py runs/labstain112_ood \\
+        src/malaria_detect/assets/malaria_lite0_robust.onnx [--max-flagged 0.03] [--out NEW.onnx]
 
 The threshold that lets 99 % of the validation cells (and a stain view of each) pass sits just below
 the scores of a lab whose stain no training field has: it flagged 25 % of the box crops of the adapt

@@ -1,7 +1,7 @@
 """Refit a model's not-a-cell flag on stain-varied cells, keeping its classifier and record.
 
-    .venv/bin/python recipes/robust/refit_not_a_cell.py runs/robust112 src/malaria_detect/assets/malaria_lite0_robust.onnx \\
-        --views 2 --out runs/robust112_ood
+    .venv/bin/python recipes/robust/refit_not_a_cell.py runs/robust112 \\
+        src/malaria_detect/assets/malaria_lite0_robust.onnx --views 2 --out runs/robust112_ood
 
 The flag of a model file fitted on its training cells as they are fires on every cell of a lab whose
 stain it has not seen. This refits its Gaussians on the same training cells plus `--views`

@@ -1,10 +1,10 @@
 """Build the training folder of the bundled (robust) model: NIH training/validation patients next to
 cells cut from the IML_Malaria development fields. Reproduces runs/data/ as used for the model card.
 
-    .venv/bin/python recipes/robust/robust_training_set.py            # writes runs/data/{iml_train,iml_val,iml_test,combined}
-    .venv/bin/python -c "from malaria_detect.train import TrainConfig, train; train(TrainConfig(
-        data='runs/data/combined', out='runs/robust112', patients_csv='runs/data/combined/patients.csv',
-        split_file='runs/data/combined/split.json', robust_aug=True, patience=10))"
+    .venv/bin/python recipes/robust/robust_training_set.py   # writes runs/data/{iml_train,iml_val,iml_test,combined}
+    .venv/bin/malaria-detect train --data runs/data/combined --out runs/robust112 \\
+        --patients runs/data/combined/patients.csv --split-file runs/data/combined/split.json --robust-aug \\
+        --patience 10
 
 IML fields are split by consecutive image numbers, never at random (neighbouring numbers are likely
 the same slide): PA171690-PA171769 train (at most 30 uninfected cells per field, every infected one),
