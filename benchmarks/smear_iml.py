@@ -26,10 +26,10 @@ from malaria_detect.cells.predictor import Predictor
 from malaria_detect.counting import field_counts
 from malaria_detect.data.annotations import read_annotations
 from malaria_detect.evaluation.fieldscore import score_fields
-from malaria_detect.fields.analysis import FIELD_MAX_PIXELS, analyze_field
+from malaria_detect.fields.analysis import analyze_field
 from malaria_detect.fields.crops import cell_crops
 from malaria_detect.fields.segment import Cell
-from malaria_detect.imaging import open_rgb
+from malaria_detect.imaging import FIELD_MAX_PIXELS, open_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 

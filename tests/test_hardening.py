@@ -82,13 +82,16 @@ def _save_with_record(onnx_model, path: Path, **changes) -> Path:
 
 
 def _nan_model(onnx_model, path: Path) -> Path:
-    """The bundled model with its largest weight tensor overwritten by NaNs (0xFF bytes)."""
+    """The bundled model with its largest weight tensor overwritten by NaNs (0xFF bytes), stamped with
+    the hash of those weights: a model exported with NaN weights (a merely damaged copy is refused at
+    load by its weights hash, tests/test_hardening2.py)."""
     big = max(onnx_model.graph.initializer, key=lambda t: len(t.raw_data)).raw_data
     blob = bytearray(P.bundled_model_path().read_bytes())
     at = bytes(blob).find(big)
     assert at > 0
     blob[at:at + len(big)] = b"\xff" * len(big)
     path.write_bytes(blob)
+    P.write_model_record(path, Record.from_json(P.read_metadata(path)["malaria_detect_record"]))
     return path
 
 
@@ -406,7 +409,7 @@ def test_csv_cells_that_look_like_formulas_are_escaped(samples, tmp_path, monkey
 
 
 def test_csv_safe_prefixes_formula_starts():
-    from malaria_detect.cli import csv_safe
+    from malaria_detect.tables import csv_safe
 
     assert [csv_safe(v) for v in ("=1+1", "+1", "-1", "@SUM(A1)", "\t=1", "cell.png", "")] == \
         ["'=1+1", "'+1", "'-1", "'@SUM(A1)", "'\t=1", "cell.png", ""]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import stat
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +32,9 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 # (Image.MAX_IMAGE_PIXELS, a process-wide setting that belongs to the application) is left as it is:
 # an image past it is refused with the same kind of message.
 MAX_IMAGE_PIXELS = 40_000_000
+# The largest whole field decoded, by the command line and the server alike (smear --max-field-pixels and
+# MALARIA_DETECT_MAX_FIELD_PIXELS raise it); fields are segmented in tiles (fields/segment.py).
+FIELD_MAX_PIXELS = 40_000_000
 
 # The only formats decoded: other Pillow plugins (DDS, PSD, ICO, ...) are never tried on user files.
 FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
@@ -37,6 +42,9 @@ FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
 # Right after decoding, an image is shrunk to at most this many pixels a side (cells are ~130 px):
 # this bounds memory and the heatmap size for any upload. Whole smear fields need their own path.
 MAX_SIDE = 512
+# The most elongated image the single-cell path takes (long side : short side). NIH cell crops reach
+# 2.2 : 1; a 1 x 10,000 strip is no cell photo, and its derived images (heatmaps) would be huge.
+CELL_MAX_ASPECT = 8.0
 
 # Bumped whenever open_rgb() can return different pixels for the same file (keys decode caches).
 DECODE_VERSION = 2
@@ -77,7 +85,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     The bit depth is inferred from the brightest pixel: microscope cameras often store 10, 12 or 14
     bits in a 16-bit container, so the range is the smallest of 2^8, 2^10, ..., 2^16 - 1 that holds
     the data (float images: [0, 1] when they fit, else their own maximum)."""
-    a = np.asarray(im, dtype=np.float32)
+    a = np.array(im, dtype=np.float32)  # a writable copy (asarray of a float image is read-only)
     top = float(a.max()) if a.size else 0.0
     if im.mode == "F" and top <= 1.0:
         full = 1.0
@@ -132,8 +140,14 @@ def _array_image(a: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
+def _check_aspect(w: int, h: int, max_aspect: float | None) -> None:
+    if max_aspect and max(w, h) > max_aspect * min(w, h):
+        raise ImageError(f"a {w}x{h} image is no photo of a single cell (the long side may be at most "
+                         f"{max_aspect:g} x the short one)")
+
+
 def open_rgb(src, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int | None = MAX_SIDE,
-             budget: PixelBudget | None = None) -> Image.Image:
+             budget: PixelBudget | None = None, max_aspect: float | None = None) -> Image.Image:
     """Open a path, bytes, file object, PIL image or H x W x 3 uint8 array as an RGB image; raises
     ImageError with a clear message.
 
@@ -147,6 +161,7 @@ def open_rgb(src, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int | None = MAX
         if src.width * src.height > max_pixels:
             raise ImageError(f"image too large: {src.width}x{src.height} pixels (limit {max_pixels:,})")
     if isinstance(src, Image.Image):  # already decoded (e.g. by the web app)
+        _check_aspect(*src.size, max_aspect)
         return shrink(_to_rgb(src), max_side)
     try:
         if isinstance(src, memoryview):
@@ -161,6 +176,7 @@ def open_rgb(src, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int | None = MAX
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"image too large: {w}x{h} pixels (limit {max_pixels:,})")
+            _check_aspect(w, h, max_aspect)
             if budget is not None:
                 budget.take(w, h)
             if max_side and max(w, h) > 2 * max_side:
@@ -199,10 +215,22 @@ def load_uint8(src, size: int) -> np.ndarray:
 
 
 def iter_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Files as given, folders recursively (image extensions only), in a stable order."""
+    """Files as given, folders recursively (image extensions only), in a stable order; each real file
+    once, however many arguments reach it (a warning says how many repeats were left out). In a
+    folder, anything with an image extension that is not a folder is listed, so that a FIFO or a
+    dangling link gets its own error row instead of silently none."""
+    seen, repeats = set(), 0
     for p in paths:
         p = Path(p)
-        if p.is_dir():
-            yield from sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            yield p  # a missing or non-image file is reported in its row
+        found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and not q.is_dir()) \
+            if p.is_dir() else [p]  # a missing or non-image file is reported in its row
+        for q in found:
+            key = os.path.realpath(q) if q.exists() else str(q)
+            if key in seen:
+                repeats += 1
+                continue
+            seen.add(key)
+            yield q
+    if repeats:
+        warnings.warn(f"{repeats} input path{'s' * (repeats != 1)} named a file already listed (the same file "
+                      "through another argument or link): each file is counted once", stacklevel=2)

@@ -59,9 +59,10 @@ def heatmap_overlay(src, cam: np.ndarray, temperature: float | None = None, alph
     """The cell with its class-activation map blended on top (PIL RGB image, at most `max_size`
     pixels a side); the black surround of a segmented cell is left as it is."""
     img = shrink(src if isinstance(src, Image.Image) else open_rgb(src), max_size)
-    if min(img.size) < min_size:  # upscale small crops so the overlay is readable
-        s = min_size / min(img.size)
-        img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
+    if min(img.size) < min_size:  # upscale small crops so the overlay is readable, never past max_size
+        s = min(min_size / min(img.size), max_size / max(img.size))
+        if s > 1:
+            img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)
     heat = _colormap(cam_to_map(cam, img.size, temperature)).astype(np.float32)
     base = np.asarray(img, np.float32)
     a = alpha * (base.mean(-1, keepdims=True) > 12)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import MissingFileError, ModelError, UsageError
-from ..imaging import ImageError, iter_image_paths, normalize, open_rgb, resize_uint8
+from ..imaging import CELL_MAX_ASPECT, ImageError, iter_image_paths, normalize, open_rgb, resize_uint8
 from ..modelfile import NAMES_HELP, _check_bundled, _check_weights, model_path
 from ..record import Record, RecordError
 
@@ -56,6 +56,10 @@ class Prediction:
                 "p_parasitized": "" if self.p_parasitized is None else f"{self.p_parasitized:.6f}",
                 "ood": "" if self.ood is None else str(self.ood).lower(), "error": self.error or ""}
 
+
+
+# the columns of a cell-image results table (`malaria-detect predict --csv`, the page's CSV)
+CSV_FIELDS = list(Prediction("").row())
 
 _IN_MEMORY = {bytes: "bytes", bytearray: "bytes", memoryview: "bytes", Image.Image: "PIL image", np.ndarray: "array"}
 
@@ -105,7 +109,9 @@ class Predictor:
         self.session, self.record, self.path = session, record, path
 
     @classmethod
-    def load(cls, path: str | Path | None = None, threads: int | None = None) -> Predictor:
+    def load(cls, path: str | Path | None = None, threads: int | None = None,
+             session_options: dict | None = None) -> Predictor:
+        """`session_options`: onnxruntime.SessionOptions attributes to set, e.g. {"enable_cpu_mem_arena": False}."""
         import onnxruntime as ort
 
         path = model_path(path)
@@ -116,6 +122,8 @@ class Predictor:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for k, v in (session_options or {}).items():
+            setattr(opts, k, v)
         try:
             # from the path, not from `blob`: a session made from bytes keeps a second copy of the model
             session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -176,7 +184,7 @@ class Predictor:
         if not is_image_like(src):
             return None, f"not an image: {type(src).__name__}"
         try:
-            img = open_rgb(src)
+            img = open_rgb(src, max_aspect=CELL_MAX_ASPECT)
             return resize_uint8(img, self.record.input_size), None
         except ImageError as e:
             return None, str(e)

@@ -94,7 +94,7 @@ def _write_heatmaps(a, results, temperature: float) -> list:
 
 
 def cmd_predict(a):
-    from ..cells.predictor import Predictor
+    from ..cells.predictor import CSV_FIELDS, Predictor
     from ..counting import ImageSummary, plural
 
     O.check_ray(a, "--heatmaps")
@@ -109,8 +109,7 @@ def cmd_predict(a):
 
     if a.csv:  # strings only in CSV
         with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["path", "label", "p_parasitized", "ood", "error"]
-                               + ["heatmap"] * bool(a.heatmaps))
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS + ["heatmap"] * bool(a.heatmaps))
             w.writeheader()
             w.writerows({k: csv_safe(v) for k, v in (r.row() | extra(i, "")).items()} for i, r in enumerate(results))
     summary = ImageSummary.of(results, pred.record)  # the one counting rule (also smear's)

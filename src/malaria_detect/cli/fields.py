@@ -6,12 +6,14 @@ import json
 import math
 from pathlib import Path
 
+from ..imaging import FIELD_MAX_PIXELS
 from . import options as O
 
 SMEAR_HELP = ("Segment the red cells of whole thin-smear field images (files and folders; a folder of fields is one "
               "sample), classify each cell with the model, and report counts and parasitemia with a 95 percent "
               "Wilson interval per field and pooled. Cells flagged 'not a cell' are counted apart and left out of "
-              "the parasitemia.")
+              "the parasitemia. Exit status: 0 with a parasitemia; 1 when a field could not be read, or when no "
+              "red cell at all could be classified (after the report was written).")
 CUT_HELP = ("Cut the boxed cells of annotated whole fields into Parasitized/ and Uninfected/ folders (+ patients.csv: "
             "file,field), as a person crops them (box) and as the whole-field pipeline masks them (mask): data for "
             "train, evaluate and adapt.")
@@ -34,6 +36,9 @@ def add_parsers(sub) -> dict:
     p.add_argument("--rbc-per-ul", type=float, default=None, metavar="N",
                    help="red cells per microlitre of blood (e.g. 5000000): also report parasites/uL")
     p.add_argument("--batch-size", type=O.positive_int, default=128, help="cells per network batch (default 128)")
+    p.add_argument("--max-field-pixels", type=O.positive_int, default=FIELD_MAX_PIXELS, metavar="N",
+                   help=f"largest field decoded, width x height (default {FIELD_MAX_PIXELS:,}, as the server's "
+                        "MALARIA_DETECT_MAX_FIELD_PIXELS); larger fields get an error")
     O.add_ray(p, ", one field per task", "one row per field (counts + the whole record as JSON)")
 
     p = sub.add_parser("cut-cells", help="labelled cell images cut from annotated fields (IML_Malaria JSON)",
@@ -90,7 +95,8 @@ def cmd_smear(a):
         if Path(a.overlays).exists() and not Path(a.overlays).is_dir():
             raise SystemExit(f"error: --overlays {a.overlays} is a file, not a folder")
         Path(a.overlays).mkdir(parents=True, exist_ok=True)
-    opts = SmearOptions(cell_diameter=a.cell_diameter, batch_size=a.batch_size, rbc_per_ul=a.rbc_per_ul)
+    opts = SmearOptions(cell_diameter=a.cell_diameter, batch_size=a.batch_size, rbc_per_ul=a.rbc_per_ul,
+                        max_pixels=a.max_field_pixels)
     report = _report(a, opts, a.model or str(bundled_field_model_path()))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
@@ -102,7 +108,7 @@ def cmd_smear(a):
     print("\n" + s.format()
           + (f"\nJSON written to {a.json}" if a.json else "") + (f"\nCSV written to {a.csv}" if a.csv else "")
           + (f"\noverlays written to {a.overlays}" if a.overlays else ""))
-    return 1 if s.n_errors else 0
+    return 1 if s.n_errors or s.counts.n_classified == 0 else 0
 
 
 def cmd_cut_cells(a):

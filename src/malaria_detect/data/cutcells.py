@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..fields.analysis import FIELD_MAX_PIXELS
 from ..fields.crops import box_crop, masked_crop
 from ..fields.segment import SegmentationError, segment_cells
-from ..imaging import ImageError, open_rgb
+from ..imaging import FIELD_MAX_PIXELS, ImageError, open_rgb
 from .annotations import match_cells, read_annotations
 from .folders import NEGATIVE, POSITIVE, DataError
 

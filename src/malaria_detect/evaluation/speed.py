@@ -121,9 +121,9 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
 def field_speed(engines: dict, folder: Path | None = None, repeat: int = 3) -> list[dict]:
     """Whole fields, end to end (image file -> JSON record: decode, segment, crop, classify, count),
     per engine, on the sample fields; with the share of time spent segmenting."""
-    from ..fields.analysis import FIELD_MAX_PIXELS, analyze_field
+    from ..fields.analysis import analyze_field
     from ..fields.segment import segment_cells
-    from ..imaging import open_rgb
+    from ..imaging import FIELD_MAX_PIXELS, open_rgb
 
     paths = sorted(folder.glob("*.JPG")) if folder else sample_fields()
     if not paths:

@@ -19,19 +19,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import cv2
 import numpy as np
 
 from ..cells.predictor import Predictor
 from ..counting import field_counts, field_note, parasites_per_ul, summarize
-from ..imaging import ImageError, iter_image_paths, open_rgb
+from ..imaging import FIELD_MAX_PIXELS, ImageError, iter_image_paths, open_rgb
+from .area import fill_outside, imaged_area
 from .crops import cell_crops
-from .segment import SegmentationError, segment_cells
+from .segment import SegmentationError, foreground, segment_cells
 
-FIELD_MAX_PIXELS = 100_000_000   # a whole field may be large; it is tiled by fields/segment.py
-
-MIN_FIELD_SIDE = 256             # a field photo is larger; smaller images are single cells or thumbnails
+MIN_FIELD_SIDE = 256  # a field photo is larger; smaller images are single cells or thumbnails
+MIN_IMAGED = 0.05     # a photo of which less than this share shows the smear is not counted
+MIN_COVERED = 0.4     # cells found must cover this share of the stained imaged area, else the count is implausible
 
 
 @dataclass
@@ -39,6 +41,7 @@ class SmearOptions:
     cell_diameter: float | None = None   # pixels; None = estimate from each field
     batch_size: int = 128
     rbc_per_ul: float | None = None      # red cells per microlitre, for parasites/uL
+    max_pixels: int = FIELD_MAX_PIXELS   # the largest field decoded (width x height)
 
 
 def field_threshold(record) -> float:
@@ -56,7 +59,7 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
     rec = {"image": name, "width": None, "height": None, "cells": []}
     t0 = time.perf_counter()
     try:
-        img = open_rgb(src, FIELD_MAX_PIXELS, max_side=None)
+        img = open_rgb(src, opts.max_pixels, max_side=None)
     except ImageError as e:
         return failed_field(name, str(e), opts)
     rgb = np.asarray(img)
@@ -65,11 +68,24 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
         return _finish(rec | {"note": f"the image is only {img.width}x{img.height} pixels: too small to be a field "
                                       f"of cells (a single-cell image? use 'predict' for single cells)"},
                        opts, pred.record.positive)
+    area = imaged_area(rgb)
+    rec["imaged_fraction"] = round(float(area.mean()), 4)
+    if rec["imaged_fraction"] < MIN_IMAGED:
+        return _finish(rec | {"note": f"only {rec['imaged_fraction']:.1%} of the photo shows the smear (the rest is "
+                                      "a black or white surround): too little to count"}, opts, pred.record.positive)
+    if rec["imaged_fraction"] < 1:
+        rgb = fill_outside(rgb, area)
     try:
         cells, diameter = segment_cells(rgb, opts.cell_diameter)
     except SegmentationError as e:
         return _finish(rec | {"note": f"no cells found: {e}"}, opts, pred.record.positive)
     rec["cell_diameter_px"] = round(diameter, 1)
+    if rec["imaged_fraction"] < 1:  # a cell cut by the field stop is a border cell, as at the image's edge
+        cells = [c if c.border or area[c.box[1]:c.box[3], c.box[0]:c.box[2]].all() else replace(c, border=True)
+                 for c in cells]
+    implausible = implausible_count(rgb, area, cells, diameter)
+    if implausible:
+        rec["note"] = implausible
     if cells:
         x = cell_crops(rgb, cells, diameter, pred.record.input_size)
         z, _, s = pred.run(x, opts.batch_size)
@@ -79,10 +95,27 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
             rec["cells"].append({"box": list(c.box), "label": str(li) if finite else None,
                                  "p_parasitized": round(float(pi), 6) if finite else None,
                                  "ood": bool(oi) if finite else False, "border": c.border})
-    else:
+    elif "note" not in rec:
         rec["note"] = "no red cells found in this image"
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return _finish(rec, opts, pred.record.positive)
+
+
+def implausible_count(rgb: np.ndarray, area: np.ndarray, cells: list, diameter: float) -> str | None:
+    """A note when the cells found cover far less than the stained part of the imaged area (black
+    corners, a wrong scale, a photo that is no smear): the count would be wrong without a word."""
+    H, W = rgb.shape[:2]
+    s0 = min(1.0, (300_000 / (H * W)) ** 0.5)
+    size = (max(1, round(W * s0)), max(1, round(H * s0)))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if s0 < 1 else rgb
+    inside = cv2.resize(area.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0 if s0 < 1 else area
+    stained = float((foreground(small)[0] & inside).sum()) / (s0 * s0)
+    covered = float(sum(int(c.mask.sum()) for c in cells))
+    if stained < 0.02 * H * W or covered >= MIN_COVERED * stained:
+        return None
+    return (f"the count is implausible for this field: the {len(cells)} cells found ({diameter:.0f} px across) cover "
+            f"{covered / stained:.0%} of its stained area; check the photo (a black or white border, focus) or "
+            "give the red-cell diameter")
 
 
 def failed_field(name: str, error: str, opts: SmearOptions | None = None) -> dict:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..imaging import open_rgb
-from .analysis import FIELD_MAX_PIXELS
+from ..imaging import FIELD_MAX_PIXELS, open_rgb
 
 
 def _font(size: int):

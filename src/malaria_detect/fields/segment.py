@@ -39,6 +39,10 @@ SINGLE_AREA, SINGLE_SOLIDITY = 1.35, 0.92   # a region this small and convex is 
 CIRCLE_FILL, NMS_IOU = 0.6, 0.45   # a circle must be this full of its region; duplicate boxes
 WORK_DIAMETER = 40           # cells are resized to about this many pixels across for segmentation
 TILE_PIXELS = 6_000_000      # larger images are segmented in tiles (in original pixels)
+# The work per field is bounded whatever the diameter given: pixels after the rescale to WORK_DIAMETER
+# (a 1280 x 960 field of 80-px cells is 0.3 MP; 40 MP is a 40 MP field of 40-px cells) and objects kept.
+MAX_WORK_PIXELS = 40_000_000
+MAX_OBJECTS = 20_000
 MIN_AREA, MAX_AREA = 0.25, 2.6   # region area relative to a typical cell's, kept in between
 
 
@@ -231,6 +235,11 @@ def segment_cells(rgb: np.ndarray, cell_diameter: float | None = None) -> tuple[
     if not 6 <= cell_diameter <= 2000:
         raise SegmentationError(f"implausible cell diameter {cell_diameter:.0f} px")
     s = WORK_DIAMETER / cell_diameter
+    if H * W * s * s > MAX_WORK_PIXELS:
+        raise SegmentationError(
+            f"with red cells {cell_diameter:.0f} px across this {W}x{H} image would be segmented at "
+            f"{H * W * s * s / 1e6:.0f} megapixels (limit {MAX_WORK_PIXELS / 1e6:.0f}): the cell diameter is too "
+            f"small for this image; give the diameter of a red cell in this image's pixels, or leave it out")
     cells: list[Cell] = []
     tile = int(np.sqrt(TILE_PIXELS))            # tile side, original pixels
     margin = int(2 * cell_diameter)             # overlap so every cell is whole in some tile
@@ -258,5 +267,8 @@ def segment_cells(rgb: np.ndarray, cell_diameter: float | None = None) -> tuple[
                     m.astype(np.uint8), (tx1 - tx0, ty1 - ty0), interpolation=cv2.INTER_NEAREST) > 0
                 border = tx0 <= 1 or ty0 <= 1 or tx1 >= W - 1 or ty1 >= H - 1
                 cells.append(Cell((int(ox0), int(oy0), int(ox1), int(oy1)), mask, int(area / s / s), bool(border)))
+            if len(cells) > MAX_OBJECTS:
+                raise SegmentationError(f"more than {MAX_OBJECTS:,} objects in one image: not a field of "
+                                        f"red cells {cell_diameter:.0f} px across")
     cells.sort(key=lambda c: (c.box[1], c.box[0]))
     return cells, float(cell_diameter)
