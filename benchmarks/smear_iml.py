@@ -24,8 +24,7 @@ import numpy as np
 
 from malaria_detect.cells.predictor import Predictor
 from malaria_detect.counting import field_counts
-from malaria_detect.data.annotations import read_annotations
-from malaria_detect.evaluation.fieldscore import score_fields
+from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
 from malaria_detect.fields.analysis import analyze_field
 from malaria_detect.fields.crops import cell_crops
 from malaria_detect.fields.segment import Cell
@@ -84,7 +83,7 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="score only N fields of the block")
     ap.add_argument("--json", default=None, help="also write the pipeline's smear JSON here")
     a = ap.parse_args()
-    recs = [r for r in read_annotations(IML / "annotations.json") if r["image_name"].startswith(a.block)]
+    recs = [r for r in load_annotations(IML / "annotations.json") if r["image_name"].startswith(a.block)]
     recs = recs[a.start:a.start + a.limit] if a.limit else recs[a.start:]
     paths = [IML / "images" / r["image_name"] for r in recs]
     pred, base = Predictor.load(a.model), Predictor.load(a.baseline_model)
@@ -96,7 +95,7 @@ def main():
     if a.json:
         Path(a.json).write_text(json.dumps(rep))
     n_inf = rows[0][1]["n_infected_true"]
-    n_cells = sum(len(r["boxes"]) for r in recs)
+    n_cells = rows[0][1]["n_red_true"]
     print(f"IML block {a.block}: {len(recs)} fields, {n_cells} boxed cells, {n_inf} infected")
     print("| method | cell recall | cell precision | cell F1 | infected recall | infected precision "
           "| infected called | parasitemia MAE (points) | fields/s |")

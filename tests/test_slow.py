@@ -45,15 +45,14 @@ def test_whole_fields_on_held_out_iml_fields():
     from pathlib import Path
 
     from malaria_detect.cells.predictor import Predictor
-    from malaria_detect.data.annotations import read_annotations
-    from malaria_detect.evaluation.fieldscore import score_fields
+    from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
     from malaria_detect.fields.analysis import analyze_fields
     from malaria_detect.modelfile import bundled_field_model_path
 
     iml = Path(__file__).resolve().parents[2] / "shared" / "data" / "iml-fields"
     if not (iml / "annotations.json").exists():
         pytest.skip("the IML fields are not at ../shared/data/iml-fields")
-    recs = [r for r in read_annotations(iml / "annotations.json") if r["image_name"].startswith("PA17183")]
+    recs = [r for r in load_annotations(iml / "annotations.json") if r["image_name"].startswith("PA17183")]
     rep = analyze_fields(Predictor.load(bundled_field_model_path()), [iml / "images" / r["image_name"] for r in recs])
     s = score_fields(rep, recs)
     assert s["fields"] == 10 and s["det_f1"] >= 0.93 and s["inf_precision"] >= 0.6

@@ -15,14 +15,14 @@ from PIL import Image
 
 from malaria_detect.counting import summarize, wilson
 from malaria_detect.data.annotations import _iou, read_annotations
-from malaria_detect.evaluation.fieldscore import score_fields
+from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
 from malaria_detect.fields import segment as S
 from malaria_detect.fields.analysis import SmearOptions, analyze_field, analyze_fields
 from malaria_detect.fields.overlay import draw_overlay
 from malaria_detect.fields.report import write_csv
 
 FIELDS = ROOT / "samples" / "fields"
-ANN = {r["image_name"]: r for r in read_annotations(FIELDS / "annotations.json")}
+ANN = {r["image_name"]: r for r in load_annotations(FIELDS / "annotations.json")}
 
 
 def _rgb(name):

@@ -21,8 +21,7 @@ import numpy as np
 
 from malaria_detect.cells.predictor import Predictor
 from malaria_detect.counting import field_counts
-from malaria_detect.data.annotations import read_annotations
-from malaria_detect.evaluation.fieldscore import score_fields
+from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
 from malaria_detect.fields.analysis import analyze_field
 from malaria_detect.modelfile import write_model_record
 
@@ -47,7 +46,7 @@ def main():
     ap.add_argument("--block", nargs="+", default=["PA17177", "PA17178", "PA17179"])
     a = ap.parse_args()
     pred = Predictor.load(a.model)
-    recs = [r for r in read_annotations(IML / "annotations.json")
+    recs = [r for r in load_annotations(IML / "annotations.json")
             if any(r["image_name"].startswith(b) for b in a.block)]
     report = {"fields": [analyze_field(pred, IML / "images" / r["image_name"], r["image_name"]) for r in recs]}
     best = None

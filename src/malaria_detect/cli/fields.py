@@ -14,6 +14,12 @@ SMEAR_HELP = ("Segment the red cells of whole thin-smear field images (files and
               "Wilson interval per field and pooled. Cells flagged 'not a cell' are counted apart and left out of "
               "the parasitemia. Exit status: 0 with a parasitemia; 1 when a field could not be read, or when no "
               "red cell at all could be classified (after the report was written).")
+EVAL_HELP = ("Analyse annotated fields (or read a smear --json report) and print the field-level figures by the "
+             "rules of the acceptance checks' scorer (../shared/tools/score_smear.py): red-cell detection recall, "
+             "precision and F1 (IoU >= 0.5; precision over boxes off the image border), infected-cell recall and "
+             "precision (IoU >= 0.3), false parasitized calls per 1,000 classified red cells, white cells and "
+             "platelets called parasitized, parasitemia MAE. Annotated fields not among the inputs count as "
+             "missing.")
 CUT_HELP = ("Cut the boxed cells of annotated whole fields into Parasitized/ and Uninfected/ folders (+ patients.csv: "
             "file,field), as a person crops them (box) and as the whole-field pipeline masks them (mask): data for "
             "train, evaluate and adapt.")
@@ -49,7 +55,18 @@ def add_parsers(sub) -> dict:
     p.add_argument("--only", nargs="*", default=None, metavar="PREFIX", help="only fields whose name starts so")
     p.add_argument("--mode", nargs="+", default=["box", "mask"], choices=["box", "mask"])
     p.add_argument("--max-uninfected-per-field", type=int, default=0, help="subsample uninfected cells (0 = all)")
-    return {"smear": cmd_smear, "cut-cells": cmd_cut_cells}
+
+    p = sub.add_parser("evaluate-fields", help="score whole-field analysis against your annotated fields",
+                       description=EVAL_HELP)
+    p.add_argument("paths", nargs="*", metavar="PATH", help="field images or folders to analyse (not with --result)")
+    p.add_argument("--annotations", required=True, metavar="ANN.json",
+                   help="annotated fields: [{image_name, objects: [{type, bbox: {x, y, w, h}}]}] (IML / TXL-PBC)")
+    p.add_argument("--result", default=None, metavar="SMEAR.json", help="score this smear --json report instead")
+    O.add_model(p, "ONNX model (e.g. one made by adapt)", "robust")
+    p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
+                   help="typical red-cell diameter in pixels (default: estimated from each image)")
+    O.add_json_flag(p, "print the figures as one JSON object")
+    return {"smear": cmd_smear, "cut-cells": cmd_cut_cells, "evaluate-fields": cmd_evaluate_fields}
 
 
 def _report(a, opts, model: str) -> dict:
@@ -121,4 +138,34 @@ def cmd_cut_cells(a):
           f"in {a.out} (patients.csv: file,field)")
     for e in r["errors"]:
         print(f"  warning: {e}")
+    return 0
+
+
+def cmd_evaluate_fields(a):
+    from ..evaluation.fieldscore import format_scores, load_annotations, score_fields
+
+    annotations = load_annotations(a.annotations)
+    if a.result:
+        if a.paths:
+            raise SystemExit("error: give field images or --result, not both")
+        report = json.loads(Path(a.result).read_text())
+    else:
+        if not a.paths:
+            raise SystemExit("error: give the field images (files or folders), or --result SMEAR.json")
+        from ..cells.predictor import Predictor
+        from ..fields.analysis import SmearOptions, analyze_fields
+        from ..modelfile import bundled_field_model_path
+
+        pred = Predictor.load(a.model or str(bundled_field_model_path()))
+        with O.progress_bar(None, "fields", "field", quiet=a.json) as bar:
+            report = analyze_fields(pred, a.paths, SmearOptions(cell_diameter=a.cell_diameter), progress=bar)
+    positive = report.get("model", {}).get("class_names", ["", "Parasitized"])[1] if isinstance(report, dict) \
+        else "Parasitized"
+    s = score_fields(report, annotations, positive)
+    if a.json:
+        print(json.dumps(s))
+    else:
+        print(format_scores(s))
+        if s["missing"]:
+            print(f"note: {s['missing']} annotated fields were not analysed (not among the inputs, or unreadable)")
     return 0
