@@ -40,13 +40,24 @@ def test_summary_of_fields_pools_them_with_the_who_note_and_parasites_per_ul():
     assert "note" not in d  # 599 >= WHO_MIN_CELLS
     few = Summary.of([{"image": "c.jpg", "cells": cells[:10]} | field_counts(cells[:10], POS)]).to_dict()
     assert f"at least {WHO_MIN_CELLS}-2,000" in few["note"] and "parasites_per_ul" not in few
-    assert "parasitized, 1 not a cell; parasitemia 0.50% (95% CI" in s.format() and "1 unreadable" in s.format()
+    assert "600 red cells, 3 parasitized, 1 not a cell, 0 white cells; parasitemia 0.50% (95% CI" in s.format()
+    assert "1 unreadable" in s.format()
+
+
+def test_white_cells_are_reported_beside_the_red_cells_never_among_them():
+    cells = [{"kind": "red cell", "label": POS, "ood": False}, {"kind": "red cell", "label": "Uninfected", "ood": False},
+             {"kind": "white cell", "label": None, "ood": False}]
+    c = field_counts(cells, POS)
+    assert c["n_cells"] == 2 and c["n_white_cells"] == 1 and c["parasitemia"] == 0.5 and c["n_unclassified"] == 0
+    s = Summary.of([{"image": "a"} | c, {"image": "b"} | c]).to_dict()
+    assert s["n_white_cells"] == 2 and s["n_cells"] == 4
 
 
 def test_a_field_line_and_an_image_summary_read_as_the_terminal_shows_them():
     cells = [{"label": POS, "ood": False}, {"label": "Uninfected", "ood": False}]
     rec = {"image": "f.jpg"} | field_counts(cells, POS)
-    assert format_field(rec) == "f.jpg\t2 cells, 1 parasitized, 0 not a cell, parasitemia 50.00% [9.45%, 90.55%]"
+    assert format_field(rec) == ("f.jpg\t2 red cells, 1 parasitized, 0 not a cell, 0 white cells; parasitemia "
+                                 "50.00% [9.45%, 90.55%]")
     assert format_field({"image": "x.jpg", "error": "file not found"}) == "x.jpg\tERROR file not found"
     record = Record("efficientnet_lite0", 112, (0.5,) * 3, (0.5,) * 3)
     preds = [Prediction("a", POS, 0.9, False), Prediction("b", "Uninfected", 0.1, False),
@@ -61,7 +72,8 @@ def test_the_sample_fields_report_is_the_summary_of_its_fields(bundled_field_rep
     report = bundled_field_report
     assert report["summary"] == Summary.of(report["fields"]).to_dict()
     for f in report["fields"]:
-        assert {k: f[k] for k in Counts().to_dict()} == field_counts(f["cells"], POS)
+        assert {k: f[k] for k in [*Counts().to_dict(), "n_white_cells"]} == field_counts(f["cells"], POS)
+        assert f["n_cells"] == sum(c["kind"] == "red cell" for c in f["cells"])
     json.dumps(report)  # plain JSON types only
 
 

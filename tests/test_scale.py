@@ -165,7 +165,7 @@ def test_fields_on_ray_match_the_single_process_path(ray_local, bundled, tmp_pat
         a, b = dict(a), dict(b)
         a.pop("seconds", None), b.pop("seconds", None)
         pa_, pb = [c.pop("p_parasitized") for c in a["cells"]], [c.pop("p_parasitized") for c in b["cells"]]
-        assert a == b and all(abs(x - y) <= 1e-5 for x, y in zip(pa_, pb))
+        assert a == b and all(x == y or abs(x - y) <= 1e-5 for x, y in zip(pa_, pb))  # None: a white cell
     assert got["fields"][0]["n_cells"] > 20 and "error" in got["fields"][-1]
     assert got["summary"] == single["summary"] and got["model"] == single["model"]
     assert sorted(pq.read_table(tmp_path / "pq").column("idx").to_pylist()) == [0, 1, 2]

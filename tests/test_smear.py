@@ -86,11 +86,15 @@ def test_report_json_schema(report):
         assert {"image", "width", "height", "cells", "n_cells", "n_parasitized", "parasitemia",
                 "parasitemia_ci95"} <= set(f)
         assert (f["width"], f["height"]) == (1280, 960)
-        assert f["n_cells"] == len(f["cells"]) > 50
+        red = [c for c in f["cells"] if c["kind"] == "red cell"]
+        assert f["n_cells"] == len(red) > 50 and f["n_white_cells"] == len(f["cells"]) - len(red)
         for c in f["cells"]:
             assert len(c["box"]) == 4 and all(isinstance(v, int) for v in c["box"])
             x0, y0, x1, y1 = c["box"]
             assert 0 <= x0 < x1 <= 1280 and 0 <= y0 < y1 <= 960
+            if c["kind"] == "white cell":  # never classified as a red cell
+                assert c["label"] is None and c["p_parasitized"] is None
+                continue
             assert c["label"] in ("Parasitized", "Uninfected")
             assert isinstance(c["p_parasitized"], float) and 0 <= c["p_parasitized"] <= 1
             assert isinstance(c["ood"], bool)
@@ -136,7 +140,7 @@ def test_overlay_and_csv(report, tmp_path):
     write_csv(report, out)
     lines = out.read_text().splitlines()
     assert lines[0].startswith("image,cell,x0,y0,x1,y1,label,p_parasitized,ood")
-    assert len(lines) == 1 + report["summary"]["n_cells"]
+    assert len(lines) == 1 + report["summary"]["n_cells"] + report["summary"]["n_white_cells"]
 
 
 def test_bad_input_gives_reasons_not_crashes(fields_model, tmp_path):

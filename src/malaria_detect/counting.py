@@ -74,8 +74,8 @@ class Counts:
 
     @classmethod
     def of_cells(cls, cells: Iterable[dict], positive: str) -> Counts:
-        """A field record's cells ({"label", "ood", ...})."""
-        return cls.of(((c["label"], c["ood"]) for c in cells), positive)
+        """A field record's red cells ({"kind", "label", "ood", ...}; other kinds are not counted here)."""
+        return cls.of(((c["label"], c["ood"]) for c in cells if is_red_cell(c)), positive)
 
     @classmethod
     def from_dict(cls, d: dict) -> Counts:
@@ -106,13 +106,20 @@ class Counts:
         return f"{percent(self.parasitemia)} (95% CI {percent(lo)}-{percent(hi)})"
 
 
+def is_red_cell(obj: dict) -> bool:
+    """An object of a field record that the parasitemia counts (records without `kind`: red cells)."""
+    return obj.get("kind", "red cell") == "red cell"
+
+
 def parasites_per_ul(parasitemia: float | None, rbc_per_ul: float | None) -> int | None:
     return round(parasitemia * rbc_per_ul) if rbc_per_ul and parasitemia is not None else None
 
 
 def field_counts(cells: list[dict], positive: str) -> dict:
-    """A field record's count keys, from its cells (`positive`: the model's positive class name)."""
-    return Counts.of_cells(cells, positive).to_dict()
+    """A field record's count keys, from its objects (`positive`: the model's positive class name): the
+    red cells by the counting rule, and the white cells beside them."""
+    return Counts.of_cells(cells, positive).to_dict() | {
+        "n_white_cells": sum(c.get("kind") == "white cell" for c in cells)}
 
 
 def field_note(rec: dict) -> str | None:
@@ -134,8 +141,8 @@ def format_field(rec: dict) -> str:
     pm = c.parasitemia
     tail = (f"{percent(pm)} [{percent(c.ci95[0])}, {percent(c.ci95[1])}]" if pm is not None
             else f"n/a ({rec.get('note', 'no classified cell')})")
-    return (f"{rec['image']}\t{c.n_cells} cells, {c.n_parasitized} parasitized, {c.n_not_a_cell} not a cell, "
-            f"parasitemia {tail}")
+    return (f"{rec['image']}\t{c.n_cells} red cells, {c.n_parasitized} parasitized, {c.n_not_a_cell} not a cell, "
+            f"{plural(rec.get('n_white_cells', 0), 'white cell')}; parasitemia {tail}")
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,7 @@ class Summary:
     n_errors: int
     parasites_per_ul: int | None = None
     note: str | None = None
+    n_white_cells: int = 0
 
     @classmethod
     def of(cls, records: list[dict], rbc_per_ul: float | None = None) -> Summary:
@@ -159,11 +167,13 @@ class Summary:
         if c.parasitemia is None:
             note = ALL_OOD_NOTE.format(n=c.n_not_a_cell) if c.n_not_a_cell else NONE_CLASSIFIED_NOTE
         return cls(c, len(records), sum("error" in r for r in records),
-                   parasites_per_ul(c.parasitemia, rbc_per_ul), note)
+                   parasites_per_ul(c.parasitemia, rbc_per_ul), note,
+                   sum(r.get("n_white_cells", 0) for r in records))
 
     def to_dict(self) -> dict:
         """The smear report's `summary`."""
-        d = self.counts.to_dict() | {"n_fields": self.n_fields, "n_errors": self.n_errors}
+        d = self.counts.to_dict() | {"n_white_cells": self.n_white_cells, "n_fields": self.n_fields,
+                                     "n_errors": self.n_errors}
         if self.parasites_per_ul is not None:
             d["parasites_per_ul"] = self.parasites_per_ul
         if self.note:
@@ -173,8 +183,9 @@ class Summary:
     def format(self) -> str:
         """The summary as the terminal shows it (a line, and the note)."""
         c = self.counts
-        return (f"{plural(self.n_fields, 'field')}: {c.n_cells} cells, {c.n_parasitized} parasitized, "
-                f"{c.n_not_a_cell} not a cell; parasitemia {c.parasitemia_text()}"
+        return (f"{plural(self.n_fields, 'field')}: {c.n_cells} red cells, {c.n_parasitized} parasitized, "
+                f"{c.n_not_a_cell} not a cell, {plural(self.n_white_cells, 'white cell')}; parasitemia "
+                f"{c.parasitemia_text()}"
                 + (f", {self.parasites_per_ul:,} parasites/uL" if self.parasites_per_ul is not None else "")
                 + (f"; {self.n_errors} unreadable" if self.n_errors else "")
                 + (f"\nnote: {self.note}" if self.note else ""))

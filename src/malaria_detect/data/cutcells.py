@@ -70,6 +70,7 @@ def cut_cells(fields_dir: str | Path, annotations: str | Path, out: str | Path, 
             rgb = np.asarray(img)
             try:
                 cells, diameter = segment_cells(rgb)
+                cells = [c for c in cells if c.kind == "red cell"]
             except SegmentationError as e:
                 n["errors"].append(f"{r['image_name']}: {e}")
                 cells, diameter = [], 0.0

@@ -86,16 +86,20 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
     implausible = implausible_count(rgb, area, cells, diameter)
     if implausible:
         rec["note"] = implausible
-    if cells:
-        x = cell_crops(rgb, cells, diameter, pred.record.input_size)
+    red = [c for c in cells if c.kind == "red cell"]
+    if red:
+        x = cell_crops(rgb, red, diameter, pred.record.input_size)
         z, _, s = pred.run(x, opts.batch_size)
         p, labels, ood = pred.record.decide(z, s, threshold=field_threshold(pred.record))
-        for c, pi, li, oi, si in zip(cells, p, labels, ood, s):
+        for c, pi, li, oi, si in zip(red, p, labels, ood, s):
             finite = bool(np.isfinite(pi) and np.isfinite(si))
-            rec["cells"].append({"box": list(c.box), "label": str(li) if finite else None,
+            rec["cells"].append({"kind": c.kind, "box": list(c.box), "label": str(li) if finite else None,
                                  "p_parasitized": round(float(pi), 6) if finite else None,
                                  "ood": bool(oi) if finite else False, "border": c.border})
-    elif "note" not in rec:
+    # white cells are reported, never classified as red cells nor counted in the parasitemia
+    rec["cells"] += [{"kind": c.kind, "box": list(c.box), "label": None, "p_parasitized": None, "ood": False,
+                      "border": c.border} for c in cells if c.kind != "red cell"]
+    if not red and "note" not in rec:
         rec["note"] = "no red cells found in this image"
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return _finish(rec, opts, pred.record.positive)

@@ -1,4 +1,4 @@
-"""A whole-field report written as a table: one CSV row per cell."""
+"""A whole-field report written as a table: one CSV row per object (red cells and white cells)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import csv
 
 from ..tables import csv_safe
 
-CSV_FIELDS = ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border"]
+CSV_FIELDS = ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border", "kind"]
 
 
 def write_csv(report: dict, path) -> None:
@@ -19,4 +19,5 @@ def write_csv(report: dict, path) -> None:
                 w.writerow({"image": csv_safe(fld["image"]), "cell": i, "x0": c["box"][0], "y0": c["box"][1],
                             "x1": c["box"][2], "y1": c["box"][3], "label": c["label"] or "",
                             "p_parasitized": "" if c["p_parasitized"] is None else f"{c['p_parasitized']:.6f}",
-                            "ood": str(c["ood"]).lower(), "border": str(c["border"]).lower()})
+                            "ood": str(c["ood"]).lower(), "border": str(c["border"]).lower(),
+                            "kind": c.get("kind", "red cell")})

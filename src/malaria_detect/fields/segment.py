@@ -52,6 +52,7 @@ class Cell:
     mask: np.ndarray                    # bool (y1 - y0, x1 - x0): the cell's pixels inside the box
     area: int                           # pixels, original scale
     border: bool                        # touches the image border (often a cut cell)
+    kind: str = "red cell"              # or "white cell": a region mostly of nucleus-dark stain
 
 
 class SegmentationError(MalariaDetectError):
@@ -133,7 +134,7 @@ def _circles(stain: np.ndarray, diameter: float) -> np.ndarray:
 
 
 def _segment_scaled(rgb: np.ndarray, diameter: float) -> list[tuple]:
-    """Segment an image already scaled to cells of `diameter` px -> [(x0, y0, x1, y1, mask, area)].
+    """Segment an image already scaled to cells of `diameter` px -> [(x0, y0, x1, y1, mask, area, kind)].
 
     Watershed regions that look like one cell (not much larger than a typical cell, convex) are
     kept as they are. Larger or concave regions are overlapping cells the watershed could not
@@ -151,21 +152,22 @@ def _segment_scaled(rgb: np.ndarray, diameter: float) -> list[tuple]:
     ci = np.clip(circles[:, 1].astype(int), 0, labels.shape[0] - 1)
     cj = np.clip(circles[:, 0].astype(int), 0, labels.shape[1] - 1)
     circle_region = labels[ci, cj]
-    out = []
+    out, white = [], []
     for lab_id, (ys, xs) in _regions(labels, n).items():
         area = len(ys)
         if area < MIN_AREA * cell_area:
             continue
-        if dark[ys, xs].mean() > 0.3:  # mostly nucleus-dark: a white cell
-            continue
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
         m = np.zeros((y1 - y0, x1 - x0), bool)
         m[ys - y0, xs - x0] = True
+        if dark[ys, xs].mean() > 0.3:  # mostly nucleus-dark: a white cell, never classified as a red cell
+            white.append((x0, y0, x1, y1, m, area, "white cell"))
+            continue
         single = area <= SINGLE_AREA * cell_area and area >= SINGLE_SOLIDITY * _hull_area(m)
         inside = circles[circle_region == lab_id]
         if single or len(inside) < 2:
             if area <= MAX_AREA * cell_area:
-                out.append((x0, y0, x1, y1, m, area))
+                out.append((x0, y0, x1, y1, m, area, "red cell"))
             continue
         yy, xx = np.mgrid[y0:y1, x0:x1]
         for cx, cy, r in inside:
@@ -175,8 +177,8 @@ def _segment_scaled(rgb: np.ndarray, diameter: float) -> list[tuple]:
                 continue
             cys, cxs = np.nonzero(cm)
             bx0, by0, bx1, by1 = cxs.min(), cys.min(), cxs.max() + 1, cys.max() + 1
-            out.append((x0 + bx0, y0 + by0, x0 + bx1, y0 + by1, cm[by0:by1, bx0:bx1], a))
-    return _suppress_duplicates(out)
+            out.append((x0 + bx0, y0 + by0, x0 + bx1, y0 + by1, cm[by0:by1, bx0:bx1], a, "red cell"))
+    return _suppress_duplicates(out) + white
 
 
 def _suppress_duplicates(cells: list[tuple]) -> list[tuple]:
@@ -219,7 +221,8 @@ def _regions(labels: np.ndarray, n: int) -> dict:
 
 
 def segment_cells(rgb: np.ndarray, cell_diameter: float | None = None) -> tuple[list[Cell], float]:
-    """Red cells of a field -> (cells in original pixels, typical cell diameter in original pixels)."""
+    """Objects of a field -> (red cells and white cells (`Cell.kind`) in original pixels, the typical red-cell
+    diameter in original pixels)."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError("segment_cells expects an (H, W, 3) uint8 RGB array")
     H, W = rgb.shape[:2]
@@ -253,7 +256,7 @@ def segment_cells(rgb: np.ndarray, cell_diameter: float | None = None) -> tuple[
             ph, pw = part.shape[:2]
             work = cv2.resize(part, (max(1, round(pw * s)), max(1, round(ph * s))),
                               interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-            for bx0, by0, bx1, by1, m, area in _segment_scaled(work, WORK_DIAMETER):
+            for bx0, by0, bx1, by1, m, area, kind in _segment_scaled(work, WORK_DIAMETER):
                 # back to original pixels: the mask's tight box, then the box with a margin
                 tx0, ty0 = x0 + int(np.floor(bx0 / s)), y0 + int(np.floor(by0 / s))
                 tx1, ty1 = min(x0 + int(np.ceil(bx1 / s)), x1), min(y0 + int(np.ceil(by1 / s)), y1)
@@ -266,7 +269,8 @@ def segment_cells(rgb: np.ndarray, cell_diameter: float | None = None) -> tuple[
                 mask[ty0 - oy0:ty1 - oy0, tx0 - ox0:tx1 - ox0] = cv2.resize(
                     m.astype(np.uint8), (tx1 - tx0, ty1 - ty0), interpolation=cv2.INTER_NEAREST) > 0
                 border = tx0 <= 1 or ty0 <= 1 or tx1 >= W - 1 or ty1 >= H - 1
-                cells.append(Cell((int(ox0), int(oy0), int(ox1), int(oy1)), mask, int(area / s / s), bool(border)))
+                cells.append(Cell((int(ox0), int(oy0), int(ox1), int(oy1)), mask, int(area / s / s), bool(border),
+                                  kind))
             if len(cells) > MAX_OBJECTS:
                 raise SegmentationError(f"more than {MAX_OBJECTS:,} objects in one image: not a field of "
                                         f"red cells {cell_diameter:.0f} px across")
