@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from malaria_detect.cells.predictor import Prediction
-from malaria_detect.counting import WHO_MIN_CELLS, Counts, ImageSummary, Summary, field_counts, format_field, wilson
+from malaria_detect.counting import (
+    WHO_MIN_CELLS,
+    Counts,
+    FieldReport,
+    ImageSummary,
+    Summary,
+    field_counts,
+    format_field,
+    wilson,
+)
 from malaria_detect.record import Record
 
 POS = "Parasitized"
@@ -59,6 +68,8 @@ def test_a_field_line_and_an_image_summary_read_as_the_terminal_shows_them():
     assert format_field(rec) == ("f.jpg\t2 red cells, 1 parasitized, 0 not a cell, 0 white cells; parasitemia "
                                  "50.00% [9.45%, 90.55%]")
     assert format_field({"image": "x.jpg", "error": "file not found"}) == "x.jpg\tERROR file not found"
+    typed = FieldReport.of(rec)
+    assert typed.counts == Counts.from_dict(rec) and typed.to_dict() == {k: rec[k] for k in typed.to_dict()}
     record = Record("efficientnet_lite0", 112, (0.5,) * 3, (0.5,) * 3)
     preds = [Prediction("a", POS, 0.9, False), Prediction("b", "Uninfected", 0.1, False),
              Prediction("c", POS, 0.8, True), Prediction("d", error="file not found")]

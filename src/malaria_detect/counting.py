@@ -5,6 +5,7 @@ module; the page shows what the server counted.
 
     c = Counts.of([(label, ood), ...], positive="Parasitized")   # answers without a label: unclassified
     c.parasitemia, c.ci95                                        # over the classified cells only
+    FieldReport.of(field_record).format()                        # one field, as the terminal shows it
     Summary.of(field_records, rbc_per_ul).to_dict()              # a sample: the smear report's summary
     ImageSummary.of(predictions, record).format()                # a folder of cell images: predict's summary
 
@@ -133,16 +134,42 @@ def field_note(rec: dict) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class FieldReport:
+    """One field's counts and what the terminal says of it, read from its record (the smear report's
+    `fields` entries are plain JSON records; this is their typed view)."""
+
+    image: str
+    counts: Counts
+    n_white_cells: int = 0
+    note: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, rec: dict) -> FieldReport:
+        counts = Counts() if "error" in rec and "n_cells" not in rec else Counts.from_dict(rec)
+        return cls(rec["image"], counts, rec.get("n_white_cells", 0), rec.get("note"), rec.get("error"))
+
+    def to_dict(self) -> dict:
+        """The record's count keys (as field_counts gives them), with its note or error."""
+        d = self.counts.to_dict() | {"n_white_cells": self.n_white_cells}
+        return d | ({"note": self.note} if self.note else {}) | ({"error": self.error} if self.error else {})
+
+    def format(self) -> str:
+        """One terminal line: the counts and parasitemia, or why there is none."""
+        if self.error:
+            return f"{self.image}\tERROR {self.error}"
+        c = self.counts
+        pm = c.parasitemia
+        tail = (f"{percent(pm)} [{percent(c.ci95[0])}, {percent(c.ci95[1])}]" if pm is not None
+                else f"n/a ({self.note or 'no classified cell'})")
+        return (f"{self.image}\t{c.n_cells} red cells, {c.n_parasitized} parasitized, {c.n_not_a_cell} not a "
+                f"cell, {plural(self.n_white_cells, 'white cell')}; parasitemia {tail}")
+
+
 def format_field(rec: dict) -> str:
-    """One field record as one terminal line: its counts and parasitemia, or why it has none."""
-    if "error" in rec:
-        return f"{rec['image']}\tERROR {rec['error']}"
-    c = Counts.from_dict(rec)
-    pm = c.parasitemia
-    tail = (f"{percent(pm)} [{percent(c.ci95[0])}, {percent(c.ci95[1])}]" if pm is not None
-            else f"n/a ({rec.get('note', 'no classified cell')})")
-    return (f"{rec['image']}\t{c.n_cells} red cells, {c.n_parasitized} parasitized, {c.n_not_a_cell} not a cell, "
-            f"{plural(rec.get('n_white_cells', 0), 'white cell')}; parasitemia {tail}")
+    """One field record as one terminal line (FieldReport.of(rec).format())."""
+    return FieldReport.of(rec).format()
 
 
 @dataclass(frozen=True)

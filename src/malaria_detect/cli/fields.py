@@ -97,7 +97,7 @@ def _report(a, opts, model: str) -> dict:
 
 
 def cmd_smear(a):
-    from ..counting import Summary, format_field
+    from ..counting import FieldReport, Summary
     from ..fields.analysis import SmearOptions
     from ..fields.report import write_csv
     from ..modelfile import bundled_field_model_path
@@ -120,7 +120,7 @@ def cmd_smear(a):
     if a.csv:
         write_csv(report, a.csv)
     for f in report["fields"]:
-        print(format_field(f))
+        print(FieldReport.of(f).format())
     s = Summary.of(report["fields"], a.rbc_per_ul)
     print("\n" + s.format()
           + (f"\nJSON written to {a.json}" if a.json else "") + (f"\nCSV written to {a.csv}" if a.csv else "")
