@@ -14,7 +14,7 @@ from conftest import ROOT
 from PIL import Image
 
 from malaria_detect.counting import summarize, wilson
-from malaria_detect.data.annotations import _iou, read_annotations
+from malaria_detect.data.annotations import iou, read_annotations
 from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
 from malaria_detect.fields import segment as S
 from malaria_detect.fields.analysis import SmearOptions, analyze_field, analyze_fields
@@ -75,7 +75,7 @@ def test_tiles_merge_without_losing_or_doubling_cells(monkeypatch):
     tiled, _ = S.segment_cells(rgb, cell_diameter=d)
     assert abs(len(tiled) - len(whole)) <= 0.05 * len(whole)
     boxes = [c.box for c in tiled]
-    dup = sum(_iou(a, b) > 0.7 for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    dup = sum(iou(a, b) > 0.7 for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert dup == 0
 
 

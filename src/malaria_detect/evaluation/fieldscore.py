@@ -19,53 +19,13 @@ and TXL-PBC files in ../shared/data); fields are matched by file name.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from ..data.folders import DataError
+from ..data.annotations import INFECTED_TYPES, box_of, load_annotations, match
 
-INFECTED = {"ring", "trophozoite", "schizont", "gametocyte"}
 NOT_RED = {"white blood cell", "platelet", "difficult"}
-WINDOW = 400   # boxes this far apart (pixels, top-left corners) are never compared
-
-
-def load_annotations(path: str | Path) -> list[dict]:
-    """The annotated fields of a JSON file in the IML / TXL-PBC format."""
-    try:
-        recs = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the annotations ({e})") from None
-    if not isinstance(recs, list) or not all(isinstance(r, dict) and "image_name" in r for r in recs):
-        raise DataError(f"{path}: not a list of {{image_name, objects: [{{type, bbox}}]}} records")
-    return recs
-
-
-def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def match(pred, gt, thr: float) -> tuple[set, set]:
-    """Greedy one-to-one matching, best IoU first, of pairs at IoU >= thr -> (matched pred, matched gt)."""
-    pairs = sorted(((iou(p, g), i, j) for i, p in enumerate(pred) for j, g in enumerate(gt)
-                    if abs(p[0] - g[0]) < WINDOW and abs(p[1] - g[1]) < WINDOW), reverse=True)
-    used_p, used_g = set(), set()
-    for v, i, j in pairs:
-        if v < thr:
-            break
-        if i not in used_p and j not in used_g:
-            used_p.add(i)
-            used_g.add(j)
-    return used_p, used_g
-
-
-def _box(o) -> tuple:
-    b = {k: float(v) for k, v in o["bbox"].items()}
-    return b["x"], b["y"], b["x"] + b["w"], b["y"] + b["h"]
+__all__ = ["format_scores", "load_annotations", "score_fields"]
 
 
 def _is_red(c) -> bool:
@@ -87,8 +47,8 @@ def score_fields(report: dict | list, annotations: list[dict], positive: str = "
             continue
         W, H = f.get("width", 1280), f.get("height", 960)
         objs = rec.get("objects", [])
-        gt = [_box(o) for o in objs if o["type"] not in NOT_RED]
-        gt_inf = [_box(o) for o in objs if o["type"] in INFECTED]
+        gt = [box_of(o) for o in objs if o["type"] not in NOT_RED]
+        gt_inf = [box_of(o) for o in objs if o["type"] in INFECTED_TYPES]
         cells = f.get("cells", [])
         red = [c for c in cells if _is_red(c)]
         pred = [tuple(map(float, c["box"])) for c in red]
@@ -107,10 +67,10 @@ def score_fields(report: dict | list, annotations: list[dict], positive: str = "
         n["n_pred_inf"] += len(pred_inf)
         n["false_pos"] += len(pred_inf) - len(ip)
         for t, cnt in other.items():
-            boxes = [_box(o) for o in objs if o["type"] == t]
+            boxes = [box_of(o) for o in objs if o["type"] == t]
             cnt[1] += len(boxes)
             cnt[0] += len(match(pred_inf, boxes, 0.3)[1])
-        wbc_boxes = [_box(o) for o in objs if o["type"] == "white blood cell"]
+        wbc_boxes = [box_of(o) for o in objs if o["type"] == "white blood cell"]
         wbc_objs = [tuple(map(float, c["box"])) for c in cells if str(c.get("kind", "")).lower() == "white cell"]
         n["wbc_pred"] += len(wbc_objs)
         n["wbc_found"] += len(match(wbc_objs, wbc_boxes, 0.3)[1])
