@@ -24,7 +24,7 @@ from pathlib import Path
 
 from malaria_detect.cells.predictor import Predictor
 from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
-from malaria_detect.fields.analysis import analyze_field
+from malaria_detect.fields.analysis import SmearOptions, analyze_field
 from malaria_detect.modelfile import bundled_field_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,27 +48,32 @@ def labs(limit: int | None = None) -> dict[str, tuple[list[dict], Path]]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=[str(bundled_field_model_path())])
+    ap.add_argument("--detector", nargs="*", default=[], help="learned detectors (export-detector) to compare with "
+                                                              "the classical segmenter, each with every model")
     ap.add_argument("--limit", type=int, default=None, help="at most this many fields per lab (quick runs)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     a = ap.parse_args()
     rows = []
     for model in a.model:
         pred = Predictor.load(model)
-        for lab, (recs, folder) in labs(a.limit).items():
-            t = time.perf_counter()
-            fields = [analyze_field(pred, folder / r["image_name"], r["image_name"]) for r in recs]
-            dt = time.perf_counter() - t
-            s = score_fields({"fields": fields}, recs, pred.record.positive)
-            rows.append({"model": Path(model).name, "lab": lab, "fields": len(recs), "fields_s": len(recs) / dt,
-                         **s})
-    print("| model | lab | fields | red-cell F1 | infected recall | infected precision | MAE (points) "
+        for det in [None, *a.detector]:
+            opts = SmearOptions(detector=det)
+            for lab, (recs, folder) in labs(a.limit).items():
+                t = time.perf_counter()
+                fields = [analyze_field(pred, folder / r["image_name"], r["image_name"], opts) for r in recs]
+                dt = time.perf_counter() - t
+                s = score_fields({"fields": fields}, recs, pred.record.positive)
+                rows.append({"model": Path(model).name, "objects": Path(det).name if det else "classical",
+                             "lab": lab, "fields": len(recs), "fields_s": len(recs) / dt, **s})
+    print("| model | objects | lab | fields | red-cell F1 | infected recall | infected precision | MAE (points) "
           "| false parasitized /1,000 | white cells called parasitized | white-cell recall | fields/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         wbc = r["wbc_called_parasitized"]
         wr = "" if r["wbc_recall"] is None or not wbc[1] else f"{r['wbc_recall']:.3f}"
-        print(f"| {r['model']} | {r['lab']} | {r['fields']} | {r['det_f1']:.3f} | {r['inf_recall']:.3f} | "
-              f"{r['inf_precision']:.3f} | {r['parasitemia_mae_pp']:.2f} | {r['fp_per_1000']:.2f} | "
+        print(f"| {r['model']} | {r['objects']} | {r['lab']} | {r['fields']} | {r['det_f1']:.3f} | "
+              f"{r['inf_recall']:.3f} | {r['inf_precision']:.3f} | {r['parasitemia_mae_pp']:.2f} | "
+              f"{r['fp_per_1000']:.2f} | "
               f"{wbc[0]}/{wbc[1]} | {wr} | {r['fields_s']:.1f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

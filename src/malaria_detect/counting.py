@@ -120,7 +120,8 @@ def field_counts(cells: list[dict], positive: str) -> dict:
     """A field record's count keys, from its objects (`positive`: the model's positive class name): the
     red cells by the counting rule, and the white cells beside them."""
     return Counts.of_cells(cells, positive).to_dict() | {
-        "n_white_cells": sum(c.get("kind") == "white cell" for c in cells)}
+        "n_white_cells": sum(c.get("kind") == "white cell" for c in cells),
+        "n_platelets": sum(c.get("kind") == "platelet" for c in cells)}
 
 
 def field_note(rec: dict) -> str | None:

@@ -110,20 +110,29 @@ def _len_field(num: int, payload: bytes) -> bytes:
     return _put_varint(num << 3 | 2) + _put_varint(len(payload)) + payload
 
 
-def write_model_record(path: str | Path, record: Record) -> None:
-    """Store the (validated) record and the weights hash as the ONNX file's metadata (replacing what
-    was there); the graph and weights are copied byte for byte. Standard library only, so `adapt`
-    and `export` share it and neither needs the `onnx` package to write a model."""
-    record.validate()
+def write_metadata(path: str | Path, entries: dict[str, str]) -> None:
+    """Store `entries` and the weights hash as the ONNX file's metadata (replacing what was there); the
+    graph and weights are copied byte for byte. Standard library only."""
     path = Path(path)
     blob = path.read_bytes()
     kept = b"".join(blob[a:b] for num, a, b in _top_fields(blob) if num != 14)
-    meta = {"malaria_detect_record": record.to_json(), "producer": "malaria-detect",
-            WEIGHTS_KEY: onnx_weights_sha256(blob)}
-    entries = b"".join(_len_field(14, _len_field(1, k.encode()) + _len_field(2, v.encode())) for k, v in meta.items())
+    meta = {**entries, "producer": "malaria-detect", WEIGHTS_KEY: onnx_weights_sha256(blob)}
+    out = b"".join(_len_field(14, _len_field(1, k.encode()) + _len_field(2, v.encode())) for k, v in meta.items())
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(kept + entries)
+    tmp.write_bytes(kept + out)
     tmp.replace(path)
+
+
+def write_model_record(path: str | Path, record: Record) -> None:
+    """Store the (validated) record and the weights hash as the ONNX file's metadata, so `adapt` and
+    `export` share it and neither needs the `onnx` package to write a model."""
+    record.validate()
+    write_metadata(path, {"malaria_detect_record": record.to_json()})
+
+
+def check_weights(path: Path, meta: dict) -> None:
+    """A model that carries a weights hash must match it (the file at `path` as it is now)."""
+    _check_weights(path, path.read_bytes(), meta)
 
 
 def _check_bundled(path: Path, blob: bytes) -> None:

@@ -42,6 +42,9 @@ def add_parsers(sub) -> dict:
     p.add_argument("--rbc-per-ul", type=float, default=None, metavar="N",
                    help="red cells per microlitre of blood (e.g. 5000000): also report parasites/uL")
     p.add_argument("--batch-size", type=O.positive_int, default=128, help="cells per network batch (default 128)")
+    p.add_argument("--detector", default=None, metavar="DETECTOR.onnx",
+                   help="find the objects with this learned detector (export-detector) instead of the classical "
+                        "segmenter; red cells are then classified by their box crops")
     p.add_argument("--max-field-pixels", type=O.positive_int, default=FIELD_MAX_PIXELS, metavar="N",
                    help=f"largest field decoded, width x height (default {FIELD_MAX_PIXELS:,}, as the server's "
                         "MALARIA_DETECT_MAX_FIELD_PIXELS); larger fields get an error")
@@ -65,6 +68,7 @@ def add_parsers(sub) -> dict:
     O.add_model(p, "ONNX model (e.g. one made by adapt)", "robust")
     p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
                    help="typical red-cell diameter in pixels (default: estimated from each image)")
+    p.add_argument("--detector", default=None, metavar="DETECTOR.onnx", help="as smear's --detector")
     O.add_json_flag(p, "print the figures as one JSON object")
     return {"smear": cmd_smear, "cut-cells": cmd_cut_cells, "evaluate-fields": cmd_evaluate_fields}
 
@@ -113,7 +117,7 @@ def cmd_smear(a):
             raise SystemExit(f"error: --overlays {a.overlays} is a file, not a folder")
         Path(a.overlays).mkdir(parents=True, exist_ok=True)
     opts = SmearOptions(cell_diameter=a.cell_diameter, batch_size=a.batch_size, rbc_per_ul=a.rbc_per_ul,
-                        max_pixels=a.max_field_pixels)
+                        max_pixels=a.max_field_pixels, detector=a.detector)
     report = _report(a, opts, a.model or str(bundled_field_model_path()))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
@@ -158,7 +162,8 @@ def cmd_evaluate_fields(a):
 
         pred = Predictor.load(a.model or str(bundled_field_model_path()))
         with O.progress_bar(None, "fields", "field", quiet=a.json) as bar:
-            report = analyze_fields(pred, a.paths, SmearOptions(cell_diameter=a.cell_diameter), progress=bar)
+            report = analyze_fields(pred, a.paths, SmearOptions(cell_diameter=a.cell_diameter, detector=a.detector),
+                                    progress=bar)
     positive = report.get("model", {}).get("class_names", ["", "Parasitized"])[1] if isinstance(report, dict) \
         else "Parasitized"
     s = score_fields(report, annotations, positive)

@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import fields
 
-from ..training.config import TrainConfig
+from ..training.config import DetConfig, TrainConfig
 from . import options as O
 
 # TrainConfig fields that `cv` sets itself (per fold) or has its own option for
@@ -51,7 +51,7 @@ def add_parsers(sub) -> dict:
     p.add_argument("--url", default=None, help=argparse.SUPPRESS)
     p.add_argument("--sha256", default=None, help=argparse.SUPPRESS)
     return {"train": cmd_train, "export": cmd_export, "cv": cmd_cv, "check-data": cmd_check_data,
-            "download": cmd_download}
+            "download": cmd_download, **add_detector_parsers(sub)}
 
 
 def cmd_train(a):
@@ -106,4 +106,38 @@ def cmd_download(a):
 
     folder = download(a.dest, a.url or NIH_URL, a.sha256 or NIH_SHA256)
     print(f"dataset ready in {folder}")
+    return 0
+
+
+def add_detector_parsers(sub) -> dict:
+
+    p = sub.add_parser("train-detector", help="train the whole-field object detector (red cells, white cells, "
+                                              "platelets) on annotated fields of several labs",
+                       description="Train the centre-heatmap detector on IML_Malaria (PA171690-769) and TXL-PBC "
+                                   "train fields, chosen on IML PA171770-799 and TXL-PBC val; checkpoints every "
+                                   "--val-every steps, --resume continues a killed run (needs the [train] extra).")
+    for f in fields(DetConfig):
+        kw = {"action": "store_false" if f.default else "store_true"} if isinstance(f.default, bool) else \
+            {"type": type(f.default), "default": f.default}
+        flag = "--no-pretrained" if f.name == "pretrained" else "--" + f.name.replace("_", "-")
+        p.add_argument(flag, dest=f.name, help=f"(default: {f.default})", **kw)
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out from its last checkpoint")
+    p = sub.add_parser("export-detector", help="a trained detector run -> ONNX with its record")
+    p.add_argument("--run", required=True, help="the run folder of train-detector")
+    p.add_argument("--out", required=True, help="output .onnx path")
+    return {"train-detector": cmd_train_detector, "export-detector": cmd_export_detector}
+
+
+def cmd_train_detector(a):
+    from ..training.detector import train_detector
+
+    cfg = DetConfig(**{f.name: getattr(a, f.name) for f in fields(DetConfig)})
+    print(f"best checkpoint: {train_detector(cfg, resume=a.resume, progress=True)}")
+    return 0
+
+
+def cmd_export_detector(a):
+    from ..training.detector import export_detector
+
+    print(f"detector written to {export_detector(a.run, a.out)}")
     return 0

@@ -17,6 +17,7 @@ NumPy + Pillow + OpenCV + ONNX Runtime; no torch.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -28,8 +29,8 @@ from ..cells.predictor import Predictor
 from ..counting import field_counts, field_note, parasites_per_ul, summarize
 from ..imaging import FIELD_MAX_PIXELS, ImageError, iter_image_paths, open_rgb
 from .area import fill_outside, imaged_area
-from .crops import cell_crops
-from .segment import SegmentationError, foreground, segment_cells
+from .crops import box_crops, cell_crops
+from .segment import Cell, SegmentationError, foreground, segment_cells
 
 MIN_FIELD_SIDE = 256  # a field photo is larger; smaller images are single cells or thumbnails
 MIN_IMAGED = 0.05     # a photo of which less than this share shows the smear is not counted
@@ -42,6 +43,7 @@ class SmearOptions:
     batch_size: int = 128
     rbc_per_ul: float | None = None      # red cells per microlitre, for parasites/uL
     max_pixels: int = FIELD_MAX_PIXELS   # the largest field decoded (width x height)
+    detector: str | None = None          # a learned detector (export-detector's ONNX); None: the classical one
 
 
 def field_threshold(record) -> float:
@@ -76,19 +78,20 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
     if rec["imaged_fraction"] < 1:
         rgb = fill_outside(rgb, area)
     try:
-        cells, diameter = segment_cells(rgb, opts.cell_diameter)
+        cells, diameter = _objects(rgb, opts)
     except SegmentationError as e:
         return _finish(rec | {"note": f"no cells found: {e}"}, opts, pred.record.positive)
     rec["cell_diameter_px"] = round(diameter, 1)
     if rec["imaged_fraction"] < 1:  # a cell cut by the field stop is a border cell, as at the image's edge
         cells = [c if c.border or area[c.box[1]:c.box[3], c.box[0]:c.box[2]].all() else replace(c, border=True)
                  for c in cells]
-    implausible = implausible_count(rgb, area, cells, diameter)
+    implausible = None if opts.detector else implausible_count(rgb, area, cells, diameter)
     if implausible:
         rec["note"] = implausible
     red = [c for c in cells if c.kind == "red cell"]
     if red:
-        x = cell_crops(rgb, red, diameter, pred.record.input_size)
+        x = box_crops(rgb, red, pred.record.input_size) if opts.detector else \
+            cell_crops(rgb, red, diameter, pred.record.input_size)
         z, _, s = pred.run(x, opts.batch_size)
         p, labels, ood = pred.record.decide(z, s, threshold=field_threshold(pred.record))
         for c, pi, li, oi, si in zip(red, p, labels, ood, s):
@@ -96,13 +99,39 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
             rec["cells"].append({"kind": c.kind, "box": list(c.box), "label": str(li) if finite else None,
                                  "p_parasitized": round(float(pi), 6) if finite else None,
                                  "ood": bool(oi) if finite else False, "border": c.border})
-    # white cells are reported, never classified as red cells nor counted in the parasitemia
+    # white cells and platelets are reported, never classified as red cells nor counted in the parasitemia
     rec["cells"] += [{"kind": c.kind, "box": list(c.box), "label": None, "p_parasitized": None, "ood": False,
                       "border": c.border} for c in cells if c.kind != "red cell"]
     if not red and "note" not in rec:
         rec["note"] = "no red cells found in this image"
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return _finish(rec, opts, pred.record.positive)
+
+
+@functools.lru_cache(maxsize=4)
+def _detector(path: str):
+    from .detect import Detector
+
+    return Detector.load(path)
+
+
+def _objects(rgb: np.ndarray, opts: SmearOptions) -> tuple[list[Cell], float]:
+    """The field's objects (red cells, white cells, platelets) and its red-cell diameter: from the learned
+    detector when one is given, else from the classical segmenter (fields/segment.py)."""
+    if not opts.detector:
+        return segment_cells(rgb, opts.cell_diameter)
+    boxes, kinds, _, cell = _detector(opts.detector).detect(rgb)
+    if cell is None:
+        raise SegmentationError("the detector found no red cell")
+    H, W = rgb.shape[:2]
+    cells = []
+    for (x0, y0, x1, y1), kind in zip(np.rint(boxes).astype(int), kinds):
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            continue
+        cells.append(Cell((int(x0), int(y0), int(x1), int(y1)), np.ones((y1 - y0, x1 - x0), bool),
+                          int((x1 - x0) * (y1 - y0)), bool(x0 <= 1 or y0 <= 1 or x1 >= W - 1 or y1 >= H - 1), kind))
+    cells.sort(key=lambda c: (c.box[1], c.box[0]))
+    return cells, cell
 
 
 def implausible_count(rgb: np.ndarray, area: np.ndarray, cells: list, diameter: float) -> str | None:

@@ -35,6 +35,18 @@ def cell_crops(rgb: np.ndarray, cells, diameter: float, size: int) -> np.ndarray
     return out
 
 
+def box_crops(rgb: np.ndarray, cells, size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8: each cell's box as it is, background included (how a person crops a
+    cell, and what the robust model classifies best), resized like a cell image."""
+    out = np.zeros((len(cells), size, size, 3), np.uint8)
+    for i, c in enumerate(cells):
+        x0, y0, x1, y1 = c.box
+        if x1 > x0 and y1 > y0:
+            out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(rgb[y0:y1, x0:x1])).resize((size, size),
+                                                                                              Image.BILINEAR))
+    return out
+
+
 def box_crop(img: Image.Image, box, scale: float = 1.0) -> Image.Image:
     x0, y0, x1, y1 = box
     cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2 * scale, (y1 - y0) / 2 * scale

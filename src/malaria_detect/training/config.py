@@ -58,3 +58,23 @@ def default(name: str):
     """The default of a TrainConfig field."""
     f = next(f for f in fields(TrainConfig) if f.name == name)
     return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+@dataclass
+class DetConfig:
+    """The options of `train-detector` (training/detector.py)."""
+
+    data: str = "../shared/data"
+    out: str = "runs/det"
+    steps: int = 3000
+    batch_size: int = 16
+    crop: int = 224
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    cell_min: float = 28.0      # the median red cell of a training crop, pixels: from ...
+    cell_max: float = 80.0      # ... to this
+    iml_share: float = 0.4      # share of the crops from IML fields (the rest TXL-PBC)
+    val_every: int = 250
+    seed: int = 0
+    threads: int = 0
+    pretrained: bool = True
