@@ -89,10 +89,10 @@ def output_file(option: str, file: str | None) -> None:
         raise SystemExit(f"error: {option} {file}: not writable")
 
 
-def add_config_options(p, skip=()) -> None:
-    """One option per TrainConfig field (training/config.py), its default and help the field's own:
-    `train` and `cv` never state a default of their own."""
-    for f in fields(TrainConfig):
+def add_config_options(p, skip=(), config=TrainConfig) -> None:
+    """One option per field of a config dataclass (training/config.py: TrainConfig, DetConfig), its
+    default and help the field's own: `train`, `cv` and `train-detector` never state a default of their own."""
+    for f in fields(config):
         if f.name in skip:
             continue
         meta = dict(f.metadata)

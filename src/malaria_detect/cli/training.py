@@ -116,11 +116,7 @@ def add_detector_parsers(sub) -> dict:
                        description="Train the centre-heatmap detector on IML_Malaria (PA171690-769) and TXL-PBC "
                                    "train fields, chosen on IML PA171770-799 and TXL-PBC val; checkpoints every "
                                    "--val-every steps, --resume continues a killed run (needs the [train] extra).")
-    for f in fields(DetConfig):
-        kw = {"action": "store_false" if f.default else "store_true"} if isinstance(f.default, bool) else \
-            {"type": type(f.default), "default": f.default}
-        flag = "--no-pretrained" if f.name == "pretrained" else "--" + f.name.replace("_", "-")
-        p.add_argument(flag, dest=f.name, help=f"(default: {f.default})", **kw)
+    O.add_config_options(p, config=DetConfig)
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out from its last checkpoint")
     p = sub.add_parser("export-detector", help="a trained detector run -> ONNX with its record")
     p.add_argument("--run", required=True, help="the run folder of train-detector")

@@ -64,17 +64,17 @@ def default(name: str):
 class DetConfig:
     """The options of `train-detector` (training/detector.py)."""
 
-    data: str = "../shared/data"
-    out: str = "runs/det"
-    steps: int = 3000
-    batch_size: int = 16
-    crop: int = 224
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    cell_min: float = 28.0      # the median red cell of a training crop, pixels: from ...
-    cell_max: float = 80.0      # ... to this
-    iml_share: float = 0.4      # share of the crops from IML fields (the rest TXL-PBC)
-    val_every: int = 250
-    seed: int = 0
-    threads: int = 0
-    pretrained: bool = True
+    data: str = _opt("../shared/data", "folder holding iml-fields/ and txl-pbc/ (annotations.json + images/)")
+    out: str = _opt("runs/det", "run folder: checkpoints, state.json, log")
+    steps: int = _opt(3000, "optimizer steps (cosine decay after a 100-step warm-up)")
+    batch_size: int = _opt(16, "crops per step")
+    crop: int = _opt(224, "training crop side, pixels (a multiple of 16)")
+    lr: float = _opt(2e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    cell_min: float = _opt(28.0, "smallest median red-cell size of a training crop, pixels")
+    cell_max: float = _opt(80.0, "largest median red-cell size of a training crop, pixels")
+    iml_share: float = _opt(0.4, "share of the crops cut from IML fields (the rest from TXL-PBC)")
+    val_every: int = _opt(250, "validate and checkpoint every N steps")
+    seed: int = _opt(0, "seed of the sampling and the augmentation")
+    threads: int = _opt(0, "torch threads (0 = all cores)")
+    pretrained: bool = _opt(True, "start from random weights instead of ImageNet", flag="--no-pretrained")
