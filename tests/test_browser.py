@@ -123,9 +123,23 @@ def _open(browser, server):
 
     browser.get(server + "/")
     WebDriverWait(browser, 20).until(lambda d: "%" in d.find_element(By.ID, "model-acc").text)
-    # keep every Blob the page makes a URL for (the CSV download is one)
+    # keep every Blob the page makes a URL for (the CSV download is one), and every POST /summary
+    # the page makes with the server's answer: {request, answer}
     browser.execute_script("""const orig = URL.createObjectURL; window.__blobs = [];
-        URL.createObjectURL = (b) => { window.__blobs.push(b); return orig(b); };""")
+        URL.createObjectURL = (b) => { window.__blobs.push(b); return orig(b); };
+        window.__summary = []; const origFetch = window.fetch;
+        window.fetch = async (u, o) => { const r = await origFetch(u, o);
+          if (String(u).startsWith('/summary')) {
+            window.__summary.push({request: JSON.parse(o.body), answer: await r.clone().json()}); }
+          return r; };""")
+
+
+def _last_summary(browser, key):
+    """The server's last POST /summary answer for `key` ("cells" or "fields") over the whole page:
+    the request with the most entries among the last two (the page asks for its batch and the page)."""
+    got = [s for s in browser.execute_script("return window.__summary") if s["request"].get(key) is not None]
+    assert got, f"the page asked the server for no {key} summary"
+    return max(got[-2:], key=lambda s: len(s["request"][key]))["answer"][key]
 
 
 def test_upload_two_cells_shows_results_and_heatmaps(server, browser, samples):
@@ -143,6 +157,8 @@ def test_upload_two_cells_shows_results_and_heatmaps(server, browser, samples):
     assert browser.find_element(By.ID, "n-cells").text == "2"
     assert browser.find_element(By.ID, "n-par").text == "1"
     assert browser.find_element(By.ID, "frac-par").text == "50.0%"
+    s = _last_summary(browser, "cells")  # ... as the server counted them
+    assert (s["classified"], s["Parasitized"], s["parasitized_fraction"], s["images"]) == (2, 1, 0.5, 2)
     # heatmaps are off by default: the stain is what a technician looks at first
     heat = browser.find_elements(By.CSS_SELECTOR, "#results img.heat")
     assert len(heat) == 2 and not any(h.is_displayed() for h in heat)
@@ -161,7 +177,8 @@ def test_upload_two_cells_shows_results_and_heatmaps(server, browser, samples):
     csv = browser.execute_async_script("""const done = arguments[0];
         window.__blobs.filter((b) => b.type.startsWith('text/csv')).pop().text().then(done);""")
     lines = csv.strip().split("\n")
-    assert lines[0] == "path,label,p_parasitized,ood,error" and len(lines) == 3
+    columns = browser.execute_script("return malariaDetect.model.record.csv_columns.cells")
+    assert lines[0] == "path,label,p_parasitized,ood,error" == ",".join(columns) and len(lines) == 3
     assert lines[1].startswith(Path(PICKS[0]).name + ",Parasitized,0.") and lines[1].endswith(",false,")
     browser.find_element(By.ID, "show-heatmaps").click()
     assert not any(h.is_displayed() for h in heat)
@@ -200,6 +217,9 @@ def test_examples_errors_not_a_cell_sort_filter_and_larger_view(server, browser,
     # not-a-cell images are left out of the fraction and counted apart
     got = {i: browser.find_element(By.ID, i).text for i in ("n-cells", "n-par", "frac-par", "n-ood", "n-err")}
     assert got == {"n-cells": "2", "n-par": "1", "frac-par": "50.0%", "n-ood": "2", "n-err": "1"}
+    s = _last_summary(browser, "cells")
+    assert [str(s[k]) for k in ("classified", "Parasitized", "not_a_cell", "errors", "images")] == [
+        "2", "1", "2", "1", "5"]
     _shot(browser, "desktop-results")
 
     def probs():
@@ -421,15 +441,20 @@ def test_fields_mode_real_fields_counts_boxes_zoom_csv_and_error_card(server, br
     assert "error" in cards[2].get_attribute("class") and "not an image" in cards[2].text
     assert not cards[2].find_elements(By.TAG_NAME, "img")
 
-    # pooled counts, as the server pools them
+    # pooled counts: the server's pooling (POST /summary) of the three records, shown as it answered
     c = {k: whole[k] + corner[k] for k in ("n_cells", "n_parasitized", "n_not_a_cell", "n_classified")}
+    s = _last_summary(browser, "fields")
+    assert {k: s[k] for k in c} == c and (s["n_fields"], s["n_errors"], s["n_analysed"]) == (3, 1, 2)
     assert [_text(browser, i) for i in ("f-fields", "f-cells", "f-par", "f-ood", "f-err")] == [
         "in 2 fields", str(c["n_cells"]), str(c["n_parasitized"]), str(c["n_not_a_cell"]), "1"]
     if c["n_classified"]:
-        assert _text(browser, "f-pm") == _pct(c["n_parasitized"] / c["n_classified"])
+        assert _text(browser, "f-pm") == _pct(c["n_parasitized"] / c["n_classified"]) == _pct(s["parasitemia"])
+        lo, hi = s["parasitemia_ci95"]
+        assert _text(browser, "f-ci") == f"95 % CI {100 * lo:.2f}–{_pct(hi)}"
     else:
         assert _text(browser, "f-pm") == "–"
-    # the WHO note is about the pooled count of both fields (the page pools them as the server would)
+    # the WHO note is the server's, about the pooled count of both fields
+    assert _text(browser, "fields-note") == s.get("note", "")
     assert f"only {c['n_classified']} red cells" in _text(browser, "fields-note") or c["n_classified"] >= 500
 
     # the gallery: every cell called parasitized (and not "not a cell"), largest p first
@@ -462,12 +487,13 @@ def test_fields_mode_real_fields_counts_boxes_zoom_csv_and_error_card(server, br
 
     # the CSV: one row per cell, the smear command's columns; the broken file has no rows
     rows = _csv(browser)
-    assert rows[0] == ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border"]
+    assert rows[0] == ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border", "kind"] == \
+        browser.execute_script("return malariaDetect.model.record.csv_columns.fields")
     assert len(rows) == 1 + len(cells)
     first = whole["cells"][0]
     assert rows[1] == ["PA171771.JPG", "0", *map(str, first["box"]), first["label"] or "",
                        "" if first["p_parasitized"] is None else f"{first['p_parasitized']:.6f}",
-                       str(first["ood"]).lower(), str(first["border"]).lower()]
+                       str(first["ood"]).lower(), str(first["border"]).lower(), first["kind"]]
     assert {r[0] for r in rows[1:]} == {"PA171771.JPG", "corner.tif"}
 
     _phone_shots(browser, [("window.scrollTo(0, 0)", "fields-phone-top"),
@@ -501,8 +527,6 @@ def _fabricated(name="field-PA171772.jpg"):
 def test_fields_gallery_zooms_to_each_parasitized_cell(server, browser):
     """The gallery with cells called parasitized: a test-only stub of fetch answers /smear with a
     fabricated answer for an example field (the field's picture is the real example)."""
-    import json
-
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -578,8 +602,64 @@ def test_fields_gallery_zooms_to_each_parasitized_cell(server, browser):
     assert not browser.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth + 1", view)
     # the CSV writes every cell, empty where the answer has none
     rows = _csv(browser)
-    assert len(rows) == 8 and rows[7] == ["field-PA171772.jpg", "6", "1200", "400", "1280", "470", "", "", "false", "true"]
+    assert len(rows) == 8 and rows[7] == ["field-PA171772.jpg", "6", "1200", "400", "1280", "470", "", "", "false", "true", "red cell"]
     assert rows[4][6:9] == ["Parasitized", "0.995000", "true"]
-    # the page's own interval agrees with smear.wilson
-    assert json.loads(browser.execute_script("return JSON.stringify(malariaDetect.fields.wilson(3, 5))")) == \
-        pytest.approx([lo, hi])
+    # the pooled figures came from the server, which pooled the fabricated record's counts
+    s = _last_summary(browser, "fields")
+    assert s["parasitemia_ci95"] == pytest.approx([lo, hi]) and s["n_classified"] == 5
+    assert browser.execute_script("return malariaDetect.fields") is None  # the page has no counting of its own
+
+
+def test_the_page_shows_the_servers_counts_and_makes_none(server, browser, samples):
+    """Every pooled figure on the page is what POST /summary answers: with a test-only stub that
+    answers /summary with figures no count of the page's answers could give (and a note), the page
+    shows exactly those; and each field card shows its record's counts, not a recount of its cells."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(browser, server)
+    fake = {"cells": {"images": 900, "classified": 812, "Parasitized": 77, "Uninfected": 735,
+                      "parasitized_fraction": 0.0948, "parasitized_fraction_ci95": [0.07, 0.12], "not_a_cell": 55,
+                      "errors": 33},
+            "fields": {"n_cells": 4321, "n_classified": 4000, "n_parasitized": 123, "n_not_a_cell": 300,
+                       "n_unclassified": 21, "parasitemia": 0.03075, "parasitemia_ci95": [0.0257, 0.0366],
+                       "n_fields": 9, "n_errors": 2, "n_analysed": 7, "note": "a note from the server"}}
+    browser.execute_script("""const fake = arguments[0], orig = window.fetch;
+        window.fetch = (u, o) => {
+          if (!String(u).startsWith('/summary')) return orig(u, o);
+          const ask = JSON.parse(o.body);
+          const answer = {fields: ask.fields ? fake.fields : null, cells: ask.cells ? fake.cells : null};
+          return Promise.resolve(new Response(JSON.stringify(answer), {headers: {'content-type': 'application/json'}}));
+        };""", fake)
+    browser.find_element(By.ID, "file-input").send_keys(str(samples / PICKS[0]))
+    _wait_cards(browser, 1)
+    WebDriverWait(browser, 10).until(lambda d: _text(d, "n-cells") == "812")
+    assert [_text(browser, i) for i in ("n-cells", "n-par", "frac-par", "n-ood", "n-err")] == [
+        "812", "77", "9.5%", "55", "33"]
+    assert _text(browser, "status") == "Screened 900 images: 812 cells (77 Parasitized), 55 not a cell, 33 unreadable."
+
+    browser.find_element(By.ID, "tab-fields").click()
+    answer = _fabricated()
+    answer["fields"][0]["parasitemia_ci95"] = [0.25, 0.875]   # the card shows the record's own interval
+    answer["fields"][0]["n_cells"] = 70                       # ... and its counts, not a recount of cells
+    answer["fields"][0]["n_not_a_cell"] = 64
+    browser.execute_script("""const answer = arguments[0], orig = window.fetch;
+        window.fetch = (u, o) => String(u).startsWith('/smear')
+          ? Promise.resolve(new Response(JSON.stringify(answer), {headers: {'content-type': 'application/json'}}))
+          : orig(u, o);""", answer)
+    browser.find_elements(By.CSS_SELECTOR, "button.field-example")[0].click()
+    _wait_analysed(browser)
+    assert [_text(browser, i) for i in ("f-fields", "f-cells", "f-par", "f-pm", "f-ci", "f-classified", "f-ood",
+                                        "f-err", "fields-note")] == [
+        "in 7 fields", "4321", "123", "3.08%", "95 % CI 2.57–3.66%", "of 4000 classified cells", "300", "2",
+        "a note from the server"]
+    assert _text(browser, "fields-status").startswith("Analysed 7 fields: 4321 cells found (123 Parasitized, "
+                                                      "300 not a cell). 2 of the 9 files could not be analysed")
+    assert _text(browser, "gallery-count") == "(123)"
+    card = browser.find_element(By.CSS_SELECTOR, "#fields-results .field-card")
+    stats = browser.execute_script("""return Object.fromEntries([...arguments[0].querySelectorAll('.field-stats div')]
+        .map((d) => [d.querySelector('dt').textContent, d.querySelector('dd').textContent]))""", card)
+    assert stats == {"Cells": "70", "Parasitized": "3", "Not a cell": "64", "Not classified": "1",
+                     "Parasitemia": "60.00% (95 % CI 25.00–87.50%)"}
+    _shot(browser, "fields-desktop-server-counts")
+    browser.find_element(By.ID, "fields-clear").click()

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from malaria_detect.cli import main
 from malaria_detect.data.objects import detector_split, labelled_fields
 from malaria_detect.fields.detect import STRIDE, Detector, decode
-from malaria_detect.training.detector import _rotate, targets
+from malaria_detect.training.detector_data import _rotate, targets
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -424,7 +424,8 @@ def test_allowed_hosts_refuse_other_host_headers(bundled, monkeypatch):
         assert c.get("/health", headers={"host": "127.0.0.1:8000"}).status_code == 200
         assert c.get("/health", headers={"host": "attacker.example"}).status_code == 400
     monkeypatch.delenv("MALARIA_DETECT_ALLOWED_HOSTS")
-    with TestClient(create_app(Settings(model=None), bundled)) as c:  # default: any host
+    assert Settings(model=None).allowed_hosts is None  # unset: run() chooses by the bind address
+    with TestClient(create_app(Settings(model=None), bundled)) as c:  # create_app alone: any host
         assert c.get("/health", headers={"host": "anything.example"}).status_code == 200
 
 

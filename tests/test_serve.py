@@ -6,12 +6,15 @@ import base64
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from malaria_detect.serve.app import Settings, create_app
+
+SAMPLES_ROOT = Path(__file__).resolve().parents[1] / "samples"
 
 # Sample cells (patients the bundled model never saw) that a pathologist would call clear cases.
 CLEAR = {
@@ -176,3 +179,165 @@ def test_the_server_reports_the_package_version(client):
     import malaria_detect
 
     assert client.get("/openapi.json").json()["info"]["version"] == malaria_detect.__version__
+
+
+# ---------------------------------------------------------------- the one upload reader (/predict, /smear)
+def _small_png(colour=(200, 120, 140), size=64) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tight(bundled):
+    """Small limits for both routes: 2 files of 5,000 bytes (/predict), 2 fields of 6,000 bytes (/smear)."""
+    s = Settings(model=None, max_files=2, max_file_bytes=5_000, max_fields=2, max_field_bytes=6_000)
+    with TestClient(create_app(s, bundled)) as c:
+        yield c
+
+
+@pytest.mark.parametrize("route, limit", [("/predict", 5_000), ("/smear", 6_000)])
+def test_upload_reader_limits_are_the_same_for_cells_and_fields(tight, route, limit):
+    small = _small_png()
+    big = b"\x89PNG" + b"0" * (limit + 1)
+    r = tight.post(route, files=[("files", ("ok.png", small, "image/png")), ("files", ("huge.png", big, "image/png"))])
+    assert r.status_code == 413 and r.json()["detail"] == f"huge.png: file too large (limit {limit:,} bytes)"
+    # exactly at the limit is fine
+    at = tight.post(route, files=[("files", ("at.png", small + b"\0" * (limit - len(small)), "image/png"))])
+    assert at.status_code == 200, at.text
+    r = tight.post(route, files=[("files", (f"{i}.png", small, "image/png")) for i in range(3)])
+    assert r.status_code == 413 and r.json()["detail"].startswith("too many ") and "(limit 2 per request)" in \
+        r.json()["detail"]
+    r = tight.post(route, files=[("files", ("a.txt", b"hello", "text/plain"))])
+    assert r.status_code == 415 and r.json()["detail"].startswith("unsupported file type (text/plain); send ")
+    # a file of another type beside an image: its own error, the image is still answered
+    r = tight.post(route, files=[("files", ("notes.txt", b"hello", "text/plain")), ("files", ("ok.png", small, "image/png"))])
+    assert r.status_code == 200, r.text
+    answers = r.json() if route == "/predict" else r.json()["fields"]
+    assert [a.get("filename", a.get("image")) for a in answers] == ["notes.txt", "ok.png"]
+    assert answers[0]["error"] == "unsupported file type 'text/plain'"
+    assert not answers[1].get("error")
+
+
+def test_upload_reader_unit(tight):
+    """read_uploads itself: one Upload per file in upload order; the type rule by content type or name."""
+    import asyncio
+
+    from fastapi import HTTPException, UploadFile
+    from starlette.datastructures import Headers
+
+    from malaria_detect.serve.uploads import read_uploads, supported
+
+    def up(name, data, ctype):
+        return UploadFile(io.BytesIO(data), filename=name, headers=Headers({"content-type": ctype}))
+
+    files = [up("a.png", b"12", "image/png"), up("b.txt", b"x", "text/plain"), up(None, b"345", "image/jpeg"),
+             up("c.tif", b"6", "application/octet-stream")]
+    got = asyncio.run(read_uploads(files, max_files=4, max_bytes=3))
+    assert [(u.name, u.data, u.error) for u in got] == [
+        ("a.png", b"12", None), ("b.txt", b"", "unsupported file type 'text/plain'"), ("file2", b"345", None),
+        ("c.tif", b"6", None)]
+    assert not supported(up("d.txt", b"", "application/octet-stream"))
+    with pytest.raises(HTTPException) as e:
+        asyncio.run(read_uploads([up("x.png", b"1234", "image/png")], max_files=1, max_bytes=3, what="fields"))
+    assert e.value.status_code == 413 and e.value.detail == "x.png: file too large (limit 3 bytes)"
+
+
+# ---------------------------------------------------------------- POST /summary
+def test_summary_of_cells_is_the_counting_rule(client, bundled):
+    from malaria_detect.counting import Counts, ImageSummary, wilson
+
+    answers = [{"label": "Parasitized", "ood": False}, {"label": "Uninfected", "ood": False},
+               {"label": "Uninfected", "ood": None}, {"label": "Parasitized", "ood": True},
+               {"label": None, "error": "not an image"}, {"label": "Parasitized", "ood": False, "error": True},
+               {"filename": "x.webp", "label": "Parasitized", "p_parasitized": 0.99, "ood": False, "heatmap": None}]
+    r = client.post("/summary", json={"cells": answers})
+    assert r.status_code == 200, r.text
+    assert r.json()["fields"] is None
+    s = r.json()["cells"]
+    assert s == {"images": 7, "Parasitized": 2, "Uninfected": 2, "parasitized_fraction": 0.5, "not_a_cell": 1,
+                 "errors": 2, "classified": 4, "parasitized_fraction_ci95": pytest.approx(wilson(2, 4))}
+    rule = ImageSummary(Counts.of([(None if a.get("error") else a["label"], a.get("ood")) for a in answers],
+                                  "Parasitized"), "Parasitized", "Uninfected")
+    assert {k: s[k] for k in rule.to_dict()} == rule.to_dict()
+    # the answers of /predict, sent as they came
+    files = [("files", (p.split("/")[-1], (SAMPLES_ROOT / p).read_bytes(), "image/webp")) for p in CLEAR.values()]
+    out = client.post("/predict", files=files).json()
+    s = client.post("/summary", json={"cells": out}).json()["cells"]
+    assert (s["images"], s["classified"], s["Parasitized"], s["parasitized_fraction"]) == (2, 2, 1, 0.5)
+    empty = client.post("/summary", json={"cells": []}).json()["cells"]
+    assert empty["images"] == 0 and empty["parasitized_fraction"] is None and empty["parasitized_fraction_ci95"] is None
+
+
+def test_summary_of_fields_pools_counts_with_the_who_note(client):
+    from malaria_detect.counting import Summary
+
+    recs = [{"n_cells": 7, "n_classified": 5, "n_parasitized": 3, "n_not_a_cell": 1, "n_unclassified": 1},
+            {"n_cells": 40, "n_classified": 40, "n_parasitized": 0, "n_not_a_cell": 0, "n_unclassified": 0},
+            {"error": "not an image"}]
+    s = client.post("/summary", json={"fields": recs}).json()["fields"]
+    want = Summary.of([r if "error" not in r else {"n_cells": 0, "n_classified": 0, "n_parasitized": 0,
+                                                     "n_not_a_cell": 0, "n_unclassified": 0, "error": "x"}
+                       for r in recs]).to_dict()
+    assert s == want | {"n_analysed": 2}
+    assert (s["n_cells"], s["n_classified"], s["n_parasitized"], s["n_fields"], s["n_errors"]) == (47, 45, 3, 3, 1)
+    assert "only 45 red cells classified: WHO" in s["note"] and s["parasitemia"] == pytest.approx(3 / 45)
+    none = client.post("/summary", json={"fields": [{"n_cells": 2, "n_not_a_cell": 2}]}).json()["fields"]
+    assert none["parasitemia"] is None and "all 2 cells found were flagged" in none["note"]
+    both = client.post("/summary", json={"fields": recs, "cells": [{"label": "Uninfected"}]}).json()
+    assert both["fields"] == s and both["cells"]["images"] == 1
+    assert client.post("/summary", json={}).json() == {"fields": None, "cells": None}
+
+
+def test_summary_is_bounded_and_refuses_counts_that_do_not_add_up(client):
+    from malaria_detect.serve.summary import MAX_SUMMARY_BYTES, MAX_SUMMARY_ENTRIES
+
+    r = client.post("/summary", json={"cells": [{}] * (MAX_SUMMARY_ENTRIES + 1)})
+    assert r.status_code == 413
+    assert r.json() == {"detail": f"too many entries in cells: {MAX_SUMMARY_ENTRIES + 1:,} "
+                                  f"(limit {MAX_SUMMARY_ENTRIES:,} per request)"}  # the list is not echoed back
+    assert client.post("/summary", json={"cells": [{}] * MAX_SUMMARY_ENTRIES}).status_code == 200
+    r = client.post("/summary", json={"fields": [{}] * (MAX_SUMMARY_ENTRIES + 1)})
+    assert r.status_code == 413 and "fields" in r.json()["detail"]
+    r = client.post("/summary", content=b" " * (MAX_SUMMARY_BYTES + 1), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    for bad in ({"fields": [{"n_cells": 1, "n_classified": 1, "n_parasitized": 2}]},
+                {"fields": [{"n_cells": 3, "n_classified": 1}]},
+                {"fields": [{"n_cells": -1}]},
+                {"fields": [{"n_cells": 10**12, "n_classified": 10**12}]},
+                {"cells": [{"label": "Malaria"}]},
+                {"cells": {"label": "Parasitized"}},
+                {"cells": [{"ood": "sometimes"}]}):
+        r = client.post("/summary", json=bad)
+        assert r.status_code == 422, (bad, r.text)
+    assert client.post("/summary", content=b"garbage", headers={"content-type": "application/json"}).status_code == 422
+    _healthy(client)
+
+
+def test_summary_is_in_the_openapi_schema_and_the_model_names_the_csv_columns(client):
+    api = client.get("/openapi.json").json()
+    post = api["paths"]["/summary"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/SummaryIn")
+    assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/SummaryOut")
+    assert {"413", "422"} <= set(post["responses"])
+    schemas = api["components"]["schemas"]
+    assert {"n_cells", "n_classified", "n_parasitized", "n_not_a_cell", "n_unclassified"} <= set(
+        schemas["FieldCounts"]["properties"])
+    assert schemas["SummaryIn"]["properties"]["cells"]["anyOf"][0]["maxItems"] > 0
+    m = client.get("/model").json()
+    assert m["csv_columns"]["cells"] == ["path", "label", "p_parasitized", "ood", "error"]
+    from malaria_detect.fields.report import CSV_FIELDS
+
+    assert m["csv_columns"]["fields"] == CSV_FIELDS
+    assert m["limits"]["max_summary_entries"] > 0 and m["limits"]["max_summary_bytes"] > 0
+
+
+def test_app_module_keeps_its_names():
+    """The CLI and the tests import these from serve.app; create_app is short wiring."""
+    import inspect
+
+    from malaria_detect.serve import app
+
+    for name in ("Settings", "SettingsError", "create_app", "STATIC", "run", "parse_hosts"):
+        assert hasattr(app, name), name
+    assert len(inspect.getsource(app.create_app).splitlines()) < 45

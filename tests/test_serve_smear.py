@@ -80,7 +80,7 @@ def test_answer_schema_and_counts(client, mixed):
     assert (whole["width"], whole["height"]) == (1280, 960)
     assert whole["n_cells"] > 50 and whole["cell_diameter_px"] > 20
     for c in whole["cells"]:
-        assert set(c) == CELL_KEYS
+        assert set(c) - {"kind"} == CELL_KEYS and c.get("kind", "red cell") in ("red cell", "white cell", "platelet")
         x0, y0, x1, y1 = c["box"]
         assert all(isinstance(v, int) for v in c["box"])
         assert 0 <= x0 < x1 <= whole["width"] and 0 <= y0 < y1 <= whole["height"]
@@ -173,7 +173,23 @@ def test_page_serves_the_fields_mode_and_its_examples(client):
         assert (STATIC / src.rsplit("/", 1)[1]).exists()
 
 
-def test_page_mirrors_the_who_minimum():
-    """fields.js pools the counts of several requests itself: same WHO minimum as smear.py."""
-    js = (STATIC / "fields.js").read_text()
-    assert f"const WHO_MIN_CELLS = {WHO_MIN_CELLS};" in js
+def test_page_makes_no_count():
+    """The page shows the server's counts (POST /summary) and makes none: no Wilson interval, WHO
+    minimum or pooled tally of its own, and no hard-coded CSV header."""
+    for name in ("app.js", "fields.js"):
+        js = (STATIC / name).read_text()
+        for banned in ("wilson", "Math.sqrt", "WHO_MIN", f"{WHO_MIN_CELLS}-2,000", "pooledNote", "CSV_HEADER",
+                       '"x0", "y0"', '"p_parasitized", "ood"'):
+            assert banned not in js, (name, banned)
+        assert "/summary" in js
+
+
+def test_summary_of_the_fields_is_the_smear_summary(client, mixed):
+    """POST /summary pools field records (here the whole records, cells and all: other keys are
+    ignored) exactly as POST /smear's own summary does."""
+    r = client.post("/summary", json={"fields": mixed["fields"]})
+    assert r.status_code == 200, r.text
+    s = r.json()["fields"]
+    assert s == mixed["summary"] | {"n_analysed": 2} and r.json()["cells"] is None
+    counts_only = [{k: f[k] for k in COUNT_KEYS} | ({"error": True} if "error" in f else {}) for f in mixed["fields"]]
+    assert client.post("/summary", json={"fields": counts_only}).json()["fields"] == s

@@ -12,7 +12,8 @@ def add_parsers(sub) -> dict:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allowed-hosts", default=None, metavar="HOSTS",
                    help="comma-separated Host headers to answer (e.g. localhost,127.0.0.1), against DNS "
-                        "rebinding; default: MALARIA_DETECT_ALLOWED_HOSTS, else any")
+                        "rebinding; default: MALARIA_DETECT_ALLOWED_HOSTS, else localhost,127.0.0.1,[::1] when "
+                        "bound to a loopback address and any host otherwise")
     return {"serve": cmd_serve}
 
 

@@ -1,7 +1,9 @@
 """API docs that work offline: Swagger UI at /docs and ReDoc at /redoc from files installed with the
 package `fastapi-offline` (FastAPI's defaults load them from a CDN and are blank without internet).
 
-Use with `FastAPI(docs_url=None, redoc_url=None)`, then `add_offline_docs(app)`."""
+Use with `FastAPI(docs_url=None, redoc_url=None)`, then `add_offline_docs(app)`. Each docs page has its
+own Content-Security-Policy (security.docs_csp: its inline script by hash, inline styles), stricter
+than none but looser than the page's."""
 
 from __future__ import annotations
 
@@ -13,8 +15,15 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagge
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from .security import docs_csp
+
 ASSETS = Path(fastapi_offline.__file__).parent / "static"  # swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js
 FAVICON = Path(__file__).parent / "static" / "favicon.svg"
+
+
+def _with_csp(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = docs_csp(page.body.decode())
+    return page
 
 
 def add_offline_docs(app: FastAPI, assets_url: str = "/docs-assets") -> None:
@@ -24,25 +33,25 @@ def add_offline_docs(app: FastAPI, assets_url: str = "/docs-assets") -> None:
     @app.get("/docs", include_in_schema=False)
     def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(
+        return _with_csp(get_swagger_ui_html(
             openapi_url=root + app.openapi_url, title=app.title + " — REST API",
             oauth2_redirect_url=root + redirect_url,
             swagger_js_url=f"{root}{assets_url}/swagger-ui-bundle.js",
             swagger_css_url=f"{root}{assets_url}/swagger-ui.css",
             swagger_favicon_url=root + "/favicon.ico",
             # no badge from the online validator: nothing on the page leaves this machine
-            swagger_ui_parameters={"validatorUrl": None, **(app.swagger_ui_parameters or {})})
+            swagger_ui_parameters={"validatorUrl": None, **(app.swagger_ui_parameters or {})}))
 
     @app.get(redirect_url, include_in_schema=False)
     def swagger_ui_redirect() -> HTMLResponse:
-        return get_swagger_ui_oauth2_redirect_html()
+        return _with_csp(get_swagger_ui_oauth2_redirect_html())
 
     @app.get("/redoc", include_in_schema=False)
     def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_redoc_html(openapi_url=root + app.openapi_url, title=app.title + " — REST API",
-                              redoc_js_url=f"{root}{assets_url}/redoc.standalone.js",
-                              redoc_favicon_url=root + "/favicon.ico", with_google_fonts=False)
+        return _with_csp(get_redoc_html(openapi_url=root + app.openapi_url, title=app.title + " — REST API",
+                                        redoc_js_url=f"{root}{assets_url}/redoc.standalone.js",
+                                        redoc_favicon_url=root + "/favicon.ico", with_google_fonts=False))
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> FileResponse:

@@ -10,17 +10,24 @@ MALARIA_DETECT_MAX_FIELD_BYTES per file (8 MiB; 8 fields of 8 MiB fit the 64 MiB
 MALARIA_DETECT_MAX_FIELD_PIXELS per field (40 MP: a 1280x960 field is 1.2 MP; larger fields are
 segmented in tiles) and the request's pixel budget (MALARIA_DETECT_MAX_REQUEST_PIXELS). The body is
 capped as it streams by the app's UploadLimit.
+
+The work runs in a bounded pool (pool.py): MALARIA_DETECT_FIELD_WORKERS fields at a time (half the
+cores), MALARIA_DETECT_FIELD_QUEUE more waiting (8); past that 503 with Retry-After.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import os
+import threading
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from fastapi import FastAPI, File, Query, UploadFile
 
+from ..counting import summarize
 from ..imaging import ImageError, PixelBudget, open_rgb
+from .pool import FieldPool
+from .uploads import read_uploads, trim_heap
 
 OVERLAY_MAX_SIDE = 1600   # the overlay in the answer is at most this many pixels wide
 
@@ -36,19 +43,29 @@ def _overlay_data_url(img, rec: dict, positive: str) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def add_smear_routes(app: FastAPI, settings, supported) -> None:
-    """Register POST /smear on `app`; `settings` holds the limits, `supported(upload)` the type rule."""
+def add_smear_routes(app: FastAPI, settings) -> FieldPool:
+    """Register POST /smear on `app`; `settings` holds the limits (the files are read by read_uploads).
+    Returns the pool the fields are analysed in (app.state.field_pool)."""
+    pool = app.state.field_pool = FieldPool(settings.field_workers, settings.field_queue)
+    loading = threading.Lock()
 
     def field_predictor():
         """The model of /smear: the server's --model when one was given, else the bundled robust
         model (trained on two labs' cells), loaded with the first field."""
         if settings.model:
             return app.state.predictor
+        with loading:
+            return _load_field_predictor()
+
+    def _load_field_predictor():
         if getattr(app.state, "field_predictor", None) is None:
             from ..cells.predictor import Predictor
             from ..modelfile import bundled_field_model_path
 
-            app.state.field_predictor = Predictor.load(bundled_field_model_path())
+            threads = max(1, (os.cpu_count() or 1) // settings.field_workers)  # the workers share the cores
+            app.state.field_predictor = Predictor.load(
+                bundled_field_model_path(), threads=threads,
+                session_options={"enable_cpu_mem_arena": settings.field_arena})
         return app.state.field_predictor
 
     def analyze(names: list[str], blobs: list[bytes], overlay: bool, cell_diameter: float | None) -> list[dict]:
@@ -70,41 +87,38 @@ def add_smear_routes(app: FastAPI, settings, supported) -> None:
                 rec["overlay"] = _overlay_data_url(img, rec, pred.record.positive)
             out.append(rec)
             del img
+            trim_heap()  # the field's decode, masks and crops back to the OS (~50 MB less held after a burst)
         return out
 
     @app.post("/smear", summary="analyse whole field images: every red cell, counts and parasitemia",
               responses={413: {"description": "upload too large or too many files"},
                          415: {"description": "no file of a supported image type"},
-                         422: {"description": "malformed request (no 'files' field)"}})
+                         422: {"description": "malformed request (no 'files' field)"},
+                         503: {"description": "busy: every field worker and queue place is taken; "
+                                              "try again after the Retry-After header's seconds"}})
     async def smear(files: list[UploadFile] = File(..., description="field images: jpg, png, tif, webp, bmp"),
                     overlay: bool = Query(False, description="add each annotated field as a JPEG data URL"),
                     cell_diameter: float | None = Query(None, ge=6, le=2000,
                                                         description="red-cell diameter in pixels (default: "
                                                                     "estimated from each field)")):
-        if len(files) > settings.max_fields:
-            raise HTTPException(413, f"too many fields: {len(files)} (limit {settings.max_fields} per request)")
-        if not any(supported(f) for f in files):
-            kinds = ", ".join(sorted({f.content_type or "unknown" for f in files}))
-            raise HTTPException(415, f"unsupported file type ({kinds}); send jpg, png, tif, webp or bmp images")
-        names, blobs, bad = [], [], {}
-        for i, f in enumerate(files):
-            name = f.filename or f"field{i}"
-            data = await f.read(settings.max_field_bytes + 1)
-            if len(data) > settings.max_field_bytes:
-                raise HTTPException(413, f"{name}: file too large (limit {settings.max_field_bytes:,} bytes)")
-            names.append(name)
-            blobs.append(data)
-            if not supported(f):
-                bad[i] = f"unsupported file type {f.content_type!r}"
-        good = [i for i in range(len(files)) if i not in bad]
-        done = await run_in_threadpool(analyze, [names[i] for i in good], [blobs[i] for i in good], overlay,
-                                       cell_diameter)
-        from ..counting import summarize
+        n = min(len(files), settings.max_fields)  # more files: read_uploads answers 413
+        pool.reserve(n)                            # or 503 with Retry-After: the pool is full
+        try:
+            uploads = await read_uploads(files, max_files=settings.max_fields, max_bytes=settings.max_field_bytes,
+                                         what="fields", unnamed="field", formats="jpg, png, tif, webp or bmp")
+        except BaseException:
+            pool.release(n)
+            raise
+        good = [i for i, u in enumerate(uploads) if u.error is None]
+        # the pool gives the n slots back when the work is done
+        done = await pool.run(n, analyze, [uploads[i].name for i in good], [uploads[i].data for i in good],
+                              overlay, cell_diameter)
         from ..fields.analysis import failed_field
 
-        fields: list[dict] = [None] * len(files)  # by upload position, never by name
+        # by upload position, never by name; a file of another type has its own error
+        fields = [None if u.error is None else failed_field(u.name, u.error) for u in uploads]
         for i, rec in zip(good, done):
             fields[i] = rec
-        for i, msg in bad.items():
-            fields[i] = failed_field(names[i], msg)
         return {"fields": fields, "summary": summarize(fields)}
+
+    return pool

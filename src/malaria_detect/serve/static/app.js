@@ -1,4 +1,6 @@
-// malaria-detect screening page: no framework, no build step, no CDN; talks to /predict and /model.
+// malaria-detect screening page: no framework, no build step, no CDN; talks to /predict, /model and
+// /summary. The page makes no count: every count, fraction, interval and note it shows is the server's
+// (POST /summary pools the answers on the page by the one counting rule, counting.py).
 //
 // Layout of this file: shared helpers (DOM, the model record, the API, CSV, file drop, the larger
 // view), then one factory per mode. A mode owns a <section class="mode-panel" data-mode="ID"
@@ -57,7 +59,26 @@
         if (onChunk(chunk, answer) === false) return;
       }
     },
+    // POST /summary: the server's counts of answers the page has. body = {cells: [...]} and/or
+    // {fields: [...]}; resolves to {ok: true, fields, cells} or {ok: false, status, detail}.
+    async summary(body) {
+      try {
+        const resp = await fetch("/summary", { method: "POST", headers: { "content-type": "application/json" },
+          body: JSON.stringify(body) });
+        const answer = await resp.json().catch(() => ({}));
+        if (resp.ok) return Object.assign({ ok: true }, answer);
+        let detail = answer.detail || resp.statusText;
+        if (typeof detail !== "string") detail = (detail[0] && detail[0].msg) || JSON.stringify(detail);
+        return { ok: false, status: resp.status, detail };
+      } catch (e) {
+        return { ok: false, status: 0, detail: "could not reach the server (" + e.message + ")" };
+      }
+    },
   };
+
+  // The columns of a CSV download, as the server (and the command line) names them: kind "cells"
+  // or "fields" (GET /model's csv_columns); null while the model record is not loaded.
+  const csvColumns = (kind) => (model.record && model.record.csv_columns && model.record.csv_columns[kind]) || null;
 
   // Like the command line's CSV: a cell that a spreadsheet would run as a formula (= + - @ tab CR
   // first, e.g. from an uploaded file's name) gets a leading apostrophe.
@@ -220,18 +241,16 @@
     const sortSel = q("#sort"), onlyPos = q("#only-pos");
     const items = []; // {file, r, li}, in upload order
     let queue = Promise.resolve();
+    let totals = null; // the server's summary of every answer on the page (POST /summary), or null
 
+    // a card's colour and filter, from the answer's label and flag (the counts are the server's)
     const kind = (r) => (r.error ? "error" : r.ood ? "ood" : r.label === model.pos ? "pos" : "neg");
 
-    function counts(its) {
-      const c = { images: its.length, cells: 0, pos: 0, ood: 0, err: 0 };
-      its.forEach(({ r }) => {
-        const k = kind(r);
-        if (k === "error") c.err++;
-        else if (k === "ood") c.ood++;
-        else { c.cells++; if (k === "pos") c.pos++; }
-      });
-      return c;
+    // the server's counts of these answers: {images, classified, <class names>, parasitized_fraction, ...}
+    async function summarize(its) {
+      const s = await api.summary({ cells: its.map(({ r }) => ({ label: r.label == null ? null : r.label,
+        ood: r.ood == null ? null : r.ood, error: Boolean(r.error) })) });
+      return s.ok ? s.cells : { failed: s.detail };
     }
 
     function figure(caption, node, cls) {
@@ -311,14 +330,17 @@
       return li;
     }
 
-    function updateSummary() {
-      const c = counts(items);
-      q("#summary").hidden = q("#toolbar").hidden = items.length === 0;
-      q("#n-cells").textContent = c.cells;
-      q("#n-par").textContent = c.pos;
-      q("#frac-par").textContent = c.cells ? pct(c.pos / c.cells) : "–";
-      q("#n-ood").textContent = c.ood;
-      q("#n-err").textContent = c.err;
+    // s: the server's summary of every answer on the page (null: none on the page)
+    function updateSummary(s) {
+      totals = s && !s.failed ? s : null;
+      q("#summary").hidden = q("#toolbar").hidden = !s;
+      const t = totals || {};
+      const show = (id, v) => { q(id).textContent = v == null ? "–" : v; };
+      show("#n-cells", t.classified);
+      show("#n-par", t[model.pos]);
+      q("#frac-par").textContent = t.parasitized_fraction == null ? "–" : pct(t.parasitized_fraction);
+      show("#n-ood", t.not_a_cell);
+      show("#n-err", t.errors);
     }
 
     // Sort and filter: cards are moved, never re-created.
@@ -333,17 +355,16 @@
           return dir * (x - y);
         });
       }
-      let shown = 0;
       order.forEach((it) => {
         it.li.hidden = onlyPos.checked && kind(it.r) !== "pos";
-        if (!it.li.hidden) shown++;
         list.append(it.li);
       });
       const note = q("#shown");
       note.hidden = !onlyPos.checked || !items.length;
-      note.textContent = shown
-        ? `Showing ${shown} of ${plural(items.length, "result")}: cells classified ${model.pos}.`
-        : `None of the ${plural(items.length, "result")} is a cell classified ${model.pos}.`;
+      if (!totals) note.textContent = `Showing the cells classified ${model.pos}.`;
+      else if (totals[model.pos]) {
+        note.textContent = `Showing ${totals[model.pos]} of ${plural(totals.images, "result")}: cells classified ${model.pos}.`;
+      } else note.textContent = `None of the ${plural(totals.images, "result")} is a cell classified ${model.pos}.`;
     }
 
     function add(file, r) {
@@ -353,22 +374,24 @@
       return it;
     }
 
-    function report(batch, refused, total) {
-      const c = counts(batch);
+    // the status line: c is the server's summary of this batch, totals of every answer on the page
+    function report(batch, refused, total, c, all) {
       let msg;
       if (!batch.length) msg = "";
-      else if (c.err === batch.length) msg = `None of the ${plural(c.images, "image")} could be read: see the cards for why.`;
+      else if (c.failed) msg = `Screened ${plural(batch.length, "image")}; the server could not count them: ${c.failed}.`;
+      else if (c.errors === c.images) msg = `None of the ${plural(c.images, "image")} could be read: see the cards for why.`;
       else {
-        const parts = [plural(c.cells, "cell") + (c.cells ? ` (${c.pos} ${model.pos})` : "")];
-        if (c.ood) parts.push(`${c.ood} not a cell`);
-        if (c.err) parts.push(`${c.err} unreadable`);
+        const parts = [plural(c.classified, "cell") + (c.classified ? ` (${c[model.pos]} ${model.pos})` : "")];
+        if (c.not_a_cell) parts.push(`${c.not_a_cell} not a cell`);
+        if (c.errors) parts.push(`${c.errors} unreadable`);
         msg = `Screened ${plural(c.images, "image")}: ${parts.join(", ")}.`;
       }
       if (refused) {
         msg = (batch.length ? `Screened ${batch.length} of ${total} images, then the` : "The") +
           ` server refused the upload (${refused.status || "no answer"}): ${refused.detail}. ` + msg.replace(/^Screened [^:]*: /, "");
       }
-      if (items.length > batch.length) msg += ` ${plural(items.length, "image")} on the page in all.`;
+      if (totals && !c.failed && totals.images > c.images) msg += ` ${plural(totals.images, "image")} on the page in all.`;
+      if (all && all.failed) msg += ` The server could not count the answers on the page: ${all.failed}.`;
       status.textContent = msg.trim();
     }
 
@@ -395,9 +418,11 @@
         return true;
       });
       batch.forEach((it) => { if (!it.li.isConnected) list.append(it.li); });
-      updateSummary();
+      const [mine, all] = await Promise.all([batch.length ? summarize(batch) : {},
+        items.length ? summarize(items.slice()) : null]);
+      updateSummary(all);
       arrange();
-      report(batch, refused, files.length);
+      report(batch, refused, files.length, mine, all);
     }
 
     const enqueue = (files) => { queue = queue.then(() => screen(files)); return queue; };
@@ -423,14 +448,21 @@
       items.length = 0;
       list.replaceChildren();
       status.textContent = "Cleared.";
-      updateSummary();
+      updateSummary(null);
       arrange();
     });
-    // Same columns as the command line's CSV (malaria-detect predict --csv).
-    q("#download-csv").addEventListener("click", () => downloadCsv("malaria-detect-results.csv",
-      ["path", "label", "p_parasitized", "ood", "error"],
-      items.map(({ r }) => [r.filename, r.label || "", r.p_parasitized == null ? "" : r.p_parasitized.toFixed(6),
-        r.ood == null ? "" : String(r.ood), r.error || ""])));
+    // The command line's CSV (malaria-detect predict --csv): its columns come from the server.
+    const cellValue = {
+      path: (r) => r.filename, label: (r) => r.label || "",
+      p_parasitized: (r) => (r.p_parasitized == null ? "" : r.p_parasitized.toFixed(6)),
+      ood: (r) => (r.ood == null ? "" : String(r.ood)), error: (r) => r.error || "",
+    };
+    q("#download-csv").addEventListener("click", () => {
+      const cols = csvColumns("cells");
+      if (!cols) { status.textContent = "The CSV needs the model record from the server, which is not loaded."; return; }
+      downloadCsv("malaria-detect-results.csv", cols,
+        items.map(({ r }) => cols.map((k) => (cellValue[k] ? cellValue[k](r) : r[k]))));
+    });
 
     return { id: "cells", title: panel.dataset.title, panel };
   }
@@ -448,5 +480,5 @@
   // A second mode (e.g. whole microscope fields) lives in its own <section class="mode-panel"> and
   // script, and registers itself: malariaDetect.registerMode({id, title, panel}).
   window.malariaDetect = { registerMode, showMode, api, model, modelReady, el, pct, plural, fileDrop,
-    downloadCsv, viewer, legend };
+    downloadCsv, csvColumns, viewer, legend };
 })();

@@ -4,21 +4,20 @@
 // which field the server is on and each field appears as soon as it is done. The field is drawn
 // from the ORIGINAL upload (an object URL) with the cells' boxes in an SVG on top, in a scrolling,
 // zoomable view; the server's annotated JPEG (`overlay`) is only offered as a download, and used
-// as the picture when this browser cannot show the upload itself (e.g. TIFF). Counts pooled over
-// every field on the page are computed here from the cells, by the rules of smear.py's counts().
-// Needs app.js first (window.malariaDetect).
+// as the picture when this browser cannot show the upload itself (e.g. TIFF). Each field card shows
+// the counts of its record; what is shown for all the fields together (counts, parasitemia, its
+// interval, the WHO note) is the server's pooling of the records (POST /summary): the page makes no
+// count. Needs app.js first (window.malariaDetect).
 "use strict";
 (function () {
   const md = window.malariaDetect;
   const panel = document.getElementById("mode-fields");
   if (!md || !panel) return;
-  const { el, plural, model, modelReady, fileDrop, downloadCsv } = md;
+  const { el, plural, model, modelReady, fileDrop, downloadCsv, csvColumns, api } = md;
   const q = (sel) => panel.querySelector(sel);
   const SVG = "http://www.w3.org/2000/svg";
-  const WHO_MIN_CELLS = 500;  // as smear.WHO_MIN_CELLS: WHO asks for at least 500-2,000 red cells
   const MAX_ZOOM = 8;         // screen pixels per field pixel
   const STEP = 1.5;           // one zoom step
-  const CSV_HEADER = ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border"];
 
   const list = q("#fields-results"), status = q("#fields-status"), progress = q("#fields-progress");
   const gallery = q("#fields-gallery"), galleryList = q("#gallery-list");
@@ -26,43 +25,25 @@
   let queue = Promise.resolve();
   let uid = 0, generation = 0; // Clear starts a new generation: answers for an older one are dropped
 
-  // ---------------------------------------------------------------- counts (smear.counts)
+  // ---------------------------------------------------------------- counts (the server's)
   const analysed = (f) => f.rec && !f.rec.error; // answered, without an error
-  const kind = (c) => (c.ood ? "ood" : c.label == null ? "unc" : c.label === model.pos ? "pos" : "neg");
-
-  // 95 % Wilson score interval of k / n, as smear.wilson.
-  function wilson(k, n, z = 1.959964) {
-    if (n <= 0) return null;
-    const p = k / n, den = 1 + (z * z) / n;
-    const centre = (p + (z * z) / (2 * n)) / den;
-    const half = (z * Math.sqrt((p * (1 - p)) / n + (z * z) / (4 * n * n))) / den;
-    return [Math.max(0, centre - half), Math.min(1, centre + half)];
-  }
-
-  function counts(cells) {
-    const c = { cells: cells.length, classified: 0, pos: 0, ood: 0, unc: 0 };
-    cells.forEach((x) => {
-      const k = kind(x);
-      if (k === "ood") c.ood++;
-      else if (k === "unc") c.unc++;
-      else { c.classified++; if (k === "pos") c.pos++; }
-    });
-    c.parasitemia = c.classified ? c.pos / c.classified : null;
-    c.ci = wilson(c.pos, c.classified);
-    return c;
-  }
+  // a box's colour and the gallery, from the cell's label and flag (the counts are the server's)
+  // the display class of an object: white cells and platelets (never classified) in their own style
+  const OTHER = { "white cell": "wbc", platelet: "plt" };
+  const kind = (c) => OTHER[c.kind] || (c.ood ? "ood" : c.label == null ? "unc" : c.label === model.pos ? "pos" : "neg");
 
   // Parasitemia is often well under 1 %: two decimals.
   const pc = (x) => (100 * x).toFixed(2) + "%";
   const pcRange = (ci) => `${(100 * ci[0]).toFixed(2)}–${pc(ci[1])}`;
 
-  function pooledNote(c) {
-    if (c.parasitemia === null) return "no red cell could be classified, so there is no parasitemia";
-    if (c.classified < WHO_MIN_CELLS) {
-      return `only ${c.classified} red cells classified: WHO guidance is to count at least ${WHO_MIN_CELLS}-2,000 ` +
-        "on a thin film; photograph more fields for a reliable estimate";
-    }
-    return "";
+  // The server's pooling of these fields' records (POST /summary): counts, parasitemia, its
+  // interval, n_fields, n_errors, n_analysed and the note; {failed: why} when it could not.
+  const COUNT_KEYS = ["n_cells", "n_classified", "n_parasitized", "n_not_a_cell", "n_unclassified"];
+  async function pooled(fs) {
+    const records = fs.filter((f) => f.rec).map((f) => (f.rec.error ? { error: true }
+      : Object.fromEntries(COUNT_KEYS.map((k) => [k, f.rec[k]]))));
+    const s = await api.summary({ fields: records });
+    return s.ok ? s.fields : { failed: s.detail };
   }
 
   // ---------------------------------------------------------------- the API
@@ -70,7 +51,14 @@
     const form = new FormData();
     form.append("files", file, file.name);
     try {
-      const resp = await fetch("/smear?overlay=true", { method: "POST", body: form });
+      let resp;
+      // 503: the server's field workers and queue are full (other users): wait as long as it says, a few times
+      for (let tries = 0; ; tries++) {
+        resp = await fetch("/smear?overlay=true", { method: "POST", body: form });
+        if (resp.status !== 503 || tries >= 5) break;
+        const wait = Math.min(30, Math.max(1, Number(resp.headers.get("retry-after")) || 2));
+        await new Promise((done) => setTimeout(done, wait * 1000));
+      }
       const body = await resp.json().catch(() => ({}));
       if (resp.ok && body.fields && body.fields.length === 1) return body.fields[0];
       let detail = body.detail || resp.statusText || "no answer";
@@ -94,7 +82,7 @@
     const view = el("div", "field-view");
     view.tabIndex = 0;
     view.setAttribute("role", "group");
-    view.setAttribute("aria-label", `${name}: ${plural(rec.cells.length, "cell")} boxed. ` +
+    view.setAttribute("aria-label", `${name}: ${plural(rec.n_cells, "cell")} boxed. ` +
       "Keys: + and − zoom, 0 fits, arrows pan.");
     view.style.aspectRatio = `${W} / ${H}`;
     const stage = el("div", "field-stage");
@@ -117,8 +105,8 @@
       r.setAttribute("vector-effect", "non-scaling-stroke");
       r.dataset.cell = i;
       const t = document.createElementNS(SVG, "title");
-      t.textContent = `cell ${i}: ` + (c.ood ? "not a cell" : c.label == null ? "not classified"
-        : `${c.label}, p = ${c.p_parasitized.toFixed(3)}`);
+      t.textContent = `object ${i}: ` + (OTHER[c.kind] ? c.kind : c.ood ? "not a cell"
+        : c.label == null ? "not classified" : `${c.label}, p = ${c.p_parasitized.toFixed(3)}`);
       r.append(t);
       svg.append(r);
       if (kind(c) === "pos") {
@@ -253,7 +241,7 @@
   }
 
   function fieldCard(f) {
-    const rec = f.rec, c = counts(rec.cells);
+    const rec = f.rec; // its counts are the server's (the record's n_* keys)
     const card = el("article", "field-card");
     card.id = "field-" + f.id;
     const head = el("div", "field-head");
@@ -265,12 +253,12 @@
       d.append(el("dt", null, k), dd);
       dl.append(d);
     };
-    stat("Cells", String(c.cells));
-    stat(model.pos, String(c.pos), "pos");
-    stat("Not a cell", String(c.ood));
-    if (c.unc) stat("Not classified", String(c.unc));
-    stat("Parasitemia", c.parasitemia === null ? "–"
-      : [el("span", null, pc(c.parasitemia)), " ", el("span", "ci", `(95 % CI ${pcRange(c.ci)})`)], "pm");
+    stat("Cells", String(rec.n_cells));
+    stat(model.pos, String(rec.n_parasitized), "pos");
+    stat("Not a cell", String(rec.n_not_a_cell));
+    if (rec.n_unclassified) stat("Not classified", String(rec.n_unclassified));
+    stat("Parasitemia", rec.parasitemia == null || !rec.parasitemia_ci95 ? "–"
+      : [el("span", null, pc(rec.parasitemia)), " ", el("span", "ci", `(95 % CI ${pcRange(rec.parasitemia_ci95)})`)], "pm");
     head.append(dl);
     card.append(head);
     if (rec.note) card.append(el("p", "field-note", rec.note));
@@ -338,7 +326,8 @@
     return cv;
   }
 
-  function renderGallery() {
+  // s: the server's pooling of every field on the page (or null)
+  function renderGallery(s) {
     const picks = [];
     fields.forEach((f) => {
       if (!analysed(f) || !f.view) return;
@@ -364,12 +353,12 @@
     galleryList.replaceChildren(...items);
     const done = fields.some((f) => analysed(f) && f.view);
     gallery.hidden = !done;
-    const classified = fields.reduce((n, f) => n + (analysed(f) ? counts(f.rec.cells).classified : 0), 0);
+    const ok = s && !s.failed;
     q("#gallery-empty").hidden = picks.length > 0;
-    q("#gallery-empty").textContent = classified
+    q("#gallery-empty").textContent = !ok || s.n_classified
       ? `No cell was called ${model.pos}.`
       : `No cell could be classified, so there is nothing to confirm.`;
-    q("#gallery-count").textContent = picks.length ? `(${picks.length})` : "";
+    q("#gallery-count").textContent = ok && s.n_parasitized ? `(${s.n_parasitized})` : "";
   }
 
   function showCell(f, i, from) {
@@ -387,36 +376,44 @@
   }
 
   // ---------------------------------------------------------------- summary, status, CSV
-  function allCells() {
-    return fields.filter(analysed).flatMap((f) => f.rec.cells);
-  }
+  let totals = null; // the server's pooling of every field on the page
 
-  function updateSummary() {
-    const c = counts(allCells()), errs = fields.filter((f) => f.rec && f.rec.error).length;
+  // The pooled counts of every field on the page, as the server makes them; then the gallery.
+  async function updateSummary(gen) {
     const any = fields.some((f) => f.rec);
+    const s = any ? await pooled(fields) : null;
+    if (gen !== generation) return;
+    totals = s;
     q("#fields-summary").hidden = q("#fields-toolbar").hidden = !any;
-    q("#f-fields").textContent = "in " + plural(fields.filter(analysed).length, "field");
-    q("#f-cells").textContent = c.cells;
-    q("#f-par").textContent = c.pos;
-    q("#f-pm").textContent = c.parasitemia === null ? "–" : pc(c.parasitemia);
-    q("#f-ci").textContent = c.ci ? `95 % CI ${pcRange(c.ci)}` : "no cell classified";
-    q("#f-classified").textContent = c.classified ? `of ${plural(c.classified, "classified cell")}` : "";
-    q("#f-ood").textContent = c.ood;
-    q("#f-err").textContent = errs;
+    const ok = s && !s.failed, t = ok ? s : {};
+    const show = (id, v) => { q(id).textContent = v == null ? "–" : v; };
+    q("#f-fields").textContent = ok ? "in " + plural(s.n_analysed, "field") : "";
+    show("#f-cells", t.n_cells);
+    show("#f-par", t.n_parasitized);
+    q("#f-pm").textContent = t.parasitemia == null ? "–" : pc(t.parasitemia);
+    q("#f-ci").textContent = t.parasitemia_ci95 ? `95 % CI ${pcRange(t.parasitemia_ci95)}` : ok ? "no cell classified" : "";
+    q("#f-classified").textContent = t.n_classified ? `of ${plural(t.n_classified, "classified cell")}` : "";
+    show("#f-ood", t.n_not_a_cell);
+    show("#f-err", t.n_errors);
     const note = q("#fields-note");
-    note.textContent = fields.some(analysed) ? pooledNote(c) : "";
+    note.textContent = s && s.failed ? `The server could not pool the fields: ${s.failed}.`
+      : ok && s.n_analysed && s.note ? s.note : "";
     note.hidden = !note.textContent;
     q("#fields-legend").hidden = !fields.some((f) => f.view);
+    renderGallery(s);
   }
 
-  function report(batch) {
-    const ok = batch.filter((f) => !f.rec.error), c = counts(ok.flatMap((f) => f.rec.cells));
-    let msg = ok.length
-      ? `Analysed ${plural(ok.length, "field")}: ${plural(c.cells, "cell")} found (${c.pos} ${model.pos}, ${c.ood} not a cell).`
+  // the status line: c is the server's pooling of this batch's fields
+  async function report(batch, gen) {
+    const c = await pooled(batch);
+    if (gen !== generation) return;
+    if (c.failed) { status.textContent = `Analysed ${plural(batch.length, "file")}; the server could not count them: ${c.failed}.`; return; }
+    let msg = c.n_analysed
+      ? `Analysed ${plural(c.n_analysed, "field")}: ${plural(c.n_cells, "cell")} found (${c.n_parasitized} ${model.pos}, ${c.n_not_a_cell} not a cell).`
       : "";
-    const bad = batch.length - ok.length;
-    if (bad) msg += ` ${bad === batch.length ? "None of the" : bad + " of the"} ${plural(batch.length, "file")} could not be analysed: see the ${bad === 1 ? "card" : "cards"}.`;
-    if (fields.length > batch.length) msg += ` ${plural(fields.length, "field")} on the page in all.`;
+    const bad = c.n_errors;
+    if (bad) msg += ` ${bad === c.n_fields ? "None of the" : bad + " of the"} ${plural(c.n_fields, "file")} could not be analysed: see the ${bad === 1 ? "card" : "cards"}.`;
+    if (totals && !totals.failed && totals.n_fields > c.n_fields) msg += ` ${plural(totals.n_fields, "field")} on the page in all.`;
     status.textContent = msg.trim();
   }
 
@@ -458,11 +455,11 @@
         f.picture = await loadPicture(f);
         if (gen !== generation) return;
       }
-      updateSummary();
-      renderGallery();
+      await updateSummary(gen);
+      if (gen !== generation) return;
     }
     progress.hidden = true;
-    report(batch);
+    await report(batch, gen);
   }
 
   const enqueue = (files) => {
@@ -492,16 +489,26 @@
     fields.length = 0;
     list.replaceChildren();
     status.textContent = "Cleared.";
-    updateSummary();
-    renderGallery();
+    updateSummary(generation);
   });
-  // One row per cell, the columns of `malaria-detect smear --csv` (smear.CSV_FIELDS).
-  q("#fields-csv").addEventListener("click", () => downloadCsv("malaria-detect-cells.csv", CSV_HEADER,
-    fields.filter(analysed).flatMap((f) => f.rec.cells.map((c, i) => [f.rec.image, i, ...c.box,
-      c.label || "", c.p_parasitized == null ? "" : c.p_parasitized.toFixed(6), String(!!c.ood), String(!!c.border)]))));
+  // One row per cell, as `malaria-detect smear --csv` writes it; the columns come from the server
+  // (fields.report.CSV_FIELDS, in GET /model's csv_columns).
+  const cellValue = {
+    image: (f) => f.rec.image, cell: (f, c, i) => i,
+    x0: (f, c) => c.box[0], y0: (f, c) => c.box[1], x1: (f, c) => c.box[2], y1: (f, c) => c.box[3],
+    label: (f, c) => c.label || "",
+    p_parasitized: (f, c) => (c.p_parasitized == null ? "" : c.p_parasitized.toFixed(6)),
+    ood: (f, c) => String(!!c.ood), border: (f, c) => String(!!c.border),
+    kind: (f, c) => c.kind || "red cell",   // records without kinds hold red cells
+  };
+  q("#fields-csv").addEventListener("click", () => {
+    const cols = csvColumns("fields");
+    if (!cols) { status.textContent = "The CSV needs the model record from the server, which is not loaded."; return; }
+    downloadCsv("malaria-detect-cells.csv", cols, fields.filter(analysed).flatMap((f) => f.rec.cells.map((c, i) =>
+      cols.map((k) => (cellValue[k] ? cellValue[k](f, c, i) : c[k])))));
+  });
   modelReady.then(() => panel.querySelectorAll(".pos-name").forEach((s) => { s.textContent = model.pos; }))
     .catch(() => null);
 
   md.registerMode({ id: "fields", title: panel.dataset.title, panel });
-  md.fields = { counts, wilson, pooledNote }; // for tests and other scripts
 })();
