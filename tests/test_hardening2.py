@@ -196,3 +196,16 @@ def test_a_damaged_copy_of_the_bundled_model_is_refused_wherever_it_lies(tmp_pat
     copy.write_bytes(bytes(blob))
     with pytest.raises(ModelError, match="damaged"):
         Predictor.load(copy)
+
+
+def test_a_cell_diameter_that_is_no_number_gets_a_message_that_says_so(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from malaria_detect.serve.app import Settings, create_app
+
+    with TestClient(create_app(Settings())) as c:
+        for value in ("nan", "inf"):
+            r = c.post(f"/smear?cell_diameter={value}", files=[("files", ("a.jpg", b"x", "image/jpeg"))])
+            assert r.status_code == 422 and "finite number" in r.text and "2000" not in r.text
+    with pytest.raises(SystemExit, match="between 6 and 2000 pixels"):
+        main(["smear", str(FIELDS[0]), "--cell-diameter", "nan"])

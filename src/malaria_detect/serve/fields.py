@@ -98,7 +98,7 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
                                               "try again after the Retry-After header's seconds"}})
     async def smear(files: list[UploadFile] = File(..., description="field images: jpg, png, tif, webp, bmp"),
                     overlay: bool = Query(False, description="add each annotated field as a JPEG data URL"),
-                    cell_diameter: float | None = Query(None, ge=6, le=2000,
+                    cell_diameter: float | None = Query(None, ge=6, le=2000, allow_inf_nan=False,
                                                         description="red-cell diameter in pixels (default: "
                                                                     "estimated from each field)")):
         n = min(len(files), settings.max_fields)  # more files: read_uploads answers 413
