@@ -75,3 +75,38 @@ def test_a_tiny_detector_run_resumes_exports_and_finds_objects(tmp_path):
     field = json.loads(out.read_text())["fields"][0]
     assert all(c["kind"] in ("red cell", "white cell", "platelet") for c in field["cells"])
     assert field["n_cells"] == sum(c["kind"] == "red cell" for c in field["cells"])
+
+
+def test_the_bundled_detector_finds_the_boxed_cells_and_the_white_cells_of_the_sample_fields():
+    from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
+
+    det = Detector.load("bundled")
+    assert det.record["kinds"] == ["red cell", "white cell", "platelet"] and det.record["trained"]["steps"] > 0
+    fields = []
+    for name in ("PA171710.JPG", "PA171771.JPG"):  # a training field with two white cells; a validation field
+        rgb = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ROOT / "samples" / "fields" / name))
+        boxes, kinds, _, cell = det.detect(rgb)
+        assert 60 < cell < 95  # IML red cells are ~80 px
+        fields.append({"image": name, "width": 1280, "height": 960,
+                       "cells": [{"box": list(map(float, b)), "kind": k, "label": "Uninfected"} for b, k in zip(boxes, kinds)]})
+        if name == "PA171710.JPG":
+            assert kinds.count("white cell") >= 1
+    s = score_fields({"fields": fields}, [r for r in load_annotations(ROOT / "samples" / "fields" / "annotations.json")
+                                          if r["image_name"] in ("PA171710.JPG", "PA171771.JPG")])
+    assert s["det_f1"] > 0.9, s
+
+
+def test_a_damaged_bundled_detector_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    from malaria_detect import modelfile
+    from malaria_detect.errors import ModelError
+
+    assets = tmp_path / "assets"
+    shutil.copytree(modelfile.bundled_model_path().parent, assets)
+    blob = bytearray((assets / modelfile.BUNDLED_DETECTOR).read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (assets / modelfile.BUNDLED_DETECTOR).write_bytes(bytes(blob))
+    monkeypatch.setattr(modelfile, "bundled_model_path", lambda: assets / modelfile.BUNDLED_MODEL)
+    with pytest.raises(ModelError, match="sha256"):
+        Detector.load("bundled")

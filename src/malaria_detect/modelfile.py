@@ -36,6 +36,18 @@ def bundled_field_model_path() -> Path:
     return bundled_model_path().with_name(FIELD_MODEL)
 
 
+# the learned object detector of whole fields (training/detector.py), by name wherever --detector takes one
+BUNDLED_DETECTOR = "cells_detector.onnx"
+
+
+def detector_path(detector: str | Path) -> Path:
+    """The file a `--detector` value names: a path, or 'bundled' (a file of that name wins)."""
+    path = Path(detector)
+    if not path.exists() and str(detector) == "bundled":
+        return bundled_model_path().with_name(BUNDLED_DETECTOR)
+    return path
+
+
 def model_path(model: str | Path | None) -> Path:
     """The file a `--model` value names: a path, a bundled model's name, or None (the bundled default)."""
     if model is None or str(model) == "":
@@ -131,13 +143,17 @@ def write_model_record(path: str | Path, record: Record) -> None:
 
 
 def check_weights(path: Path, meta: dict) -> None:
-    """A model that carries a weights hash must match it (the file at `path` as it is now)."""
-    _check_weights(path, path.read_bytes(), meta)
+    """A model file as it is now: a bundled one must match its sha256 file, and any that carries a
+    weights hash must match it."""
+    blob = path.read_bytes()
+    _check_bundled(path, blob)
+    _check_weights(path, blob, meta)
 
 
 def _check_bundled(path: Path, blob: bytes) -> None:
     """The bundled models must match the sha256 stored next to them."""
-    if path.resolve() not in (bundled_model_path().resolve(), bundled_field_model_path().resolve()):
+    bundled = (bundled_model_path(), bundled_field_model_path(), bundled_model_path().with_name(BUNDLED_DETECTOR))
+    if path.resolve() not in {b.resolve() for b in bundled}:
         return
     ref = bundled_sha256_path(path)
     if not ref.is_file():

@@ -43,8 +43,9 @@ def add_parsers(sub) -> dict:
                    help="red cells per microlitre of blood (e.g. 5000000): also report parasites/uL")
     p.add_argument("--batch-size", type=O.positive_int, default=128, help="cells per network batch (default 128)")
     p.add_argument("--detector", default=None, metavar="DETECTOR.onnx",
-                   help="find the objects with this learned detector (export-detector) instead of the classical "
-                        "segmenter; red cells are then classified by their box crops")
+                   help="find the objects with a learned detector instead of the classical segmenter: 'bundled' "
+                        "(red cells, white cells and platelets; see README for its figures per lab) or a file made "
+                        "by export-detector; red cells are then classified by their box crops")
     p.add_argument("--max-field-pixels", type=O.positive_int, default=FIELD_MAX_PIXELS, metavar="N",
                    help=f"largest field decoded, width x height (default {FIELD_MAX_PIXELS:,}, as the server's "
                         "MALARIA_DETECT_MAX_FIELD_PIXELS); larger fields get an error")

@@ -111,9 +111,9 @@ class Detector:
     def load(cls, path: str | Path, threads: int | None = None) -> Detector:
         import onnxruntime as ort
 
-        from ..modelfile import check_weights
+        from ..modelfile import check_weights, detector_path
 
-        path = Path(path)
+        path = detector_path(path)
         if not path.is_file():
             raise MissingFileError(f"{path}: detector file not found")
         opts = ort.SessionOptions()
