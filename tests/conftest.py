@@ -53,3 +53,37 @@ def tiny_onnx(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     export(tiny_run, out, sample_dir=SAMPLES)
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def serve(port: int, env: dict | None = None):
+    """The real `malaria-detect serve` on 127.0.0.1:port, once it answers /health; a generator for
+    fixtures (the server is stopped after the yield)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "malaria_detect.cli", "serve", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(160):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("server exited: " + proc.stdout.read())
+            time.sleep(0.25)
+    yield proc
+    proc.terminate()
+    proc.wait(10)

@@ -6,15 +6,11 @@ import csv as csv_module
 import io
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, serve
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -37,24 +33,9 @@ def _require_browser():
 
 @pytest.fixture(scope="module")
 def server():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    proc = subprocess.Popen([sys.executable, "-m", "malaria_detect.cli", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail("server exited: " + proc.stdout.read())
-            time.sleep(0.25)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    port = free_port()
+    for _ in serve(port):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

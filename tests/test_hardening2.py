@@ -124,6 +124,14 @@ def test_the_imaged_area_finds_black_corners_white_bands_and_transparency(field_
     assert not any(c["box"][0] > W - 140 for c in rec["cells"])  # no cell in the transparent strip
 
 
+def test_a_blown_out_white_background_is_the_fields_own_not_a_surround(robust, field_rgb):
+    bright = np.clip(field_rgb.astype(np.int32) * 1.6, 0, 255).astype(np.uint8)  # the background reads 255
+    assert np.median(bright[::8, ::8].reshape(-1, 3), axis=0).min() == 255
+    rec = analyze_field(robust, bright, "bright")
+    assert rec["imaged_fraction"] == 1.0 and rec["n_cells"] > 100
+    assert sum(c["border"] for c in rec["cells"]) < 0.3 * len(rec["cells"])
+
+
 def test_a_photo_that_shows_almost_no_smear_is_not_counted(robust, field_rgb):
     rec = analyze_field(robust, _stop(field_rgb, 90), "keyhole")
     assert rec["n_cells"] == 0 and "of the photo shows the smear" in rec["note"]

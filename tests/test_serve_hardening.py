@@ -10,15 +10,13 @@ import json
 import os
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import free_port, serve
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -40,34 +38,15 @@ def small_field() -> bytes:
     return _jpeg(Image.open(FIELD).convert("RGB").resize((400, 300)))
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def server():
     """The real `malaria-detect serve` (bound to 127.0.0.1 by default), with 2-second deadlines for a
     request's headers and for its body."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MALARIA_DETECT_HEADER_TIMEOUT="2", MALARIA_DETECT_BODY_TIMEOUT="2")
     env.pop("MALARIA_DETECT_ALLOWED_HOSTS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "malaria_detect.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for _ in range(160):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail("server exited: " + proc.stdout.read())
-            time.sleep(0.25)
-    yield port
-    proc.terminate()
-    proc.wait(10)
+    for _ in serve(port, env):
+        yield port
 
 
 def _raw(port: int, request: bytes, timeout: float = 10) -> bytes:

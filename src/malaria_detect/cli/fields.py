@@ -31,10 +31,10 @@ def add_parsers(sub) -> dict:
     p.add_argument("paths", nargs="+", metavar="PATH", help="field images (jpg, png, tif, ...) or folders of them")
     O.add_model(p, "ONNX model (e.g. one made by adapt)", "robust")
     p.add_argument("--json", default=None, metavar="OUT.json",
-                   help="write {fields: [{image, width, height, cells: [{box, label, p_parasitized, ood}], n_cells, "
-                        "n_parasitized, parasitemia, parasitemia_ci95, ...}], summary: {...}}")
-    p.add_argument("--csv", default=None, metavar="CELLS.csv", help="one row per cell: image,cell,x0,y0,x1,y1,label,"
-                                                                     "p_parasitized,ood,border")
+                   help="write {fields: [{image, width, height, cells: [{kind, box, label, p_parasitized, ood}], "
+                        "n_cells, n_parasitized, n_white_cells, parasitemia, parasitemia_ci95, ...}], summary: {...}}")
+    p.add_argument("--csv", default=None, metavar="CELLS.csv", help="one row per object: image,cell,x0,y0,x1,y1,"
+                                                                     "label,p_parasitized,ood,border,kind")
     p.add_argument("--overlays", default=None, metavar="DIR",
                    help="write each field with its cells drawn (parasitized bold red with p) and the counts")
     p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
@@ -110,6 +110,7 @@ def cmd_smear(a):
     if a.cell_diameter is not None and not (math.isfinite(a.cell_diameter) and 6 <= a.cell_diameter <= 2000):
         raise SystemExit("error: --cell-diameter must be between 6 and 2000 pixels")
     O.check_ray(a, "--overlays")
+    _check_detector(a)
     for out in (a.json, a.csv):
         if out and not Path(out).resolve().parent.is_dir():
             raise SystemExit(f"error: the folder of {out} does not exist")
@@ -146,9 +147,23 @@ def cmd_cut_cells(a):
     return 0
 
 
+def _check_detector(a) -> None:
+    """--detector: a file that is there, and not with --cell-diameter (the detector finds the scale itself)."""
+    if not a.detector:
+        return
+    from ..modelfile import detector_path
+
+    if a.cell_diameter is not None:
+        raise SystemExit("error: --cell-diameter goes with the classical segmenter; the detector finds the scale "
+                         "itself (leave out one of them)")
+    if not detector_path(a.detector).is_file():
+        raise SystemExit(f"error: --detector {a.detector}: no such file (give 'bundled' or an export-detector file)")
+
+
 def cmd_evaluate_fields(a):
     from ..evaluation.fieldscore import format_scores, load_annotations, score_fields
 
+    _check_detector(a)
     annotations = load_annotations(a.annotations)
     if a.result:
         if a.paths:

@@ -29,7 +29,12 @@ def imaged_area(rgb: np.ndarray) -> np.ndarray:
     small = cv2.resize(rgb, (max(1, round(W * s)), max(1, round(H * s))), interpolation=cv2.INTER_AREA) \
         if s < 1 else rgb
     outside = np.zeros(small.shape[:2], bool)
-    for cand in (small.max(-1) < DARK, small.min(-1) > BRIGHT):
+    # a blown-out (white) background is the field's own: only a white surround around a darker one counts
+    sub = small[::4, ::4].reshape(-1, 3).astype(np.int32)
+    lum = sub.sum(-1)
+    background = np.median(sub[lum >= np.median(lum)], axis=0)
+    candidates = [small.max(-1) < DARK] + ([small.min(-1) > BRIGHT] if background.min() <= BRIGHT else [])
+    for cand in candidates:
         cand = cv2.morphologyEx(cand.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
         n, lab, stats, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)
         edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))

@@ -30,7 +30,7 @@ def cell_crops(rgb: np.ndarray, cells, diameter: float, size: int) -> np.ndarray
     for i, c in enumerate(cells):
         crop = masked_crop(rgb, c, diameter)
         if crop is not None:
-            # the same resize as every other cell image (preprocess.resize_uint8: Pillow bilinear)
+            # the same resize as every other cell image (imaging.resize_uint8: Pillow bilinear)
             out[i] = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))
     return out
 

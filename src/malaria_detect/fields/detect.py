@@ -20,10 +20,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..data.objects import KINDS
 from ..errors import MissingFileError, ModelError
 
 DETECTOR_KEY = "malaria_detect_detector"
-KINDS = ("red cell", "white cell", "platelet")
 FRAME = 512                  # pass 1: the long side, pixels
 TARGET_CELL = 48.0           # pass 2: the red-cell size the detector sees best (it trained on 28-80 px)
 MAX_FRAME_PIXELS = 4_000_000
@@ -84,19 +84,22 @@ def _pass(run, rgb: np.ndarray, scale: float):
     return b * np.array([sx, sy, sx, sy], np.float32), k, s
 
 
+def _median_cell(b: np.ndarray, k: np.ndarray) -> float | None:
+    red = b[k == 0]
+    return float(np.median(np.sqrt((red[:, 2] - red[:, 0]) * (red[:, 3] - red[:, 1])))) if len(red) else None
+
+
 def detect_two_pass(run, rgb: np.ndarray):
     """-> (boxes (n, 4) in the field's pixels, kind names, scores, median red-cell size in pixels or None)."""
     H, W = rgb.shape[:2]
     s1 = FRAME / max(H, W)
     b, k, s = _pass(run, rgb, s1)
-    red = b[k == 0]
-    if len(red):
-        cell = float(np.median(np.sqrt((red[:, 2] - red[:, 0]) * (red[:, 3] - red[:, 1]))))
+    cell = _median_cell(b, k)
+    if cell:
         s2 = min(TARGET_CELL / cell, (MAX_FRAME_PIXELS / (H * W)) ** 0.5)
         if abs(s2 / s1 - 1) > 0.2:
             b, k, s = _pass(run, rgb, s2)
-    red = b[k == 0]
-    cell = float(np.median(np.sqrt((red[:, 2] - red[:, 0]) * (red[:, 3] - red[:, 1])))) if len(red) else None
+            cell = _median_cell(b, k)
     b = np.clip(b, 0, [W, H, W, H])
     return b, [KINDS[i] for i in k], s, cell
 

@@ -16,15 +16,15 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-WHITE_CELL = (30, 90, 230)
+WHITE_CELL, PLATELET = (30, 90, 230), (184, 134, 11)
 LEGEND = [("uninfected", (0, 150, 60)), ("parasitized", (220, 0, 0)), ("not a cell", (150, 150, 150)),
-          ("white cell", WHITE_CELL)]
+          ("white cell", WHITE_CELL), ("platelet", PLATELET)]
 
 
 def draw_overlay(src, rec: dict, positive: str) -> Image.Image:
     """The field with every object drawn (uninfected red cells thin green, parasitized (`positive`, the
-    model's positive class name) bold red with its probability, not-a-cell grey, white cells dashed-blue
-    corners), and the counts and a legend in a header band."""
+    model's positive class name) bold red with its probability, not-a-cell grey, white cells blue with
+    "WBC", platelets ochre), and the counts and a legend in a header band."""
     img = src if isinstance(src, Image.Image) else open_rgb(src, FIELD_MAX_PIXELS, max_side=None)
     scale = max(1.0, img.width / 1280)
     head = int(64 * scale)
@@ -39,6 +39,8 @@ def draw_overlay(src, rec: dict, positive: str) -> Image.Image:
             d.rectangle(box, outline=WHITE_CELL, width=max(2, int(2 * scale)))
             d.text((x0 + 2, y0 + head + 2), "WBC", fill=WHITE_CELL, font=small, stroke_width=2,
                    stroke_fill=(255, 255, 255))
+        elif c.get("kind") == "platelet":
+            d.rectangle(box, outline=PLATELET, width=max(1, int(scale)))
         elif c["ood"] or c["label"] is None:
             d.rectangle(box, outline=(150, 150, 150), width=max(1, int(scale)))
         elif c["label"] == positive:

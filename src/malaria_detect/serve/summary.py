@@ -35,6 +35,7 @@ class FieldCounts(BaseModel):
     n_parasitized: int = _COUNT
     n_not_a_cell: int = _COUNT
     n_unclassified: int = _COUNT
+    n_white_cells: int = _COUNT
     error: bool | str | None = Field(None, description="the field's error (a message, or true), if any")
 
     @model_validator(mode="after")

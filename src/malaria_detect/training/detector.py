@@ -5,12 +5,13 @@
 
 A centre-heatmap detector (CenterNet-style) on EfficientNet-Lite0 (ImageNet weights, the stages to
 stride 16), one heatmap per kind and the box size at stride 8. Trained on crops in which the median red
-cell is 28-80 px (`cell_px`), so it finds cells at any magnification once a field is brought near that
-scale (fields/detect.py does it in two passes). Fields of the IML lab box only red cells and not those
+cell is from 28 px up to 80 px or the field's own size, whichever is smaller (fields are never
+enlarged), so it finds cells at any magnification once a field is brought near that scale
+(fields/detect.py does it in two passes). Fields of the IML lab box only red cells and not those
 cut by the image border: there the other kinds, the border band and `difficult` boxes teach nothing
 (weight 0), so an unboxed white cell is never taught as background. Checkpoints every `val_every`
-steps (last.safetensors + state.json: --resume continues), the best by validation score
-(best.safetensors). CPU or GPU; no torchvision.
+steps (last.safetensors, its progress in the file's metadata: --resume continues; state.json at the
+end), the best by validation score (best.safetensors). CPU or GPU; no torchvision.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 
 from ..data.folders import DataError
 from ..data.objects import KINDS, LabelledField, detector_split, labelled_fields
+from ..errors import UsageError
 from ..imaging import FIELD_MAX_PIXELS, open_rgb
 from .config import DetConfig
 from .detector_data import STRIDE, _store, sample, to_tensor
@@ -100,9 +102,10 @@ def loss_fn(y, heat, weight, box_t, box_m):
 
 def _save(path: Path, model, opt, state: dict) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if opt is not None:
-        for i, s in enumerate(opt.state.values()):
-            for name, t in s.items():
+    if opt is not None:  # by the parameter's index in the optimizer's groups (as _load reads it)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            for name, t in opt.state.get(p, {}).items():
                 if torch.is_tensor(t):
                     tensors[f"opt.{i}.{name}"] = t.detach().cpu().contiguous()
     tmp = path.with_name(path.name + ".tmp")
@@ -118,7 +121,8 @@ def _load(path: Path, model, opt=None) -> dict:
     if opt is not None:
         params = [p for g in opt.param_groups for p in g["params"]]
         for i, p in enumerate(params):
-            st = {name.split(".", 2)[2]: v for name, v in t.items() if name.startswith(f"opt.{i}.")}
+            st = {name.split(".", 2)[2]: v if name.endswith(".step") else v.to(p.device)
+                  for name, v in t.items() if name.startswith(f"opt.{i}.")}
             if st:
                 opt.state[p] = st
     with safe_open(str(path), "pt") as f:
@@ -126,6 +130,8 @@ def _load(path: Path, model, opt=None) -> dict:
 
 
 def train_detector(cfg: DetConfig, resume: bool = False, progress: bool = True) -> Path:
+    if cfg.crop % 16:
+        raise UsageError(f"--crop must be a multiple of 16 (the backbone's stride), got {cfg.crop}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -214,8 +220,10 @@ def validate(model, val_fields: list[LabelledField], device, limit: int = 24) ->
                 wp = [b for b, k in zip(boxes, kinds) if k == "white cell"]
                 wtp, nw = wtp + len(match(wp, wg, 0.3)[1]), nw + len(wg)
         R, P = tp / max(1, ngt), tp / max(1, npred)
-        per_lab[lab] = {"f1": round(2 * P * R / max(1e-9, P + R), 4), "wbc_recall": round(wtp / max(1, nw), 4)}
-    parts = [d["f1"] for d in per_lab.values()] + ([per_lab["TXL-PBC"]["wbc_recall"]] if "TXL-PBC" in per_lab else [])
+        per_lab[lab] = {"f1": round(2 * P * R / max(1e-9, P + R), 4)}
+        if nw:  # only a lab that boxes its white cells
+            per_lab[lab]["wbc_recall"] = round(wtp / nw, 4)
+    parts = [d["f1"] for d in per_lab.values()] + [d["wbc_recall"] for d in per_lab.values() if "wbc_recall" in d]
     score = sum(parts) / max(1, len(parts))
     return {"score": round(score, 4), **{f"{lab}_{k}": v for lab, d in per_lab.items() for k, v in d.items()}}
 

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from ..data.objects import KINDS, LabelledField
+from ..fields.detect import STRIDE
 from ..imaging import FIELD_MAX_PIXELS, open_rgb
 from .augment import lab_stain
 from .config import DetConfig
 from .models import LITE_MEAN, LITE_STD
 
-STRIDE = 8
 STORE_CELL = 80      # fields are kept in memory scaled so that their median red cell is at most this
 
 
@@ -73,9 +73,10 @@ def targets(boxes: np.ndarray, kinds: np.ndarray, ignore: np.ndarray, size: tupl
         heat[k] = np.maximum(heat[k], g)
         box_t[:, iy, ix] = (math.log(bw / STRIDE), math.log(bh / STRIDE), cx - ix, cy - iy)
         box_m[iy, ix] = 1.0
-    for x0, y0, x1, y1 in ignore:
+    for x0, y0, x1, y1 in ignore:  # clamped: a box above or left of the crop must not count from the end
         a, b = max(0, int(x0 / STRIDE)), max(0, int(y0 / STRIDE))
-        weight[:, b:int(math.ceil(y1 / STRIDE)), a:int(math.ceil(x1 / STRIDE))] = 0
+        c, d = max(0, int(math.ceil(x1 / STRIDE))), max(0, int(math.ceil(y1 / STRIDE)))
+        weight[:, b:d, a:c] = 0
     if border > 0:
         n = int(math.ceil(border / STRIDE))
         for sl in (np.s_[:, :n, :], np.s_[:, -n:, :], np.s_[:, :, :n], np.s_[:, :, -n:]):
@@ -87,7 +88,7 @@ def targets(boxes: np.ndarray, kinds: np.ndarray, ignore: np.ndarray, size: tupl
 def sample(st: Stored, cfg: DetConfig, rng: np.random.Generator):
     """One training crop of a stored field at a random cell scale, flipped and rotated, with targets."""
     s = rng.uniform(cfg.cell_min, cfg.cell_max) / st.cell
-    s = min(s, 1.0)   # never enlarge past the stored scale
+    s = min(s, 1.0)   # never enlarge past the stored scale: cells from cell_min up to min(cell_max, stored)
     rgb = cv2.resize(st.rgb, (max(1, round(st.rgb.shape[1] * s)), max(1, round(st.rgb.shape[0] * s))),
                      interpolation=cv2.INTER_AREA)
     H, W = rgb.shape[:2]

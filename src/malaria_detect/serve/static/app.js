@@ -129,7 +129,7 @@
     };
   })();
 
-  // The heatmap legend (same colours as the server's inferno scale in predict.py).
+  // The heatmap legend (same colours as the server's inferno scale in cells/heatmaps.py).
   function legend() {
     const l = $("legend").cloneNode(true);
     l.removeAttribute("id");
