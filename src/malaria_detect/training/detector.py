@@ -193,8 +193,15 @@ def validate(model, val_fields: list[LabelledField], device, limit: int = 24) ->
     """Red-cell F1 and white-cell recall (score_smear's matching) on validation fields of each lab,
     detected the way fields/detect.py detects them."""
     from ..data.annotations import match
+    from ..fields.detect import detect_two_pass
 
     model.eval()
+    net = ExportedDetector(model)
+
+    def run(img):
+        heat, box = net(to_tensor(img[None]).to(device))
+        return heat[0].cpu().numpy(), box[0].cpu().numpy()
+
     per_lab = {}
     for lab in ("IML", "TXL-PBC"):
         of_lab = [f for f in val_fields if f.lab == lab]
@@ -204,13 +211,7 @@ def validate(model, val_fields: list[LabelledField], device, limit: int = 24) ->
         tp = ngt = npred = wtp = nw = 0
         for f in fields:
             rgb = np.asarray(open_rgb(f.path, FIELD_MAX_PIXELS, max_side=None))
-
-            def run(img):
-                x = to_tensor(img[None]).to(device)
-                heat, box = ExportedDetector(model)(x)
-                return heat[0].cpu().numpy(), box[0].cpu().numpy()
-
-            boxes, kinds, _, _ = detect_with(run, rgb)
+            boxes, kinds, _, _ = detect_two_pass(run, rgb)
             red_p = [b for b, k in zip(boxes, kinds) if k == "red cell"]
             red_g = [b for b, k in zip(f.boxes, f.kinds) if k == "red cell"]
             mp, mg = match(red_p, red_g, 0.5)
@@ -226,13 +227,6 @@ def validate(model, val_fields: list[LabelledField], device, limit: int = 24) ->
     parts = [d["f1"] for d in per_lab.values()] + [d["wbc_recall"] for d in per_lab.values() if "wbc_recall" in d]
     score = sum(parts) / max(1, len(parts))
     return {"score": round(score, 4), **{f"{lab}_{k}": v for lab, d in per_lab.items() for k, v in d.items()}}
-
-
-def detect_with(run, rgb):
-    """fields/detect.py's two passes around a `run(frame uint8) -> (heat, box)` function."""
-    from ..fields.detect import detect_two_pass
-
-    return detect_two_pass(run, rgb)
 
 
 def export_detector(run_dir: str | Path, out: str | Path) -> Path:
