@@ -9,6 +9,14 @@ Labs and their held-out fields (never trained or tuned on):
 - TXL-PBC val, by source (image size): BCCD 640x480, BCD 416x416, PBC ~360x363, Raabin-WBC 575x575; all
   malaria-free, so every parasitized call is false.
 
+- eyepiece-style (`--eyepiece`): the same IML fields as a phone at the eyepiece takes them, black outside a
+  round field stop (a centred circle of diameter 1.1 x the field's height), scored on the annotated cells
+  whose centre lies inside the stop.
+
+Life stages (IML rows): of the infected cells found and called parasitized (matched at IoU >= 0.3), the
+share whose stage is right, per stage, and the balanced accuracy over ring / trophozoite / gametocyte
+(schizonts are too few to score).
+
 Each model given (default: the bundled whole-field model) runs in the same process on the same fields;
 figures from evaluation.fieldscore (= ../shared/tools/score_smear.py): red-cell detection F1, infected-
 cell recall and precision, parasitemia MAE, false parasitized per 1,000 classified red cells, white
@@ -22,7 +30,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw
+
 from malaria_detect.cells.predictor import Predictor
+from malaria_detect.data.annotations import INFECTED_TYPES, box_of, match_pairs
 from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
 from malaria_detect.fields.analysis import SmearOptions, analyze_field
 from malaria_detect.modelfile import bundled_field_model_path
@@ -45,6 +57,41 @@ def labs(limit: int | None = None) -> dict[str, tuple[list[dict], Path]]:
     return {k: (v[0][:limit], v[1]) for k, v in out.items()}
 
 
+STAGES = ("ring", "trophozoite", "schizont", "gametocyte")
+
+
+def eyepiece(path: Path, rec: dict) -> tuple[Image.Image, dict]:
+    """The field black outside a centred round field stop, and its annotations inside the stop."""
+    img = Image.open(path).convert("RGB")
+    W, H = img.size
+    r = 0.55 * H
+    mask = Image.new("L", img.size, 0)
+    ImageDraw.Draw(mask).ellipse((W / 2 - r, H / 2 - r, W / 2 + r, H / 2 + r), fill=255)
+    out = Image.composite(img, Image.new("RGB", img.size, (0, 0, 0)), mask)
+    inside = [o for o in rec.get("objects", [])
+              if np.hypot((box_of(o)[0] + box_of(o)[2]) / 2 - W / 2, (box_of(o)[1] + box_of(o)[3]) / 2 - H / 2) < r]
+    return out, dict(rec, objects=inside)
+
+
+def stage_scores(fields: list[dict], recs: list[dict], positive: str) -> dict | None:
+    """Per true stage: (right, matched) of the infected cells found, called parasitized and given a stage."""
+    counts = {s: [0, 0] for s in STAGES}
+    by_name = {f["image"]: f for f in fields}
+    for r in recs:
+        f = by_name.get(r["image_name"])
+        if f is None:
+            continue
+        gt = [(box_of(o), o["type"]) for o in r.get("objects", []) if o["type"] in INFECTED_TYPES]
+        called = [c for c in f["cells"] if c.get("label") == positive and not c.get("ood") and c.get("stage")]
+        for i, j in match_pairs([tuple(c["box"]) for c in called], [g[0] for g in gt], 0.3).items():
+            counts[gt[j][1]][1] += 1
+            counts[gt[j][1]][0] += called[i]["stage"] == gt[j][1]
+    if not any(n for _, n in counts.values()):
+        return None
+    scored = [k / n for s, (k, n) in counts.items() if s != "schizont" and n]
+    return {"per_stage": counts, "balanced_accuracy": float(np.mean(scored)) if scored else None}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=[str(bundled_field_model_path())])
@@ -52,19 +99,29 @@ def main():
                                                               "the classical segmenter, each with every model")
     ap.add_argument("--limit", type=int, default=None, help="at most this many fields per lab (quick runs)")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--eyepiece", action="store_true", help="also the IML fields masked to a round field stop")
     a = ap.parse_args()
     rows = []
     for model in a.model:
         pred = Predictor.load(model)
         for det in [None, *a.detector]:
             opts = SmearOptions(detector=det)
-            for lab, (recs, folder) in labs(a.limit).items():
+            todo = labs(a.limit)
+            if a.eyepiece:
+                todo["IML PA171830-899 eyepiece"] = todo["IML PA171830-899"]
+            for lab, (recs, folder) in todo.items():
                 t = time.perf_counter()
-                fields = [analyze_field(pred, folder / r["image_name"], r["image_name"], opts) for r in recs]
+                if lab.endswith("eyepiece"):
+                    masked = [eyepiece(folder / r["image_name"], r) for r in recs]
+                    fields = [analyze_field(pred, img, r["image_name"], opts) for img, r in masked]
+                    recs = [r for _, r in masked]
+                else:
+                    fields = [analyze_field(pred, folder / r["image_name"], r["image_name"], opts) for r in recs]
                 dt = time.perf_counter() - t
                 s = score_fields({"fields": fields}, recs, pred.record.positive)
                 rows.append({"model": Path(model).name, "objects": Path(det).name if det else "classical",
-                             "lab": lab, "fields": len(recs), "fields_s": len(recs) / dt, **s})
+                             "lab": lab, "fields": len(recs), "fields_s": len(recs) / dt, **s,
+                             "stages": stage_scores(fields, recs, pred.record.positive)})
     print("| model | objects | lab | fields | red-cell F1 | infected recall | infected precision | MAE (points) "
           "| false parasitized /1,000 | white cells called parasitized | white-cell recall | fields/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -75,6 +132,16 @@ def main():
               f"{r['inf_recall']:.3f} | {r['inf_precision']:.3f} | {r['parasitemia_mae_pp']:.2f} | "
               f"{r['fp_per_1000']:.2f} | "
               f"{wbc[0]}/{wbc[1]} | {wr} | {r['fields_s']:.1f} |")
+    staged = [r for r in rows if r["stages"]]
+    if staged:
+        print("\n| model | objects | lab | " + " | ".join(f"{s} right / found" for s in STAGES) +
+              " | balanced accuracy (ring, trophozoite, gametocyte) |")
+        print("|---|---|---|" + "---|" * (len(STAGES) + 1))
+        for r in staged:
+            st = r["stages"]
+            ba = "" if st["balanced_accuracy"] is None else f"{st['balanced_accuracy']:.3f}"
+            print(f"| {r['model']} | {r['objects']} | {r['lab']} | " +
+                  " | ".join(f"{k}/{n}" for k, n in st["per_stage"].values()) + f" | {ba} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

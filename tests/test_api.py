@@ -77,16 +77,17 @@ def test_smear_convenience(bundled):
     rep = md.smear([field], model=bundled)
     assert rep["fields"][0]["n_cells"] > 50 and rep["model"]["class_names"] == list(bundled.record.class_names)
     default = md.smear([field])  # the bundled whole-field model
-    assert default["model"]["file"] == md.available_models()["robust"]["file"]
+    assert default["model"]["file"] == md.available_models()["anylab"]["file"]
 
 
 def test_available_models_list_the_bundled_models_with_their_records():
     models = md.available_models()
-    assert set(models) == {"nih", "robust"}
+    assert set(models) == {"nih", "robust", "anylab"}
     for name, m in models.items():
         assert Path(m["path"]).is_file() and m["record"].class_names == ("Uninfected", "Parasitized")
         assert md.load(name).record == m["record"]  # the same record ONNX Runtime's metadata gives
-    assert models["nih"]["default_for"] == ["single cells"] and models["robust"]["default_for"] == ["whole fields"]
+    assert models["nih"]["default_for"] == ["single cells"] and models["anylab"]["default_for"] == ["whole fields"]
+    assert models["robust"]["default_for"] == [] and models["anylab"]["record"].kind_names[0] == "red cell"
 
 
 def test_empty_input_gives_the_cams_real_shape(bundled):

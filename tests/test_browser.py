@@ -355,9 +355,12 @@ def _pct(x):  # as the page writes parasitemia
     return f"{100 * x:.2f}%"
 
 
+OTHER_KINDS = {"white cell": "wbc", "platelet": "plt", "other": "oth"}  # their own style on the page
+
+
 def _kinds(cells, pos="Parasitized"):
-    return ["ood" if c["ood"] else "unc" if c["label"] is None else "pos" if c["label"] == pos else "neg"
-            for c in cells]
+    return [OTHER_KINDS.get(c.get("kind")) or ("ood" if c["ood"] else "unc" if c["label"] is None else
+                                                 "pos" if c["label"] == pos else "neg") for c in cells]
 
 
 def _csv(browser):
@@ -389,7 +392,7 @@ def test_fields_mode_real_fields_counts_boxes_zoom_csv_and_error_card(server, br
     assert [r["image"] for r in recs] == ["PA171771.JPG", "corner.tif", "=broken.jpg"]
     whole, corner, broken = recs
     assert "error" not in whole and "error" not in corner and "not an image" in broken["error"]
-    cells = whole["cells"] + corner["cells"]
+    cells = [c for c in whole["cells"] + corner["cells"] if c.get("kind", "red cell") == "red cell"]  # counted
     kinds = _kinds(cells)
     assert status.startswith(f"Analysed 2 fields: {len(cells)} cells found ({kinds.count('pos')} Parasitized, "
                              f"{kinds.count('ood')} not a cell). 1 of the 3 files could not be analysed")
@@ -399,7 +402,7 @@ def test_fields_mode_real_fields_counts_boxes_zoom_csv_and_error_card(server, br
     for card, rec in zip(cards[:2], recs[:2]):
         # one box per cell, drawn as the answer says; the picture is the field, its full size
         rects = card.find_elements(By.CSS_SELECTOR, "svg.boxes rect.cell")
-        assert len(rects) == rec["n_cells"] > 0
+        assert len(rects) == len(rec["cells"]) and rec["n_cells"] > 0  # every object, counted or not
         assert [r.get_attribute("class").split()[1] for r in rects] == _kinds(rec["cells"])
         assert [int(rects[0].get_attribute(k)) for k in ("x", "y", "width", "height")] == [
             rec["cells"][0]["box"][0], rec["cells"][0]["box"][1],
@@ -468,13 +471,14 @@ def test_fields_mode_real_fields_counts_boxes_zoom_csv_and_error_card(server, br
 
     # the CSV: one row per cell, the smear command's columns; the broken file has no rows
     rows = _csv(browser)
-    assert rows[0] == ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border", "kind"] == \
-        browser.execute_script("return malariaDetect.model.record.csv_columns.fields")
-    assert len(rows) == 1 + len(cells)
+    assert rows[0] == ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border", "kind",
+                       "stage", "p_stage"] == browser.execute_script("return malariaDetect.model.record.csv_columns.fields")
+    assert len(rows) == 1 + len(whole["cells"]) + len(corner["cells"])  # every object
     first = whole["cells"][0]
     assert rows[1] == ["PA171771.JPG", "0", *map(str, first["box"]), first["label"] or "",
                        "" if first["p_parasitized"] is None else f"{first['p_parasitized']:.6f}",
-                       str(first["ood"]).lower(), str(first["border"]).lower(), first["kind"]]
+                       str(first["ood"]).lower(), str(first["border"]).lower(), first["kind"],
+                       first.get("stage") or "", "" if first.get("p_stage") is None else f"{first['p_stage']:.4f}"]
     assert {r[0] for r in rows[1:]} == {"PA171771.JPG", "corner.tif"}
 
     _phone_shots(browser, [("window.scrollTo(0, 0)", "fields-phone-top"),
@@ -583,7 +587,8 @@ def test_fields_gallery_zooms_to_each_parasitized_cell(server, browser):
     assert not browser.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth + 1", view)
     # the CSV writes every cell, empty where the answer has none
     rows = _csv(browser)
-    assert len(rows) == 8 and rows[7] == ["field-PA171772.jpg", "6", "1200", "400", "1280", "470", "", "", "false", "true", "red cell"]
+    assert len(rows) == 8 and rows[7] == ["field-PA171772.jpg", "6", "1200", "400", "1280", "470", "", "", "false", "true",
+                                          "red cell", "", ""]
     assert rows[4][6:9] == ["Parasitized", "0.995000", "true"]
     # the pooled figures came from the server, which pooled the fabricated record's counts
     s = _last_summary(browser, "fields")

@@ -83,7 +83,8 @@ def test_the_sample_fields_report_is_the_summary_of_its_fields(bundled_field_rep
     report = bundled_field_report
     assert report["summary"] == Summary.of(report["fields"]).to_dict()
     for f in report["fields"]:
-        assert {k: f[k] for k in [*Counts().to_dict(), "n_white_cells", "n_platelets"]} == field_counts(f["cells"], POS)
+        keys = [*Counts().to_dict(), "n_white_cells", "n_platelets", "n_by_stage"]
+        assert {k: f[k] for k in keys} == field_counts(f["cells"], POS)
         assert f["n_cells"] == sum(c["kind"] == "red cell" for c in f["cells"])
     json.dumps(report)  # plain JSON types only
 

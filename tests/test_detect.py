@@ -65,5 +65,18 @@ def test_smear_with_the_bundled_detector_reports_every_kind_and_counts_red_cells
 def test_the_detector_options_are_checked_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         main(["smear", str(FIELDS / "PA171710.JPG"), "--detector", str(tmp_path / "none.onnx")])
+    from malaria_detect.modelfile import detector_path
+
     with pytest.raises(SystemExit, match="finds the scale itself"):
-        main(["smear", str(FIELDS / "PA171710.JPG"), "--detector", "bundled", "--cell-diameter", "70"])
+        main(["smear", str(FIELDS / "PA171710.JPG"), "--detector", str(detector_path("bundled")),
+              "--cell-diameter", "70"])
+
+
+def test_a_given_cell_diameter_means_the_classical_segmenter(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["smear", str(FIELDS / "PA171710.JPG"), "--cell-diameter", "70", "--json", str(out)]) == 0
+    f = json.loads(out.read_text())["fields"][0]
+    assert f["cell_diameter_px"] == 70 and f["n_cells"] > 50
+    assert main(["smear", str(FIELDS / "PA171710.JPG"), "--detector", "classical", "--json", str(out)]) == 0
+    classical = json.loads(out.read_text())["fields"][0]
+    assert {c["kind"] for c in classical["cells"]} <= {"red cell", "white cell"}  # the segmenter finds no platelets

@@ -133,15 +133,16 @@ def test_export_target_sensitivity_sets_the_operating_point(tiny_run, tmp_path, 
 
 
 def test_bundled_models_by_name(samples, tmp_path, monkeypatch):
-    """--model nih / --model robust pick the bundled models (a user from another lab need not find the
+    """--model nih / robust / anylab pick the bundled models (a user from another lab need not find the
     package folder); a file of that name wins; an unknown name says what is accepted."""
     from malaria_detect.errors import MissingFileError
     from malaria_detect.evaluation.evaluate import Scorer
     from malaria_detect.modelfile import bundled_field_model_path, bundled_model_path
 
-    assert Predictor.load("robust").path == bundled_field_model_path()
+    assert Predictor.load("anylab").path == bundled_field_model_path()
     assert Predictor.load("nih").path == bundled_model_path()
-    assert Scorer("robust").path == bundled_field_model_path()
+    assert Predictor.load("robust").path.name == "malaria_lite0_robust.onnx"
+    assert Scorer("anylab").path == bundled_field_model_path()
     cell = sorted((samples / "Parasitized").iterdir())[0]
     assert Predictor.load("robust").predict_one(cell).label == "Parasitized"
     monkeypatch.chdir(tmp_path)

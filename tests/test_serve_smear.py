@@ -21,7 +21,8 @@ FIELD = "fields/PA171771.JPG"
 FIELD_KEYS = {"image", "width", "height", "cells", "n_cells", "n_classified", "n_parasitized", "n_not_a_cell",
               "n_unclassified", "parasitemia", "parasitemia_ci95"}
 CELL_KEYS = {"box", "label", "p_parasitized", "ood", "border"}
-COUNT_KEYS = ["n_cells", "n_classified", "n_parasitized", "n_not_a_cell", "n_unclassified"]
+COUNT_KEYS = ["n_cells", "n_classified", "n_parasitized", "n_not_a_cell", "n_unclassified", "n_white_cells",
+              "n_platelets", "n_by_stage"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def mixed(client, field_bytes, small_field):
 
 
 def _check_counts(rec: dict, class_names: list[str]) -> None:
-    cells = rec["cells"]
+    cells = [c for c in rec["cells"] if c.get("kind", "red cell") == "red cell"]  # only red cells are counted
     ok = [c for c in cells if c["label"] is not None and not c["ood"]]
     k = sum(c["label"] == class_names[1] for c in ok)
     assert rec["n_cells"] == len(cells)
@@ -80,7 +81,9 @@ def test_answer_schema_and_counts(client, mixed):
     assert (whole["width"], whole["height"]) == (1280, 960)
     assert whole["n_cells"] > 50 and whole["cell_diameter_px"] > 20
     for c in whole["cells"]:
-        assert set(c) - {"kind"} == CELL_KEYS and c.get("kind", "red cell") in ("red cell", "white cell", "platelet")
+        assert set(c) - {"kind", "stage", "p_stage"} == CELL_KEYS
+        assert c.get("kind", "red cell") in ("red cell", "white cell", "platelet", "other")
+        assert ("stage" in c) == (c["label"] == "Parasitized" and "kind" in c)  # the any-lab model names stages
         x0, y0, x1, y1 = c["box"]
         assert all(isinstance(v, int) for v in c["box"])
         assert 0 <= x0 < x1 <= whole["width"] and 0 <= y0 < y1 <= whole["height"]
@@ -106,8 +109,10 @@ def test_fields_answer_by_upload_position_and_a_bad_file_gets_its_own_error(mixe
 def test_summary_pools_the_fields(mixed):
     s, fields = mixed["summary"], mixed["fields"]
     assert s["n_fields"] == 4 and s["n_errors"] == 2
-    for k in COUNT_KEYS:
-        assert s[k] == sum(f[k] for f in fields), k
+    for k in COUNT_KEYS[:-1]:
+        assert s[k] == sum(f.get(k, 0) for f in fields), k
+    stages = [(k, n) for f in fields for k, n in f.get("n_by_stage", {}).items()]
+    assert s["n_by_stage"] == {k: sum(n for kk, n in stages if kk == k) for k, _ in stages}
     if s["n_classified"]:
         assert s["parasitemia"] == pytest.approx(s["n_parasitized"] / s["n_classified"])
         assert s["parasitemia_ci95"] == pytest.approx(wilson(s["n_parasitized"], s["n_classified"]))

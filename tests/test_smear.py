@@ -31,7 +31,7 @@ def _rgb(name):
 
 @pytest.fixture(scope="module")
 def fields_model():
-    """The default model of whole-field analysis: the bundled robust model."""
+    """The default model of whole-field analysis: the bundled any-lab model."""
     from malaria_detect.cells.predictor import Predictor
     from malaria_detect.modelfile import bundled_field_model_path
 
@@ -87,14 +87,19 @@ def test_report_json_schema(report):
                 "parasitemia_ci95"} <= set(f)
         assert (f["width"], f["height"]) == (1280, 960)
         red = [c for c in f["cells"] if c["kind"] == "red cell"]
-        assert f["n_cells"] == len(red) > 50 and f["n_white_cells"] == len(f["cells"]) - len(red)
+        kinds = [c["kind"] for c in f["cells"]]
+        assert f["n_cells"] == len(red) > 50 and f["n_white_cells"] == kinds.count("white cell")
+        assert f["n_platelets"] == kinds.count("platelet")
+        assert set(kinds) <= {"red cell", "white cell", "platelet", "other"}
         for c in f["cells"]:
             assert len(c["box"]) == 4 and all(isinstance(v, int) for v in c["box"])
             x0, y0, x1, y1 = c["box"]
             assert 0 <= x0 < x1 <= 1280 and 0 <= y0 < y1 <= 960
-            if c["kind"] == "white cell":  # never classified as a red cell
+            if c["kind"] != "red cell":  # never classified as a red cell, never counted
                 assert c["label"] is None and c["p_parasitized"] is None
                 continue
+            if c["label"] == "Parasitized":  # the default model names the stage of every parasitized cell
+                assert c["stage"] in ("ring", "trophozoite", "schizont", "gametocyte") and 0 < c["p_stage"] <= 1
             assert c["label"] in ("Parasitized", "Uninfected")
             assert isinstance(c["p_parasitized"], float) and 0 <= c["p_parasitized"] <= 1
             assert isinstance(c["ood"], bool)
@@ -140,7 +145,8 @@ def test_overlay_and_csv(report, tmp_path):
     write_csv(report, out)
     lines = out.read_text().splitlines()
     assert lines[0].startswith("image,cell,x0,y0,x1,y1,label,p_parasitized,ood")
-    assert len(lines) == 1 + report["summary"]["n_cells"] + report["summary"]["n_white_cells"]
+    assert len(lines) == 1 + sum(len(f["cells"]) for f in report["fields"])
+    assert len(lines) >= 1 + report["summary"]["n_cells"] + report["summary"]["n_white_cells"]
 
 
 def test_bad_input_gives_reasons_not_crashes(fields_model, tmp_path):
@@ -180,8 +186,8 @@ def test_smear_command_writes_json_csv_overlays(tmp_path, capsys):
     rep = json.loads((tmp_path / "out.json").read_text())
     f = rep["fields"][0]
     assert f["image"] == str(field) and f["n_cells"] > 50 and Path(f["overlay"]).is_file()
-    assert rep["model"]["file"] == "malaria_lite0_robust.onnx"  # fields default to the robust model
-    assert len((tmp_path / "cells.csv").read_text().splitlines()) == 1 + f["n_cells"]
+    assert rep["model"]["file"] == "malaria_anylab.onnx"  # fields default to the any-lab model
+    assert len((tmp_path / "cells.csv").read_text().splitlines()) == 1 + len(f["cells"])  # every object
     out = capsys.readouterr().out
     assert "1 field:" in out and "parasitemia" in out and "parasites/uL" in out
     # a missing file: its own error line, the other field still reported, exit 1

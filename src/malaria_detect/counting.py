@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 WHO_MIN_CELLS = 500              # WHO: count at least 500-2,000 red cells on a thin film
 
@@ -121,7 +121,25 @@ def field_counts(cells: list[dict], positive: str) -> dict:
     red cells by the counting rule, and the white cells beside them."""
     return Counts.of_cells(cells, positive).to_dict() | {
         "n_white_cells": sum(c.get("kind") == "white cell" for c in cells),
-        "n_platelets": sum(c.get("kind") == "platelet" for c in cells)}
+        "n_platelets": sum(c.get("kind") == "platelet" for c in cells),
+        "n_by_stage": stage_counts(cells, positive)}
+
+
+def stage_counts(cells: Iterable[dict], positive: str) -> dict[str, int]:
+    """The counted parasitized red cells by life stage (cells of a model without a stage head have none)."""
+    out: dict[str, int] = {}
+    for c in cells:
+        if is_red_cell(c) and c.get("label") == positive and not c.get("ood") and c.get("stage"):
+            out[c["stage"]] = out.get(c["stage"], 0) + 1
+    return dict(sorted(out.items()))
+
+
+def pool_stages(records: Iterable[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in records:
+        for k, v in (r.get("n_by_stage") or {}).items():
+            out[k] = out.get(k, 0) + int(v)
+    return dict(sorted(out.items()))
 
 
 def field_note(rec: dict) -> str | None:
@@ -183,6 +201,8 @@ class Summary:
     parasites_per_ul: int | None = None
     note: str | None = None
     n_white_cells: int = 0
+    n_platelets: int = 0
+    n_by_stage: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, records: list[dict], rbc_per_ul: float | None = None) -> Summary:
@@ -196,11 +216,13 @@ class Summary:
             note = ALL_OOD_NOTE.format(n=c.n_not_a_cell) if c.n_not_a_cell else NONE_CLASSIFIED_NOTE
         return cls(c, len(records), sum("error" in r for r in records),
                    parasites_per_ul(c.parasitemia, rbc_per_ul), note,
-                   sum(r.get("n_white_cells", 0) for r in records))
+                   sum(r.get("n_white_cells", 0) for r in records), sum(r.get("n_platelets", 0) for r in records),
+                   pool_stages(records))
 
     def to_dict(self) -> dict:
         """The smear report's `summary`."""
-        d = self.counts.to_dict() | {"n_white_cells": self.n_white_cells, "n_fields": self.n_fields,
+        d = self.counts.to_dict() | {"n_white_cells": self.n_white_cells, "n_platelets": self.n_platelets,
+                                     "n_by_stage": self.n_by_stage, "n_fields": self.n_fields,
                                      "n_errors": self.n_errors}
         if self.parasites_per_ul is not None:
             d["parasites_per_ul"] = self.parasites_per_ul
@@ -215,6 +237,7 @@ class Summary:
                 f"{c.n_not_a_cell} not a cell, {plural(self.n_white_cells, 'white cell')}; parasitemia "
                 f"{c.parasitemia_text()}"
                 + (f", {self.parasites_per_ul:,} parasites/uL" if self.parasites_per_ul is not None else "")
+                + (" (" + ", ".join(f"{n} {k}" for k, n in self.n_by_stage.items()) + ")" if self.n_by_stage else "")
                 + (f"; {self.n_errors} unreadable" if self.n_errors else "")
                 + (f"\nnote: {self.note}" if self.note else ""))
 

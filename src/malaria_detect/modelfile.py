@@ -13,16 +13,17 @@ from .errors import ModelError
 from .record import Record
 
 # the bundled models by name, wherever `--model` (or `model=`) takes a model file (model_path)
-BUNDLED_NAMES = {"nih": "malaria_lite0.onnx", "robust": "malaria_lite0_robust.onnx"}
+BUNDLED_NAMES = {"nih": "malaria_lite0.onnx", "robust": "malaria_lite0_robust.onnx", "anylab": "malaria_anylab.onnx"}
 
-NAMES_HELP = ("or a bundled model by name: 'nih' (NIH cells; the single-cell default) or 'robust' (cells of "
-              "two labs, stain-augmented; the whole-field default, for cells from other labs)")
+NAMES_HELP = ("or a bundled model by name: 'nih' (NIH cells; the single-cell default), 'anylab' (every object of a "
+              "field: red cell with stage, white cell, platelet, other; taught look-alikes; the whole-field default) "
+              "or 'robust' (cells of two labs, stain-augmented; anylab's backbone)")
 BUNDLED_MODEL = BUNDLED_NAMES["nih"]
 
-# the model trained for other labs' cells too (NIH + IML fields, stain/blur/zoom augmentation): the
-# default of whole-field analysis (smear, POST /smear); see MODEL_CARD.md for why it is not the
-# single-cell default as well
-FIELD_MODEL = BUNDLED_NAMES["robust"]
+# the default of whole-field analysis (smear, POST /smear): the robust model's backbone with heads for
+# every object of a field (training/heads.py), its field threshold chosen so that malaria-free smears of
+# other labs stay negative; see MODEL_CARD.md for why it is not the single-cell default as well
+FIELD_MODEL = BUNDLED_NAMES["anylab"]
 
 # ONNX metadata key holding onnx_weights_sha256() of the file, written by export; checked at load.
 WEIGHTS_KEY = "malaria_detect_weights_sha256"
@@ -152,7 +153,8 @@ def check_weights(path: Path, meta: dict) -> None:
 
 def _check_bundled(path: Path, blob: bytes) -> None:
     """The bundled models must match the sha256 stored next to them."""
-    bundled = (bundled_model_path(), bundled_field_model_path(), bundled_model_path().with_name(BUNDLED_DETECTOR))
+    assets = bundled_model_path().parent
+    bundled = [assets / name for name in (*BUNDLED_NAMES.values(), BUNDLED_DETECTOR)]
     if path.resolve() not in {b.resolve() for b in bundled}:
         return
     ref = bundled_sha256_path(path)

@@ -44,22 +44,34 @@ class Prediction:
     ood_score: float | None = None
     error: str | None = None
     cam: np.ndarray | None = field(default=None, repr=False)  # (h, w) class-activation map, raw
+    kind: str | None = None         # what the object looks like (a model with object heads): "red cell", ...
+    stage: str | None = None        # the life stage of a parasitized cell (a model with a stage head)
+    p_stage: float | None = None
 
-    def to_dict(self) -> dict:
-        """Typed values, as JSON writes them: None where there is no value."""
-        return {"path": self.source, "label": self.label, "p_parasitized": self.p_parasitized, "ood": self.ood,
-                "error": self.error}
+    def to_dict(self, objects: bool | None = None) -> dict:
+        """Typed values, as JSON writes them: None where there is no value. `kind`, `stage` and `p_stage`
+        come with a model that has object heads (`objects`: True/False to say so, else when `kind` is set)."""
+        d = {"path": self.source, "label": self.label, "p_parasitized": self.p_parasitized, "ood": self.ood}
+        if self.kind is not None if objects is None else objects:
+            d |= {"kind": self.kind, "stage": self.stage, "p_stage": self.p_stage}
+        return d | {"error": self.error}
 
-    def row(self) -> dict:
+    def row(self, objects: bool | None = None) -> dict:
         """The same keys as strings, as CSV writes them ("" where there is no value)."""
-        return {"path": self.source, "label": self.label or "",
-                "p_parasitized": "" if self.p_parasitized is None else f"{self.p_parasitized:.6f}",
-                "ood": "" if self.ood is None else str(self.ood).lower(), "error": self.error or ""}
+        d = {"path": self.source, "label": self.label or "",
+             "p_parasitized": "" if self.p_parasitized is None else f"{self.p_parasitized:.6f}",
+             "ood": "" if self.ood is None else str(self.ood).lower()}
+        if self.kind is not None if objects is None else objects:
+            d |= {"kind": self.kind or "", "stage": self.stage or "",
+                  "p_stage": "" if self.p_stage is None else f"{self.p_stage:.4f}"}
+        return d | {"error": self.error or ""}
 
 
 
-# the columns of a cell-image results table (`malaria-detect predict --csv`, the page's CSV)
+# the columns of a cell-image results table (`malaria-detect predict --csv`, the page's CSV), and those of
+# a model with object heads (Predictor.csv_fields)
 CSV_FIELDS = list(Prediction("").row())
+OBJECT_CSV_FIELDS = list(Prediction("").row(objects=True))
 
 _IN_MEMORY = {bytes: "bytes", bytearray: "bytes", memoryview: "bytes", Image.Image: "PIL image", np.ndarray: "array"}
 
@@ -139,15 +151,39 @@ class Predictor:
             raise RecordError(f"{path}: invalid model record: {e}") from None
         return cls(session, record, path)
 
+    @property
+    def csv_fields(self) -> list[str]:
+        """The columns of this model's results table: with kind and stage when it has object heads."""
+        return OBJECT_CSV_FIELDS if self.record.kind_names else CSV_FIELDS
+
     # ------------------------------------------------------------ arrays
 
     def run(self, x_uint8: np.ndarray, batch_size: int = 64):
         """(N,S,S,3) uint8 at the model's input size -> (logits, cams, ood_scores)."""
-        outs = [self.session.run(None, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
+        return self.run_all(x_uint8, batch_size)[:3]
+
+    @property
+    def outputs(self) -> list[str]:
+        """The graph's outputs: logit, cam, ood_score, and kind_logits, stage_logits when it has object heads."""
+        names = [o.name for o in self.session.get_outputs()]
+        extra = [n for n in ("kind_logits", "stage_logits") if n in names]
+        return names[:3] + extra
+
+    def run_all(self, x_uint8: np.ndarray, batch_size: int = 64):
+        """(N,S,S,3) uint8 -> (logits, cams, ood_scores, kind_logits, stage_logits); the last two are None
+        for a model without object heads (record.kind_names empty)."""
+        names = self.outputs
+        outs = [self.session.run(names, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
                 for i in range(0, len(x_uint8), batch_size)]
         if not outs:
-            return np.zeros(0, np.float32), np.zeros((0, *self.cam_shape()), np.float32), np.zeros(0, np.float32)
-        return tuple(np.concatenate([o[j] for o in outs]) for j in range(3))
+            empty = [np.zeros(0, np.float32), np.zeros((0, *self.cam_shape()), np.float32), np.zeros(0, np.float32)]
+            empty += [np.zeros((0, len(self.record.kind_names)), np.float32),
+                      np.zeros((0, len(self.record.stage_names)), np.float32)][:len(names) - 3]
+        else:
+            empty = [np.concatenate([o[j] for o in outs]) for j in range(len(names))]
+        kinds = empty[3] if "kind_logits" in names and self.record.kind_names else None
+        stages = empty[4] if "stage_logits" in names and self.record.stage_names else None
+        return empty[0], empty[1], empty[2], kinds, stages
 
     def cam_shape(self) -> tuple[int, int]:
         """(h, w) of one image's CAM: from the graph's declared output shape, else by running one image."""
@@ -159,18 +195,18 @@ class Predictor:
 
     def run_tta(self, x_uint8: np.ndarray, batch_size: int = 64):
         """Average logits and scores over the 8 flips/rotations of the square input (CAM: identity view)."""
-        logits, scores = [], []
-        cams = None
+        return self.run_all_tta(x_uint8, batch_size)[:3]
+
+    def run_all_tta(self, x_uint8: np.ndarray, batch_size: int = 64):
+        """`run_all` averaged over the 8 flips/rotations of the square input (CAM: the identity view's)."""
+        views = []
         for k in range(4):
             for flip in (False, True):
                 v = np.rot90(x_uint8, k, axes=(1, 2))
                 v = v[:, :, ::-1] if flip else v
-                z, c, s = self.run(np.ascontiguousarray(v), batch_size)
-                logits.append(z)
-                scores.append(s)
-                if cams is None:
-                    cams = c
-        return np.mean(logits, 0), cams, np.mean(scores, 0)
+                views.append(self.run_all(np.ascontiguousarray(v), batch_size))
+        mean = [None if views[0][j] is None else np.mean([v[j] for v in views], 0) for j in range(5)]
+        return mean[0], views[0][1], mean[2], mean[3], mean[4]
 
     def probability(self, logits: np.ndarray) -> np.ndarray:
         return self.record.probability(logits)
@@ -227,15 +263,21 @@ class Predictor:
             if not batch:
                 return
             x = np.stack(batch)
-            z, cam, s = self.run_tta(x, batch_size) if tta else self.run(x, batch_size)
+            z, cam, s, zk, zs = self.run_all_tta(x, batch_size) if tta else self.run_all(x, batch_size)
             p, labels, ood = self.record.decide(z, s)
+            kinds, _ = self.record.kinds(zk)
+            stages, p_stage = self.record.stages(zs) if zs is not None else (None, None)
             finite = np.isfinite(z) & np.isfinite(s) & np.isfinite(cam).reshape(len(cam), -1).all(1)
             for k, i in enumerate(batch_idx):
                 if not finite[k]:  # a damaged model: an error for this image, never a label
                     results[i] = Prediction(names[i], error=NON_FINITE)
                     continue
+                staged = stages is not None and labels[k] == self.record.positive
                 results[i] = Prediction(names[i], str(labels[k]), float(p[k]), bool(ood[k]), float(s[k]),
-                                        cam=cam[k] if heatmaps else None)
+                                        cam=cam[k] if heatmaps else None,
+                                        kind=str(kinds[k]) if zk is not None else None,
+                                        stage=str(stages[k]) if staged else None,
+                                        p_stage=float(p_stage[k]) if staged else None)
             if progress:
                 progress.update(len(batch))
             batch.clear()

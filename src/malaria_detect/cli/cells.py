@@ -94,7 +94,7 @@ def _write_heatmaps(a, results, temperature: float) -> list:
 
 
 def cmd_predict(a):
-    from ..cells.predictor import CSV_FIELDS, Predictor
+    from ..cells.predictor import Predictor
     from ..counting import ImageSummary, plural
 
     O.check_ray(a, "--heatmaps")
@@ -109,12 +109,15 @@ def cmd_predict(a):
 
     if a.csv:  # strings only in CSV
         with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS + ["heatmap"] * bool(a.heatmaps))
+            w = csv.DictWriter(f, fieldnames=pred.csv_fields + ["heatmap"] * bool(a.heatmaps))
             w.writeheader()
-            w.writerows({k: csv_safe(v) for k, v in (r.row() | extra(i, "")).items()} for i, r in enumerate(results))
+            objects = bool(pred.record.kind_names)
+            w.writerows({k: csv_safe(v) for k, v in (r.row(objects) | extra(i, "")).items()}
+                        for i, r in enumerate(results))
     summary = ImageSummary.of(results, pred.record)  # the one counting rule (also smear's)
     if a.json:  # typed: numbers, booleans and null as such
-        print(json.dumps({"results": [r.to_dict() | extra(i, None) for i, r in enumerate(results)],
+        objects = bool(pred.record.kind_names)
+        print(json.dumps({"results": [r.to_dict(objects) | extra(i, None) for i, r in enumerate(results)],
                           "summary": summary.to_dict()}, indent=1))
     else:
         if not a.csv or len(results) <= 20:

@@ -42,10 +42,10 @@ def add_parsers(sub) -> dict:
     p.add_argument("--rbc-per-ul", type=float, default=None, metavar="N",
                    help="red cells per microlitre of blood (e.g. 5000000): also report parasites/uL")
     p.add_argument("--batch-size", type=O.positive_int, default=128, help="cells per network batch (default 128)")
-    p.add_argument("--detector", default=None, metavar="DETECTOR.onnx",
-                   help="find the objects with a learned detector instead of the classical segmenter: 'bundled' "
-                        "(red cells, white cells and platelets; see README for its figures per lab) or a file made "
-                        "by export-detector; red cells are then classified by their box crops")
+    p.add_argument("--detector", default="bundled", metavar="DETECTOR.onnx",
+                   help="how the objects are found: 'bundled' (the default: the learned detector of red cells, white "
+                        "cells and platelets; README has its figures per lab), a file made by export-detector, or "
+                        "'classical' (the colour segmenter; also used when --cell-diameter is given)")
     p.add_argument("--max-field-pixels", type=O.positive_int, default=FIELD_MAX_PIXELS, metavar="N",
                    help=f"largest field decoded, width x height (default {FIELD_MAX_PIXELS:,}, as the server's "
                         "MALARIA_DETECT_MAX_FIELD_PIXELS); larger fields get an error")
@@ -69,7 +69,7 @@ def add_parsers(sub) -> dict:
     O.add_model(p, "ONNX model (e.g. one made by adapt)", "robust")
     p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
                    help="typical red-cell diameter in pixels (default: estimated from each image)")
-    p.add_argument("--detector", default=None, metavar="DETECTOR.onnx", help="as smear's --detector")
+    p.add_argument("--detector", default="bundled", metavar="DETECTOR.onnx", help="as smear's --detector")
     O.add_json_flag(p, "print the figures as one JSON object")
     return {"smear": cmd_smear, "cut-cells": cmd_cut_cells, "evaluate-fields": cmd_evaluate_fields}
 
@@ -148,12 +148,14 @@ def cmd_cut_cells(a):
 
 
 def _check_detector(a) -> None:
-    """--detector: a file that is there, and not with --cell-diameter (the detector finds the scale itself)."""
-    if not a.detector:
+    """--detector: 'classical' (None from here on), or a file that is there, and a file other than the
+    bundled one not with --cell-diameter (the detector finds the scale itself)."""
+    if a.detector in ("classical", "", None):
+        a.detector = None
         return
     from ..modelfile import detector_path
 
-    if a.cell_diameter is not None:
+    if a.cell_diameter is not None and a.detector != "bundled":
         raise SystemExit("error: --cell-diameter goes with the classical segmenter; the detector finds the scale "
                          "itself (leave out one of them)")
     if not detector_path(a.detector).is_file():

@@ -7,8 +7,9 @@ import json
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 
-from ..training.config import DetConfig, TrainConfig
+from ..training.config import DetConfig, HeadsConfig, TrainConfig
 from . import options as O
 
 # TrainConfig fields that `cv` sets itself (per fold) or has its own option for
@@ -121,7 +122,89 @@ def add_detector_parsers(sub) -> dict:
     p = sub.add_parser("export-detector", help="a trained detector run -> ONNX with its record")
     p.add_argument("--run", required=True, help="the run folder of train-detector")
     p.add_argument("--out", required=True, help="output .onnx path")
-    return {"train-detector": cmd_train_detector, "export-detector": cmd_export_detector}
+    p = sub.add_parser("train-heads", help="one classifier for every object (red cell + stage, white cell, "
+                                           "platelet, other) on a cell model's backbone",
+                       description="Fit the parasitized, kind and stage heads on the features of a cell model "
+                                   "(default: the robust one), from NIH cells, IML cells, TXL-PBC objects and "
+                                   "look-alikes made on purpose (platelets on red cells, precipitate, dust, "
+                                   "white-cell fragments); writes OUT/model.onnx with its record (needs the [train] "
+                                   "extra). Choices are made on validation data only.")
+    O.add_config_options(p, config=HeadsConfig)
+    p.add_argument("--resume", action="store_true", help="reuse the crops and features already in --out")
+    p = sub.add_parser("field-threshold", help="choose a model's whole-field operating point on validation fields "
+                                               "of two labs and store it in the model",
+                       description="Analyse the IML validation block (PA171770-799) and the malaria-free TXL-PBC val "
+                                   "fields once; store the threshold with the best infected-cell F1 on IML among those "
+                                   "with at most --max-fp false parasitized per 1,000 red cells on TXL-PBC.")
+    p.add_argument("model", help="the .onnx model to set (its record is rewritten in place)")
+    p.add_argument("--data", default="../shared/data", help="folder holding iml-fields/ and txl-pbc/")
+    p.add_argument("--detector", default="bundled", help="the object detector smear uses with this model "
+                                                         "('bundled', an .onnx file, or 'classical')")
+    p.add_argument("--max-fp", type=float, default=0.5, help="false parasitized per 1,000 red cells allowed on TXL-PBC")
+    O.add_json_flag(p, "print the whole threshold table as JSON")
+    p = sub.add_parser("recipe", help="how a bundled model is rebuilt: its data, augmentation, schedule, operating "
+                                      "points and the commands (--run runs them)")
+    p.add_argument("name", nargs="?", default=None, help="the recipe (leave out to list them)")
+    p.add_argument("--run", action="store_true", help="run the steps in order (a step that can resume, resumes)")
+    return {"train-detector": cmd_train_detector, "export-detector": cmd_export_detector,
+            "train-heads": cmd_train_heads, "field-threshold": cmd_field_threshold, "recipe": cmd_recipe}
+
+
+def _recipes() -> dict:
+    from importlib import resources
+
+    import tomllib
+
+    folder = resources.files("malaria_detect") / "recipes"
+    return {f.name.removesuffix(".toml"): tomllib.loads(f.read_text())
+            for f in folder.iterdir() if f.name.endswith(".toml")}
+
+
+def cmd_recipe(a):
+    import subprocess
+
+    recipes = _recipes()
+    if a.name is None:
+        for name, r in sorted(recipes.items()):
+            print(f"{name}\t{r['model']}: {r['summary']}")
+        return 0
+    if a.name not in recipes:
+        raise SystemExit(f"error: no recipe {a.name!r} (there are: {', '.join(sorted(recipes))})")
+    r = recipes[a.name]
+    print(f"# {r['name']}: {r['model']} -- {r['summary']}")
+    for part in ("data", "augmentation", "schedule", "operating_points"):
+        for k, v in r.get(part, {}).items():
+            print(f"# {part} / {k}: {v}")
+    for i, step in enumerate(r["steps"], 1):
+        print(f"\n# step {i}: {step['what']}\n{step['run']}")
+        if a.run:
+            cmd = step["run"]
+            out = cmd.split("--out ")[1].split()[0] if "--out " in cmd else None
+            if step.get("resume") and out and Path(out).is_dir() and any(Path(out).iterdir()):
+                cmd += " " + step["resume"]
+            rc = subprocess.call(cmd, shell=True)
+            if rc:
+                print(f"error: step {i} failed (exit status {rc}); run the recipe again to continue", file=sys.stderr)
+                return rc
+    return 0
+
+
+def cmd_field_threshold(a):
+    from ..evaluation.operating import choose_field_threshold
+
+    out = choose_field_threshold(a.model, a.data, None if a.detector == "classical" else a.detector, a.max_fp,
+                                 say=lambda m: print(m, file=sys.stderr if a.json else sys.stdout))
+    if a.json:
+        print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_train_heads(a):
+    from ..training.heads import train_heads
+
+    cfg = HeadsConfig(**{f.name: getattr(a, f.name) for f in fields(HeadsConfig)})
+    print(f"model written to {train_heads(cfg, resume=a.resume)}")
+    return 0
 
 
 def cmd_train_detector(a):

@@ -109,7 +109,7 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
         notes.append("no PyTorch row: " + ("PyTorch is not installed" if torch is None else
                                            f"checkpoint {ckpt} not found" if ckpt else
                                            "no checkpoint given (--checkpoint runs/NAME/best.safetensors)"))
-    # whole fields run on the whole-field model (the bundled robust one unless --model names another)
+    # whole fields run on the whole-field model (the bundled anylab one unless --model names another)
     fields = field_speed({"onnx fp32": fp32 if model else Predictor.load(bundled_field_model_path())})
     if not fields:
         notes.append("no whole-field rows: no sample fields found")
@@ -119,31 +119,34 @@ def run_benchmark(model=None, int8_model=None, checkpoint=None, sample=None, n_l
 
 
 def field_speed(engines: dict, folder: Path | None = None, repeat: int = 3) -> list[dict]:
-    """Whole fields, end to end (image file -> JSON record: decode, segment, crop, classify, count),
-    per engine, on the sample fields; with the share of time spent segmenting."""
-    from ..fields.analysis import analyze_field
-    from ..fields.segment import segment_cells
+    """Whole fields, end to end (image file -> JSON record: decode, find the objects, crop, classify,
+    count), per engine, on the sample fields, side by side: the classical segmenter (the baseline) and
+    the learned detector (the default); with the time spent finding the objects."""
+    from ..fields.analysis import SmearOptions, _objects, analyze_field
     from ..imaging import FIELD_MAX_PIXELS, open_rgb
 
     paths = sorted(folder.glob("*.JPG")) if folder else sample_fields()
     if not paths:
         return []
-    t = time.perf_counter()
-    for _ in range(repeat):
-        for p in paths:
-            segment_cells(np.asarray(open_rgb(p, FIELD_MAX_PIXELS, max_side=None)))
-    seg = (time.perf_counter() - t) / (repeat * len(paths))
     out = []
-    for name, pred in engines.items():
-        analyze_field(pred, paths[0])  # warm-up
-        t, n_cells = time.perf_counter(), 0
+    for objects, opts in (("classical", SmearOptions(detector=None)), ("detector", SmearOptions())):
+        rgbs = [np.asarray(open_rgb(p, FIELD_MAX_PIXELS, max_side=None)) for p in paths]
+        _objects(rgbs[0], opts)  # warm-up (the detector's session)
+        t = time.perf_counter()
         for _ in range(repeat):
-            for p in paths:
-                n_cells += analyze_field(pred, p)["n_cells"]
-        dt = time.perf_counter() - t
-        out.append({"engine": name, "file": pred.path.name, "fields": len(paths), "fields_s": repeat * len(paths) / dt,
-                    "cells_s": n_cells / dt, "segment_s_per_field": seg,
-                    "cells_per_field": n_cells / (repeat * len(paths))})
+            for rgb in rgbs:
+                _objects(rgb, opts)
+        find = (time.perf_counter() - t) / (repeat * len(paths))
+        for name, pred in engines.items():
+            analyze_field(pred, paths[0], opts=opts)  # warm-up
+            t, n_cells = time.perf_counter(), 0
+            for _ in range(repeat):
+                for p in paths:
+                    n_cells += analyze_field(pred, p, opts=opts)["n_cells"]
+            dt = time.perf_counter() - t
+            out.append({"engine": name, "objects": objects, "file": pred.path.name, "fields": len(paths),
+                        "fields_s": repeat * len(paths) / dt, "cells_s": n_cells / dt, "segment_s_per_field": find,
+                        "cells_per_field": n_cells / (repeat * len(paths))})
     return out
 
 
@@ -160,9 +163,10 @@ def format_benchmark(r: dict) -> str:
         f0 = r["fields"][0]
         lines += ["", f"whole fields ({f0['fields']} sample fields, ~{f0['cells_per_field']:.0f} cells each; "
                       "image file -> JSON record):",
-                  "| engine | model file | fields/s | cells/s | segmentation s/field |", "|---|---|---|---|---|"]
-        lines += [f"| {f['engine']} | {f['file']} | {f['fields_s']:.2f} | {f['cells_s']:.0f} | "
-                  f"{f['segment_s_per_field']:.3f} |"
+                  "| engine | objects | model file | fields/s | red cells/s | finding the objects s/field |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {f['engine']} | {f.get('objects', 'classical')} | {f['file']} | {f['fields_s']:.2f} | "
+                  f"{f['cells_s']:.0f} | {f['segment_s_per_field']:.3f} |"
                   for f in r["fields"]]
     lines += [f"note: {n}" for n in r.get("notes", [])]
     return "\n".join(lines)

@@ -28,6 +28,7 @@ import numpy as np
 from ..cells.predictor import Predictor
 from ..counting import field_counts, field_note, parasites_per_ul, summarize
 from ..imaging import FIELD_MAX_PIXELS, ImageError, iter_image_paths, open_rgb
+from ..record import RED_CELL
 from .area import fill_outside, imaged_area
 from .crops import box_crops, cell_crops
 from .segment import Cell, SegmentationError, foreground, segment_cells
@@ -43,7 +44,8 @@ class SmearOptions:
     batch_size: int = 128
     rbc_per_ul: float | None = None      # red cells per microlitre, for parasites/uL
     max_pixels: int = FIELD_MAX_PIXELS   # the largest field decoded (width x height)
-    detector: str | None = None          # a learned detector (export-detector's ONNX); None: the classical one
+    detector: str | None = "bundled"     # the learned detector ('bundled' or export-detector's ONNX); None: the
+                                         # classical segmenter (also used whenever cell_diameter is given)
 
 
 def field_threshold(record) -> float:
@@ -85,27 +87,42 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
     if rec["imaged_fraction"] < 1:  # a cell cut by the field stop is a border cell, as at the image's edge
         cells = [c if c.border or area[c.box[1]:c.box[3], c.box[0]:c.box[2]].all() else replace(c, border=True)
                  for c in cells]
-    implausible = None if opts.detector else implausible_count(rgb, area, cells, diameter)
+    implausible = None if _uses_detector(opts) else implausible_count(rgb, area, cells, diameter)
     if implausible:
         rec["note"] = implausible
     red = [c for c in cells if c.kind == "red cell"]
     if red:
-        x = box_crops(rgb, red, pred.record.input_size) if opts.detector else \
+        x = box_crops(rgb, red, pred.record.input_size) if _uses_detector(opts) else \
             cell_crops(rgb, red, diameter, pred.record.input_size)
-        z, _, s = pred.run(x, opts.batch_size)
+        z, _, s, zk, zs = pred.run_all(x, opts.batch_size)
         p, labels, ood = pred.record.decide(z, s, threshold=field_threshold(pred.record))
-        for c, pi, li, oi, si in zip(red, p, labels, ood, s):
-            finite = bool(np.isfinite(pi) and np.isfinite(si))
-            rec["cells"].append({"kind": c.kind, "box": list(c.box), "label": str(li) if finite else None,
-                                 "p_parasitized": round(float(pi), 6) if finite else None,
-                                 "ood": bool(oi) if finite else False, "border": c.border})
+        # the classifier's kinds are trusted on box crops (what it learnt from), not on the segmenter's masks
+        kinds = pred.record.kinds(zk)[0] if zk is not None and _uses_detector(opts) else [RED_CELL] * len(red)
+        stages, p_stage = pred.record.stages(zs) if zs is not None else (None, None)
+        for i, c in enumerate(red):
+            if kinds[i] != RED_CELL:  # the classifier knows it for a white cell, a platelet or none of these
+                cells.append(replace(c, kind=str(kinds[i])))
+                continue
+            finite = bool(np.isfinite(p[i]) and np.isfinite(s[i]))
+            obj = {"kind": c.kind, "box": list(c.box), "label": str(labels[i]) if finite else None,
+                   "p_parasitized": round(float(p[i]), 6) if finite else None,
+                   "ood": bool(ood[i]) if finite else False, "border": c.border}
+            if stages is not None and obj["label"] == pred.record.positive:
+                obj |= {"stage": str(stages[i]), "p_stage": round(float(p_stage[i]), 4)}
+            rec["cells"].append(obj)
     # white cells and platelets are reported, never classified as red cells nor counted in the parasitemia
     rec["cells"] += [{"kind": c.kind, "box": list(c.box), "label": None, "p_parasitized": None, "ood": False,
-                      "border": c.border} for c in cells if c.kind != "red cell"]
-    if not red and "note" not in rec:
+                      "border": c.border} for c in cells if c.kind != RED_CELL]
+    if not any(c["kind"] == RED_CELL for c in rec["cells"]) and "note" not in rec:
         rec["note"] = "no red cells found in this image"
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return _finish(rec, opts, pred.record.positive)
+
+
+def _uses_detector(opts: SmearOptions) -> bool:
+    """The learned detector finds the objects unless none is set or a red-cell diameter is given (the
+    classical segmenter works at a given scale; the detector finds the scale itself)."""
+    return bool(opts.detector) and opts.cell_diameter is None
 
 
 @functools.lru_cache(maxsize=4)
@@ -118,7 +135,7 @@ def _detector(path: str):
 def _objects(rgb: np.ndarray, opts: SmearOptions) -> tuple[list[Cell], float]:
     """The field's objects (red cells, white cells, platelets) and its red-cell diameter: from the learned
     detector when one is given, else from the classical segmenter (fields/segment.py)."""
-    if not opts.detector:
+    if not _uses_detector(opts):
         return segment_cells(rgb, opts.cell_diameter)
     boxes, kinds, _, cell = _detector(opts.detector).detect(rgb)
     if cell is None:

@@ -16,15 +16,17 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-WHITE_CELL, PLATELET = (30, 90, 230), (184, 134, 11)
-LEGEND = [("uninfected", (0, 150, 60)), ("parasitized", (220, 0, 0)), ("not a cell", (150, 150, 150)),
-          ("white cell", WHITE_CELL), ("platelet", PLATELET)]
+WHITE_CELL, PLATELET, OTHER = (30, 90, 230), (184, 134, 11), (120, 60, 160)
+LEGEND = [("uninfected", (0, 150, 60)), ("parasitized (stage)", (220, 0, 0)), ("not a cell", (150, 150, 150)),
+          ("white cell", WHITE_CELL), ("platelet", PLATELET), ("other", OTHER)]
+STAGE_SHORT = {"ring": "R", "trophozoite": "T", "schizont": "S", "gametocyte": "G"}
 
 
 def draw_overlay(src, rec: dict, positive: str) -> Image.Image:
     """The field with every object drawn (uninfected red cells thin green, parasitized (`positive`, the
-    model's positive class name) bold red with its probability, not-a-cell grey, white cells blue with
-    "WBC", platelets ochre), and the counts and a legend in a header band."""
+    model's positive class name) bold red with its probability and stage letter (R ring, T trophozoite,
+    S schizont, G gametocyte), not-a-cell grey, white cells blue with "WBC", platelets ochre, other
+    objects purple), and the counts and a legend in a header band."""
     img = src if isinstance(src, Image.Image) else open_rgb(src, FIELD_MAX_PIXELS, max_side=None)
     scale = max(1.0, img.width / 1280)
     head = int(64 * scale)
@@ -41,12 +43,15 @@ def draw_overlay(src, rec: dict, positive: str) -> Image.Image:
                    stroke_fill=(255, 255, 255))
         elif c.get("kind") == "platelet":
             d.rectangle(box, outline=PLATELET, width=max(1, int(scale)))
+        elif c.get("kind") == "other":
+            d.rectangle(box, outline=OTHER, width=max(1, int(scale)))
         elif c["ood"] or c["label"] is None:
             d.rectangle(box, outline=(150, 150, 150), width=max(1, int(scale)))
         elif c["label"] == positive:
             d.rectangle(box, outline=(220, 0, 0), width=max(3, int(4 * scale)))
-            d.text((x0 + 2, y0 + head - int(18 * scale)), f"{c['p_parasitized']:.2f}", fill=(220, 0, 0), font=big,
-                   stroke_width=2, stroke_fill=(255, 255, 255))
+            stage = f" {STAGE_SHORT.get(c['stage'], c['stage'])}" if c.get("stage") else ""
+            d.text((x0 + 2, y0 + head - int(18 * scale)), f"{c['p_parasitized']:.2f}{stage}", fill=(220, 0, 0),
+                   font=big, stroke_width=2, stroke_fill=(255, 255, 255))
         else:
             d.rectangle(box, outline=(0, 150, 60), width=max(1, int(scale)))
     pm = rec.get("parasitemia")

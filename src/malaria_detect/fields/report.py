@@ -1,4 +1,5 @@
-"""A whole-field report written as a table: one CSV row per object (red cells and white cells)."""
+"""A whole-field report written as a table: one CSV row per object (red cells, white cells, platelets,
+other objects), with the stage of a parasitized red cell."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import csv
 
 from ..tables import csv_safe
 
-CSV_FIELDS = ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border", "kind"]
+CSV_FIELDS = ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border", "kind", "stage",
+              "p_stage"]
 
 
 def write_csv(report: dict, path) -> None:
@@ -20,4 +22,5 @@ def write_csv(report: dict, path) -> None:
                             "x1": c["box"][2], "y1": c["box"][3], "label": c["label"] or "",
                             "p_parasitized": "" if c["p_parasitized"] is None else f"{c['p_parasitized']:.6f}",
                             "ood": str(c["ood"]).lower(), "border": str(c["border"]).lower(),
-                            "kind": c.get("kind", "red cell")})
+                            "kind": c.get("kind", "red cell"), "stage": c.get("stage") or "",
+                            "p_stage": "" if c.get("p_stage") is None else f"{c['p_stage']:.4f}"})

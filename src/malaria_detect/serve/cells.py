@@ -11,7 +11,6 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from ..cells.heatmaps import heatmap_overlay
-from ..cells.predictor import CSV_FIELDS as CELL_CSV
 from ..cells.predictor import Prediction, Predictor
 from ..fields.report import CSV_FIELDS
 from ..imaging import ImageError, PixelBudget, open_rgb
@@ -26,6 +25,9 @@ class PredictionOut(BaseModel):
     p_parasitized: float | None = None
     ood: bool | None = None
     ood_score: float | None = None
+    kind: str | None = None     # with a model that has object heads: "red cell", "white cell", ...
+    stage: str | None = None    # the life stage of a parasitized cell (such a model), with its probability
+    p_stage: float | None = None
     heatmap: str | None = None  # data:image/png;base64,...
     error: str | None = None
 
@@ -55,7 +57,7 @@ def classify(pred: Predictor, settings: Settings, names: list[str], blobs: list[
         for k, img, r in zip(where, images, results):
             out[k] = PredictionOut(
                 filename=r.source, label=r.label, p_parasitized=r.p_parasitized, ood=r.ood,
-                ood_score=r.ood_score, error=r.error,
+                ood_score=r.ood_score, error=r.error, kind=r.kind, stage=r.stage, p_stage=r.p_stage,
                 heatmap=heatmap_png(img, r.cam, pred.record.temperature) if r.cam is not None else None,
             ).model_dump()
     finally:
@@ -81,7 +83,7 @@ def add_cell_routes(app: FastAPI, settings: Settings) -> None:
             "limits": settings.limits() | {"max_summary_entries": MAX_SUMMARY_ENTRIES,
                                            "max_summary_bytes": MAX_SUMMARY_BYTES},
             # the CSV columns of the page's downloads, as the command line writes them
-            "csv_columns": {"cells": CELL_CSV, "fields": CSV_FIELDS},
+            "csv_columns": {"cells": pred.csv_fields, "fields": CSV_FIELDS},
             "intended_use": "research and screening aid, not a diagnosis",
         }
 

@@ -15,6 +15,8 @@ body (413, counted as it streams by UploadLimit).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -36,6 +38,9 @@ class FieldCounts(BaseModel):
     n_not_a_cell: int = _COUNT
     n_unclassified: int = _COUNT
     n_white_cells: int = _COUNT
+    n_platelets: int = _COUNT
+    n_by_stage: dict[str, Annotated[int, Field(ge=0, le=10**9)]] = Field(
+        default_factory=dict, max_length=16, description="counted parasitized cells by life stage")
     error: bool | str | None = Field(None, description="the field's error (a message, or true), if any")
 
     @model_validator(mode="after")
@@ -73,6 +78,9 @@ class FieldsSummary(BaseModel):
     n_unclassified: int
     parasitemia: float | None = Field(description="n_parasitized / n_classified")
     parasitemia_ci95: list[float] | None = Field(description="95 % Wilson interval of the parasitemia")
+    n_white_cells: int = 0
+    n_platelets: int = 0
+    n_by_stage: dict[str, int] = Field(default_factory=dict, description="counted parasitized cells by life stage")
     n_fields: int
     n_errors: int = Field(description="fields with an error")
     n_analysed: int = Field(description="fields without an error")

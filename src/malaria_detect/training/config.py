@@ -78,3 +78,31 @@ class DetConfig:
     seed: int = _opt(0, "seed of the sampling and the augmentation")
     threads: int = _opt(0, "torch threads (0 = all cores)")
     pretrained: bool = _opt(True, "start from random weights instead of ImageNet", flag="--no-pretrained")
+
+
+@dataclass
+class HeadsConfig:
+    """The options of `train-heads` (training/heads.py): one classifier for every object, on a cell
+    model's backbone."""
+
+    base: str = _opt("robust", "the cell model whose backbone and not-a-cell flag are kept: a bundled name or "
+                               "an .onnx file")
+    data: str = _opt("../shared/data", "folder holding nih-cells/, iml-fields/ and txl-pbc/")
+    out: str = _opt("runs/anylab", "run folder: crops.npz, features.npz, model.onnx, metrics.json")
+    nih_split: str = _opt("recipes/nih_split.json", "the NIH patient split (its train and val patients are read; "
+                                                    "never its test patients)")
+    nih_per_class: int = _opt(100_000, "NIH training cells per class (more than there are: all of them)")
+    iml_uninfected: int = _opt(4000, "IML uninfected training cells (every infected one is used)")
+    infected_views: int = _opt(6, "jittered views of each IML infected training cell (the stages are few)")
+    txl_red_per_field: int = _opt(5, "TXL-PBC red cells per training field")
+    lookalikes: int = _opt(6000, "synthetic look-alikes: platelets on red cells, precipitate, dust, white-cell "
+                                 "fragments (a quarter each)")
+    background: int = _opt(1500, "background crops of TXL-PBC training fields (kind 'other')")
+    steps: int = _opt(600, "optimizer steps (full batch, AdamW, cosine decay)")
+    lr: float = _opt(0.01, "learning rate")
+    weight_decay: float = _opt(1e-3, "AdamW weight decay")
+    lookalike_weight: float = _opt(1.0, "loss weight of look-alikes, white cells and platelets in the "
+                                        "parasitized head, relative to red cells of their source")
+    anchor: float = _opt(0.3, "pull of the parasitized head towards the base model's own (0: fit it afresh)")
+    hidden: int = _opt(64, "hidden units of the stage head (0: linear; the others are linear)")
+    seed: int = _opt(0, "seed of the sampling and the look-alikes")

@@ -29,19 +29,22 @@
   const analysed = (f) => f.rec && !f.rec.error; // answered, without an error
   // a box's colour and the gallery, from the cell's label and flag (the counts are the server's)
   // the display class of an object: white cells and platelets (never classified) in their own style
-  const OTHER = { "white cell": "wbc", platelet: "plt" };
+  const OTHER = { "white cell": "wbc", platelet: "plt", other: "oth" };
   const kind = (c) => OTHER[c.kind] || (c.ood ? "ood" : c.label == null ? "unc" : c.label === model.pos ? "pos" : "neg");
 
   // Parasitemia is often well under 1 %: two decimals.
   const pc = (x) => (100 * x).toFixed(2) + "%";
+  // a parasitized cell's stage, as the overlays letter it
+  const STAGE_SHORT = { ring: "R", trophozoite: "T", schizont: "S", gametocyte: "G" };
   const pcRange = (ci) => `${(100 * ci[0]).toFixed(2)}–${pc(ci[1])}`;
 
   // The server's pooling of these fields' records (POST /summary): counts, parasitemia, its
   // interval, n_fields, n_errors, n_analysed and the note; {failed: why} when it could not.
-  const COUNT_KEYS = ["n_cells", "n_classified", "n_parasitized", "n_not_a_cell", "n_unclassified"];
+  const COUNT_KEYS = ["n_cells", "n_classified", "n_parasitized", "n_not_a_cell", "n_unclassified",
+    "n_white_cells", "n_platelets", "n_by_stage"];
   async function pooled(fs) {
     const records = fs.filter((f) => f.rec).map((f) => (f.rec.error ? { error: true }
-      : Object.fromEntries(COUNT_KEYS.map((k) => [k, f.rec[k]]))));
+      : Object.fromEntries(COUNT_KEYS.filter((k) => f.rec[k] != null).map((k) => [k, f.rec[k]]))));
     const s = await api.summary({ fields: records });
     return s.ok ? s.fields : { failed: s.detail };
   }
@@ -106,11 +109,13 @@
       r.dataset.cell = i;
       const t = document.createElementNS(SVG, "title");
       t.textContent = `object ${i}: ` + (OTHER[c.kind] ? c.kind : c.ood ? "not a cell"
-        : c.label == null ? "not classified" : `${c.label}, p = ${c.p_parasitized.toFixed(3)}`);
+        : c.label == null ? "not classified"
+        : `${c.label}, p = ${c.p_parasitized.toFixed(3)}` + (c.stage ? `, ${c.stage} (p = ${c.p_stage.toFixed(2)})` : ""));
       r.append(t);
       svg.append(r);
       if (kind(c) === "pos") {
-        const tag = el("span", "tag", c.p_parasitized.toFixed(2));
+        const tag = el("span", "tag", c.p_parasitized.toFixed(2) + (c.stage ? " " + STAGE_SHORT[c.stage] : ""));
+        if (c.stage) tag.title = c.stage;
         tag.style.left = (100 * x0) / W + "%";
         tag.style.top = (100 * y0) / H + "%";
         tags.append(tag);
@@ -344,7 +349,7 @@
       b.setAttribute("aria-label", `${f.name}, cell ${i}: p(${model.pos}) = ${c.p_parasitized.toFixed(3)}. Show it in the field.`);
       const where = el("span", "g-where", f.name);
       where.title = f.name;
-      b.append(crop(f, c, 104), el("span", "g-p", `p = ${c.p_parasitized.toFixed(3)}`),
+      b.append(crop(f, c, 104), el("span", "g-p", `p = ${c.p_parasitized.toFixed(3)}` + (c.stage ? `, ${c.stage}` : "")),
         el("span", "g-cell", `cell ${i}`), where);
       b.addEventListener("click", () => showCell(f, i, b));
       li.append(b);
@@ -395,6 +400,10 @@
     q("#f-classified").textContent = t.n_classified ? `of ${plural(t.n_classified, "classified cell")}` : "";
     show("#f-ood", t.n_not_a_cell);
     show("#f-err", t.n_errors);
+    show("#f-wbc", t.n_white_cells);
+    q("#f-plt").textContent = t.n_platelets == null ? "" : plural(t.n_platelets, "platelet");
+    const stages = Object.entries(t.n_by_stage || {});
+    q("#f-stages").textContent = stages.length ? "parasitized by stage: " + stages.map(([k, n]) => `${n} ${k}`).join(", ") : "";
     const note = q("#fields-note");
     note.textContent = s && s.failed ? `The server could not pool the fields: ${s.failed}.`
       : ok && s.n_analysed && s.note ? s.note : "";
@@ -500,6 +509,8 @@
     p_parasitized: (f, c) => (c.p_parasitized == null ? "" : c.p_parasitized.toFixed(6)),
     ood: (f, c) => String(!!c.ood), border: (f, c) => String(!!c.border),
     kind: (f, c) => c.kind || "red cell",   // records without kinds hold red cells
+    stage: (f, c) => c.stage || "",
+    p_stage: (f, c) => (c.p_stage == null ? "" : c.p_stage.toFixed(4)),
   };
   q("#fields-csv").addEventListener("click", () => {
     const cols = csvColumns("fields");

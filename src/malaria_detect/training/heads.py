@@ -1,0 +1,340 @@
+"""One classifier for every object of a field: new heads on a trained cell model's features.
+
+    malaria-detect train-heads --base robust --data ../shared/data --out runs/anylab
+
+A cell model (the robust one: EfficientNet-Lite0 fine-tuned on NIH and IML cells) already computes a
+1,280-number description of every crop it sees (the global average of its last feature map). This
+step keeps that backbone as it is and fits three heads on it, on the objects of three labs:
+
+- `parasitized` (1 logit, linear, replaces the model's own head: the CAM stays exact): red cells of
+  NIH (train patients), IML (training block) and TXL-PBC (train), *and* every look-alike taught as
+  uninfected on purpose: white cells and their fragments, platelets, platelets pasted onto uninfected
+  red cells, stain precipitate and dust drawn onto them, background.
+- `kind` (red cell / white cell / platelet / other): TXL-PBC's labelled objects (its only data with
+  white cells and platelets), IML and NIH red cells, the look-alikes.
+- `stage` (ring / trophozoite / schizont / gametocyte): IML's infected cells of the training block.
+  Few trophozoites and schizonts exist: every infected cell is seen in several jittered views, and the
+  loss weights each stage by the inverse of its count (balanced), so the rare ones are not ignored.
+
+Choices are made on validation data only (NIH validation patients, IML PA171770-799, TXL-PBC val);
+IML PA1718xx and the NIH test patients are never read. Everything is cached in the run folder
+(crops.npz, features.npz), so `--resume` after an interruption starts where it stopped. The model file
+written (model.onnx) is the base graph with the new head weights and two more outputs (`kind_logits`,
+`stage_logits`); its record names the kinds and stages and carries the operating points.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+from ..record import Record
+from .config import HeadsConfig
+from .objectcrops import KIND_NAMES, RED, SOURCES, STAGE_NAMES, Crops, build_crops
+
+__all__ = ["KIND_NAMES", "STAGE_NAMES", "Crops", "build_crops", "train_heads", "fit_heads", "apply_heads",
+           "write_heads", "compute_features", "base_head", "base_model_path"]
+
+
+# ------------------------------------------------------------------ features and heads
+
+
+def base_model_path(base: str) -> Path:
+    from ..modelfile import BUNDLED_NAMES, bundled_model_path
+
+    if base in BUNDLED_NAMES:
+        return bundled_model_path().with_name(BUNDLED_NAMES[base])
+    p = Path(base)
+    if not p.is_file():
+        raise UsageError(f"--base {base}: no such model file (or bundled name: {', '.join(BUNDLED_NAMES)})")
+    return p
+
+
+def _head_nodes(model):
+    """The base graph's head: the Gemm on the pooled features, and the CAM's Einsum + Add."""
+    g = model.graph
+    gemm = next((n for n in g.node if n.op_type == "Gemm"), None)
+    ein = next((n for n in g.node if n.op_type == "Einsum" and "not_a_cell" not in n.name), None)
+    add = next((n for n in g.node if n.op_type == "Add" and ein is not None and ein.output[0] in n.input), None)
+    if gemm is None or ein is None or add is None or len(gemm.input) != 3:
+        raise UsageError("the base model's graph has no linear head on pooled features (Gemm) and CAM (Einsum)")
+    return gemm, ein, add
+
+
+def base_head(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The base model's own parasitized head (w (C,), b (1,)), read from its graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    gemm, _, _ = _head_nodes(m)
+    inits = {i.name: i for i in m.graph.initializer}
+    return (numpy_helper.to_array(inits[gemm.input[1]]).reshape(-1),
+            numpy_helper.to_array(inits[gemm.input[2]]).reshape(-1))
+
+
+def feature_session(path: Path, threads: int = 0):
+    """An ONNX Runtime session of the base model that also returns its pooled features."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(path))
+    gemm, _, _ = _head_nodes(m)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(gemm.input[0], onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]), gemm.input[0]
+
+
+def compute_features(path: Path, record: Record, x: np.ndarray, batch: int = 128, progress: bool = True):
+    """(features (N, C) float32, ood scores (N,)) of uint8 crops, by the base model."""
+    from tqdm import tqdm
+
+    from ..imaging import normalize
+
+    sess, name = feature_session(path)
+    feats, ood = [], []
+    for i in tqdm(range(0, len(x), batch), desc="features", unit="batch", disable=not progress):
+        xb = normalize(x[i:i + batch], record)
+        f, s = sess.run([name, "ood_score"], {"image": xb})
+        feats.append(f.reshape(len(xb), -1).astype(np.float32))
+        ood.append(s)
+    return np.concatenate(feats), np.concatenate(ood)
+
+
+def _mlp(C: int, n_out: int, hidden: int):
+    import torch
+
+    return torch.nn.Linear(C, n_out) if not hidden else \
+        torch.nn.Sequential(torch.nn.Linear(C, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, n_out))
+
+
+def fit_heads(f: np.ndarray, c: Crops, cfg: HeadsConfig, base_head=None, say=print) -> dict:
+    """The three heads on the features of the training crops (torch, full batch, AdamW), returned as
+    NumPy layers on the raw features: {"parasitized": [(w (1, C), b (1,))], "kind": [(W, b), ...],
+    "stage": [...]} (ReLU between layers). The parasitized head stays linear (the CAM is exact); it starts
+    from `base_head` (the base model's (w, b)) and is pulled towards it by `cfg.anchor`, so what the
+    base learnt on NIH and IML cells is kept while the look-alikes are learnt."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    tr = c.split == 0
+    ft = torch.from_numpy(f[tr])
+    mu, sd = ft.mean(0), ft.std(0) + 1e-6
+    z = (ft - mu) / sd
+    kind = torch.from_numpy(c.kind[tr].astype(np.int64))
+    par = torch.from_numpy(c.parasitized[tr].astype(np.float32))
+    stage = torch.from_numpy(c.stage[tr].astype(np.int64))
+    src = c.source[tr]
+    # parasitized: each source weighs the same in total, its two classes half each (TXL-PBC and the
+    # look-alikes hold negatives only); look-alikes and non-red objects weigh `lookalike_weight` times more
+    labelled = c.parasitized[tr] >= 0
+    w_par = np.zeros(tr.sum(), np.float32)
+    for s in range(len(SOURCES)):
+        classes = [y for y in (0, 1) if ((src == s) & (c.parasitized[tr] == y)).any()]
+        for y in classes:
+            m = (src == s) & (c.parasitized[tr] == y)
+            w_par[m] = 1.0 / (len(classes) * m.sum())
+    w_par[(src == SOURCES.index("look-alike")) | (c.kind[tr] != RED)] *= cfg.lookalike_weight
+    w_par = torch.from_numpy(w_par / w_par[labelled].sum())
+    kind_w = torch.tensor([1.0 / max(1, int((c.kind[tr] == k).sum())) for k in range(len(KIND_NAMES))])
+    st_m = stage >= 0
+    st_counts = np.bincount(c.stage[tr][c.stage[tr] >= 0], minlength=len(STAGE_NAMES))
+    st_w = torch.tensor([1.0 / max(1, n) for n in st_counts], dtype=torch.float32)
+    C = f.shape[1]
+    heads = {"parasitized": torch.nn.Linear(C, 1), "kind": torch.nn.Linear(C, len(KIND_NAMES)),
+             "stage": _mlp(C, len(STAGE_NAMES), cfg.hidden)}
+    anchor = None
+    if base_head is not None:  # the base head in standardised units: w0 . f + b0 = (w0 sd) . z + (b0 + w0 . mu)
+        w0 = torch.from_numpy(np.array(base_head[0], np.float32).reshape(-1))
+        with torch.no_grad():
+            heads["parasitized"].weight.copy_((w0 * sd)[None])
+            heads["parasitized"].bias.copy_(torch.tensor([float(base_head[1][0]) + float((w0 * mu).sum())]))
+        anchor = heads["parasitized"].weight.detach().clone()
+    params = [p for h in heads.values() for p in h.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0 if anchor is not None else cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    lab = torch.from_numpy(labelled)
+    F = torch.nn.functional
+    for step in range(cfg.steps):
+        opt.zero_grad()
+        zp = heads["parasitized"](z).squeeze(1)
+        l_par = (F.binary_cross_entropy_with_logits(zp[lab], par[lab], reduction="none") * w_par[lab]).sum()
+        if anchor is not None:
+            l_par = l_par + cfg.anchor * ((heads["parasitized"].weight - anchor) ** 2).sum()
+        l_kind = F.cross_entropy(heads["kind"](z), kind, weight=kind_w / kind_w.mean())
+        l_st = F.cross_entropy(heads["stage"](z[st_m]), stage[st_m], weight=st_w / st_w.mean()) \
+            if st_m.any() else torch.zeros(())
+        decay = sum((p ** 2).sum() for n in ("kind", "stage") for p in heads[n].parameters() if p.ndim == 2)
+        loss = l_par + l_kind + l_st + (cfg.weight_decay * decay if anchor is not None else 0.0)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.steps - 1:
+            say(f"step {step}: parasitized {l_par.item():.4f} kind {l_kind.item():.4f} stage {l_st.item():.4f}")
+    out = {}
+    with torch.no_grad():
+        for name, h in heads.items():
+            layers = [h] if isinstance(h, torch.nn.Linear) else [m for m in h if isinstance(m, torch.nn.Linear)]
+            W, bias = layers[0].weight / sd, layers[0].bias.clone()  # fold the standardisation: W (f - mu) / sd + b
+            bias -= (W * mu).sum(1)
+            out[name] = [(W.numpy().astype(np.float32), bias.numpy().astype(np.float32))] + \
+                [(m.weight.numpy().astype(np.float32), m.bias.numpy().astype(np.float32)) for m in layers[1:]]
+    return out
+
+
+def _forward(f: np.ndarray, layers) -> np.ndarray:
+    for i, (W, b) in enumerate(layers):
+        f = f @ W.T + b
+        if i < len(layers) - 1:
+            f = np.maximum(f, 0)
+    return f
+
+
+def apply_heads(f: np.ndarray, heads: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(parasitized logits, kind logits, stage logits) of features, as the exported graph computes them."""
+    return _forward(f, heads["parasitized"])[:, 0], _forward(f, heads["kind"]), _forward(f, heads["stage"])
+
+
+def write_heads(base: Path, heads: dict, out: Path) -> None:
+    """The base graph with the new parasitized head (Gemm and CAM) and the kind and stage heads added as
+    outputs `kind_logits` and `stage_logits`."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(base))
+    g = m.graph
+    gemm, ein, add = _head_nodes(m)
+    inits = {i.name: i for i in g.initializer}
+    (w, b), = heads["parasitized"]
+    w = w[0]
+    new = {gemm.input[1]: w[None, :], gemm.input[2]: b, ein.input[1]: w,
+           next(x for x in add.input if x != ein.output[0]): b.reshape(numpy_helper.to_array(
+               inits[next(x for x in add.input if x != ein.output[0])]).shape)}
+    for name, arr in new.items():
+        if name not in inits:
+            raise UsageError(f"the base model's head weight {name} is not an initializer")
+        inits[name].CopyFrom(numpy_helper.from_array(np.asarray(arr, np.float32), name))
+    feat = gemm.input[0]
+    for head in ("kind", "stage"):
+        x = feat
+        for i, (W, bias) in enumerate(heads[head]):
+            name = f"{head}_head.{i}"
+            g.initializer.extend([numpy_helper.from_array(W.T.astype(np.float32), f"{name}.weight"),
+                                  numpy_helper.from_array(bias.astype(np.float32), f"{name}.bias")])
+            last = i == len(heads[head]) - 1
+            y = f"{head}_logits" if last else f"/{name}/Gemm_output_0"
+            g.node.append(helper.make_node("Gemm", [x, f"{name}.weight", f"{name}.bias"], [y], name=f"/{name}/Gemm"))
+            if not last:
+                g.node.append(helper.make_node("Relu", [y], [f"/{name}/Relu_output_0"], name=f"/{name}/Relu"))
+                y = f"/{name}/Relu_output_0"
+            x = y
+        g.output.append(helper.make_tensor_value_info(f"{head}_logits", onnx.TensorProto.FLOAT,
+                                                      ["batch", len(heads[head][-1][1])]))
+    del m.metadata_props[:]
+    onnx.checker.check_model(m)
+    tmp = out.with_name(out.name + ".tmp")
+    onnx.save(m, str(tmp))
+    tmp.replace(out)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def _metrics(f, c: Crops, heads, record: Record, m) -> dict:
+    """Validation figures of the heads, per source (the model's threshold on NIH; kinds; stages)."""
+    from ..evaluation import metrics as M
+
+    zp, zk, zs = apply_heads(f[m], heads)
+    p = record.probability(zp)
+    out = {}
+    src, kind, par, stage = c.source[m], c.kind[m], c.parasitized[m], c.stage[m]
+    for s, name in enumerate(SOURCES):
+        sm = (src == s) & (kind == RED) & (par >= 0)
+        if sm.any() and len(set(par[sm])) == 2:
+            out[f"{name} red cells"] = M.binary_metrics(par[sm], p[sm], record.threshold)
+        elif sm.any():
+            out[f"{name} red cells called parasitized"] = float((p[sm] >= record.threshold).mean())
+    k = zk.argmax(1)
+    out["kind_recall"] = {KIND_NAMES[i]: float((k[kind == i] == i).mean()) for i in range(len(KIND_NAMES))
+                          if (kind == i).any()}
+    out["non_red_called_parasitized"] = {KIND_NAMES[i]: int((p[kind == i] >= record.threshold).sum())
+                                         for i in range(1, len(KIND_NAMES)) if (kind == i).any()}
+    st = stage >= 0
+    if st.any():
+        pred = zs[st].argmax(1)
+        rec = {STAGE_NAMES[i]: float((pred[stage[st] == i] == i).mean()) for i in range(len(STAGE_NAMES))
+               if (stage[st] == i).any()}
+        out["stage_recall"] = rec
+        out["stage_balanced_accuracy"] = float(np.mean(list(rec.values())))
+        out["stage_counts"] = {STAGE_NAMES[i]: int((stage[st] == i).sum()) for i in range(len(STAGE_NAMES))}
+    return out
+
+
+def train_heads(cfg: HeadsConfig, resume: bool = False, progress: bool = True, say=print) -> Path:
+    """Crops -> features -> heads -> runs/NAME/model.onnx with its record (temperature and threshold on
+    the NIH validation patients). Returns the model's path."""
+    from ..cells.predictor import Predictor
+    from ..evaluation import metrics as M
+    from ..modelfile import write_model_record
+
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UsageError(f"{out} already holds a run: give --resume to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    base = base_model_path(cfg.base)
+    base_record = Predictor.load(base).record
+    t0 = time.time()
+    cpath, fpath = out / "crops.npz", out / "features.npz"
+    if resume and cpath.exists():
+        c = Crops.load(cpath)
+        say(f"crops: {len(c.x)} (from {cpath})")
+    else:
+        c = build_crops(cfg, base_record.input_size, say)
+        c.save(cpath)
+    if resume and fpath.exists():
+        z = np.load(fpath)
+        f, ood = z["f"], z["ood"]
+    else:
+        f, ood = compute_features(base, base_record, c.x, progress=progress)
+        np.savez(fpath, f=f, ood=ood)
+    heads = fit_heads(f, c, cfg, base_head(base), say)
+    va = c.split == 1
+    nih_va = va & (c.source == SOURCES.index("NIH"))
+    zp, _, _ = apply_heads(f[nih_va], heads)
+    y = c.parasitized[nih_va]
+    record = Record.from_json(base_record.to_json())
+    record.temperature = M.fit_temperature(zp, y)
+    record.threshold = M.threshold_max_balanced_accuracy(y, record.probability(zp))
+    record.kind_names, record.stage_names = KIND_NAMES, STAGE_NAMES
+    for k in ("field_threshold", "field_threshold_rule", "val_metrics", "val_metrics_iml"):
+        record.extra.pop(k, None)
+    record.extra["heads"] = {
+        "base": f"{base.name} (sha256 of its weights in its metadata: backbone and not-a-cell flag kept as they are)",
+        "config": asdict(cfg), "n_train": int((~va).sum()), "n_val": int(va.sum()),
+        "n_train_by_source": {s: int(((c.source == i) & ~va).sum()) for i, s in enumerate(SOURCES)},
+        "seconds": round(time.time() - t0, 1)}
+    record.extra["threshold_rule"] = ("max balanced accuracy on the 16 NIH validation patients "
+                                      "(temperature: min NLL there)")
+    record.extra["val_metrics_heads"] = _metrics(f, c, heads, record, va)
+    path = out / "model.onnx"
+    write_heads(base, heads, path)
+    write_model_record(path, record)
+    check = Predictor.load(path)
+    got = check.run_all(c.x[:64])
+    want = apply_heads(f[:64], heads)
+    err = max(float(np.abs(got[0] - want[0]).max()), float(np.abs(got[3] - want[1]).max()),
+              float(np.abs(got[4] - want[2]).max()))
+    if err > 1e-2:
+        raise RuntimeError(f"the written graph disagrees with the fitted heads (max |diff| {err:.3g})")
+    (out / "metrics.json").write_text(json.dumps(record.extra["val_metrics_heads"], indent=1))
+    say(json.dumps(record.extra["val_metrics_heads"], indent=1))
+    say(f"wrote {path} (threshold {record.threshold:.3f}, temperature {record.temperature:.3f})")
+    return path

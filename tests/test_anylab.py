@@ -1,0 +1,110 @@
+"""The whole-field default model ('anylab': every object of a field, the stage of a parasitized cell) on
+real fields of two labs: the committed TXL-PBC validation sample (malaria-free, white cells and
+platelets boxed) and the IML sample fields; and the record's rules for kinds and stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from malaria_detect.record import KIND_MIN_P, Record, RecordError
+
+ROOT = Path(__file__).resolve().parents[1]
+TXL = ROOT / "samples" / "txl-pbc"
+IML = ROOT / "samples" / "fields"
+
+
+@pytest.fixture(scope="module")
+def anylab():
+    from malaria_detect.cells.predictor import Predictor
+
+    return Predictor.load("anylab")
+
+
+@pytest.fixture(scope="module")
+def txl_report(anylab):
+    from malaria_detect.fields.analysis import analyze_fields
+
+    return analyze_fields(anylab, [TXL / "val"])
+
+
+def test_the_field_default_is_the_any_lab_model_with_its_detector():
+    from malaria_detect.fields.analysis import SmearOptions
+    from malaria_detect.modelfile import BUNDLED_NAMES, bundled_field_model_path
+
+    assert bundled_field_model_path().name == BUNDLED_NAMES["anylab"]
+    assert SmearOptions().detector == "bundled"
+
+
+def test_malaria_free_fields_of_another_lab_read_negative_and_white_cells_are_found(txl_report):
+    from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
+
+    s = score_fields(txl_report, load_annotations(TXL / "annotations.json"))
+    assert s["fields"] == 4 and s["n_classified"] > 50
+    assert s["det_f1"] > 0.85
+    assert s["fp_per_1000"] == 0 and txl_report["summary"]["n_parasitized"] == 0
+    assert s["wbc_called_parasitized"] == [0, 4] and s["platelets_called_parasitized"][0] == 0
+    assert s["wbc_recall"] >= 0.75
+    summary = txl_report["summary"]
+    assert summary["n_white_cells"] >= 3 and summary["n_platelets"] >= 4 and summary["n_by_stage"] == {}
+    for f in txl_report["fields"]:
+        for c in f["cells"]:
+            if c["kind"] != "red cell":
+                assert c["label"] is None and c["p_parasitized"] is None and "stage" not in c
+
+
+def test_parasitized_cells_carry_their_stage_and_are_counted_by_stage(anylab):
+    from malaria_detect.fields.analysis import analyze_fields
+
+    rep = analyze_fields(anylab, [IML])
+    called = [c for f in rep["fields"] for c in f["cells"]
+              if c.get("label") == "Parasitized" and not c["ood"]]
+    assert called, "the IML sample fields hold infected cells"
+    assert all(c["stage"] in anylab.record.stage_names and 0 < c["p_stage"] <= 1 for c in called)
+    by_stage = rep["summary"]["n_by_stage"]
+    assert sum(by_stage.values()) == rep["summary"]["n_parasitized"] == len(called)
+    for f in rep["fields"]:
+        assert sum(f["n_by_stage"].values()) == f["n_parasitized"]
+
+
+def test_single_cells_get_a_kind_and_parasitized_ones_a_stage(anylab, samples):
+    preds = anylab.predict([samples / "Parasitized", samples / "Uninfected"])
+    kinds = [p.kind for p in preds]
+    assert kinds.count("red cell") / len(kinds) > 0.95  # NIH crops are red cells
+    for p in preds:
+        assert (p.stage is not None) == (p.label == "Parasitized")
+        row = p.row()
+        assert row["kind"] == p.kind and row["stage"] == (p.stage or "")
+
+
+def test_a_model_without_object_heads_calls_every_object_a_red_cell():
+    from malaria_detect.cells.predictor import Predictor
+
+    pred = Predictor.load("robust")
+    z, cam, ood, zk, zs = pred.run_all(np.zeros((2, 112, 112, 3), np.uint8))
+    assert zk is None and zs is None
+    kinds, p = pred.record.kinds(zk)
+    assert list(kinds) == [] and pred.record.kinds(np.zeros((3, 4)))[0].tolist() == ["red cell"] * 3
+
+
+def _record(**kw):
+    return Record("efficientnet_lite0", 112, (0.5,) * 3, (0.5,) * 3, **kw).validate()
+
+
+def test_kind_rule_keeps_a_red_cell_unless_another_kind_is_likely():
+    r = _record(kind_names=("red cell", "white cell", "platelet", "other"))
+    sure = np.log(3 * KIND_MIN_P / (1 - KIND_MIN_P)) + 0.5  # softmax against three logits of 0
+    logits = np.array([[0.0, sure, 0, 0], [0.0, 0.4, 0, 0], [3.0, 0, 0, 0]])
+    kinds, p = r.kinds(logits)
+    assert kinds.tolist() == ["white cell", "red cell", "red cell"]
+    assert p[0] >= KIND_MIN_P
+    assert Record.from_json(r.to_json()).kind_names == r.kind_names
+
+
+@pytest.mark.parametrize("kw", [{"kind_names": ("white cell", "red cell")}, {"kind_names": ("red cell", "red cell")},
+                                {"stage_names": ("ring", "")}, {"stage_names": "ring"}])
+def test_bad_kind_or_stage_names_are_refused(kw):
+    with pytest.raises(RecordError):
+        _record(**kw)

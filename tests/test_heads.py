@@ -1,0 +1,68 @@
+"""The object heads (training/heads.py): look-alikes drawn on real cells, and a graph written with new
+heads that computes exactly what was fitted (the CAM included), on the bundled robust model's backbone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from malaria_detect.imaging import resize_uint8
+
+pytest.importorskip("onnx")
+heads = pytest.importorskip("malaria_detect.training.heads")
+from malaria_detect.training import objectcrops as oc  # noqa: E402
+
+
+def _cells(samples, n=8):
+    files = sorted((samples / "Uninfected").glob("*.webp"))[:n]
+    return np.stack([resize_uint8(Image.open(f).convert("RGB"), 112) for f in files])
+
+
+def test_lookalikes_change_part_of_a_real_cell(samples):
+    rng = np.random.default_rng(0)
+    cell = _cells(samples, 1)[0]
+    plate = np.full((20, 20, 3), 200, np.float32)
+    plate[5:15, 5:15] = (90, 40, 120)  # a dark purple body on a light rim, as a platelet's crop
+    patch, mask = oc._platelet_patch(Image.fromarray(plate.astype(np.uint8)), (0, 0, 20, 20), rng)
+    assert mask[10, 10] > 0.9 and mask[0, 0] == 0  # the body is pasted, its rim is not
+    for out in (oc.paste_platelet(cell, patch, mask, 30, rng), oc.draw_precipitate(cell, rng),
+                oc.draw_precipitate(cell, rng, dust=True)):
+        assert out.shape == cell.shape and out.dtype == np.uint8
+        changed = np.abs(out.astype(int) - cell).sum(2) > 10
+        assert 0.002 < changed.mean() < 0.3  # something was drawn, most of the cell is left as it was
+        assert out[changed].mean() < cell[changed].mean()  # darker: stain, dust, a platelet
+
+
+def test_written_heads_compute_what_was_fitted(samples, tmp_path):
+    from malaria_detect.cells.predictor import Predictor
+
+    base = heads.base_model_path("robust")
+    record = Predictor.load(base).record
+    x = _cells(samples)
+    f, _ = heads.compute_features(base, record, x, progress=False)
+    w0, b0 = heads.base_head(base)
+    z_base = Predictor.load(base).run(x)[0]
+    assert np.allclose(f @ w0 + b0[0], z_base, atol=1e-3)  # the features are the ones the head reads
+    rng = np.random.default_rng(1)
+    C = f.shape[1]
+    fitted = {"parasitized": [(rng.normal(0, 0.05, (1, C)).astype(np.float32), np.array([0.3], np.float32))],
+              "kind": [(rng.normal(0, 0.05, (4, C)).astype(np.float32), rng.normal(0, 1, 4).astype(np.float32))],
+              "stage": [(rng.normal(0, 0.05, (16, C)).astype(np.float32), np.zeros(16, np.float32)),
+                        (rng.normal(0, 0.5, (4, 16)).astype(np.float32), np.zeros(4, np.float32))]}
+    out = tmp_path / "heads.onnx"
+    heads.write_heads(base, fitted, out)
+    from malaria_detect.modelfile import write_model_record
+
+    record.kind_names, record.stage_names = heads.KIND_NAMES, heads.STAGE_NAMES
+    write_model_record(out, record)
+    pred = Predictor.load(out)
+    z, cam, ood, zk, zs = pred.run_all(x)
+    want = heads.apply_heads(f, fitted)
+    assert np.allclose(z, want[0], atol=1e-3) and np.allclose(zk, want[1], atol=1e-3)
+    assert np.allclose(zs, want[2], atol=1e-3)
+    assert np.allclose(cam.mean((1, 2)), z, atol=1e-3)  # the CAM is the new head's, exactly
+    assert not np.allclose(z, z_base, atol=0.1)
+    assert np.allclose(ood, Predictor.load(base).run(x)[2], atol=1e-4)  # the not-a-cell score is kept
+    kinds, p = pred.record.kinds(zk)
+    assert set(kinds) <= set(heads.KIND_NAMES) and np.all(p > 0)
