@@ -1,9 +1,11 @@
 """Whole fields per lab: `smear` scored by the acceptance checks' rules on each lab's held-out fields,
 the baseline table the any-lab model is measured against.
 
-    .venv/bin/python benchmarks/fields_by_lab.py [--model M ...] [--limit N] [--json OUT.json]
+    .venv/bin/python benchmarks/fields_by_lab.py [--model M ...] [--detector bundled] [--eyepiece] [--limit N]
+        [--json OUT.json]
 
-Labs and their held-out fields (never trained or tuned on):
+Labs and their fields (IML: held out, never trained or tuned on; TXL-PBC val chose the bundled detector's
+checkpoint and the anylab model's field threshold, so its rows are validation figures):
 - IML_Malaria (Lahore, P. vivax, 1280x960): block PA1718 fields 30-99 (PA171830-899; PA171800-829 is
   the adapt pool, not reported here);
 - TXL-PBC val, by source (image size): BCCD 640x480, BCD 416x416, PBC ~360x363, Raabin-WBC 575x575; all

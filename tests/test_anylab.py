@@ -108,3 +108,48 @@ def test_kind_rule_keeps_a_red_cell_unless_another_kind_is_likely():
 def test_bad_kind_or_stage_names_are_refused(kw):
     with pytest.raises(RecordError):
         _record(**kw)
+
+
+def test_a_record_that_names_more_kinds_than_the_graph_has_is_refused(tmp_path):
+    import shutil
+
+    from malaria_detect.cells.predictor import Predictor
+    from malaria_detect.errors import ModelError
+    from malaria_detect.modelfile import bundled_field_model_path, write_model_record
+
+    copy = tmp_path / "m.onnx"
+    shutil.copy(bundled_field_model_path(), copy)
+    record = Predictor.load(copy).record
+    record.kind_names = ("red cell", "white cell", "platelet")
+    write_model_record(copy, record)
+    with pytest.raises(ModelError, match="names 3 kinds but the graph's kind_logits output has 4"):
+        Predictor.load(copy)
+
+
+def test_the_recipe_is_in_the_package_and_its_commands_exist(capsys):
+    from malaria_detect.cli import build_parser, main
+
+    assert main(["recipe"]) == 0 and "anylab" in capsys.readouterr().out
+    assert main(["recipe", "anylab"]) == 0
+    out = capsys.readouterr().out
+    commands = [line.split()[1] for line in out.splitlines() if line.startswith("malaria-detect ")]
+    assert commands == ["train-heads", "field-threshold"]
+    _, commands_known = build_parser()
+    assert set(commands) <= set(commands_known)
+    with pytest.raises(SystemExit, match="no recipe"):
+        main(["recipe", "nope"])
+
+
+def test_field_threshold_refuses_a_bundled_model_and_relabels_by_the_record():
+    from malaria_detect.cells.predictor import Predictor
+    from malaria_detect.cli import main
+    from malaria_detect.evaluation.operating import relabel
+    from malaria_detect.modelfile import bundled_field_model_path
+
+    with pytest.raises(SystemExit, match="is a bundled model"):
+        main(["field-threshold", str(bundled_field_model_path())])
+    record = Predictor.load("anylab").record
+    cells = [{"kind": "red cell", "box": [0, 0, 9, 9], "label": "Uninfected", "p_parasitized": 0.7, "ood": False},
+             {"kind": "white cell", "box": [20, 0, 29, 9], "label": None, "p_parasitized": None, "ood": False}]
+    low, high = (relabel({"fields": [{"image": "f", "cells": cells}]}, t, record)["fields"][0] for t in (0.5, 0.9))
+    assert low["n_parasitized"] == 1 and high["n_parasitized"] == 0 and low["n_white_cells"] == 1

@@ -79,4 +79,12 @@ def test_a_given_cell_diameter_means_the_classical_segmenter(tmp_path):
     assert f["cell_diameter_px"] == 70 and f["n_cells"] > 50
     assert main(["smear", str(FIELDS / "PA171710.JPG"), "--detector", "classical", "--json", str(out)]) == 0
     classical = json.loads(out.read_text())["fields"][0]
-    assert {c["kind"] for c in classical["cells"]} <= {"red cell", "white cell"}  # the segmenter finds no platelets
+    assert main(["smear", str(FIELDS / "PA171710.JPG"), "--json", str(out)]) == 0
+    default = json.loads(out.read_text())["fields"][0]
+    from malaria_detect import load
+    from malaria_detect.fields.analysis import SmearOptions, analyze_field
+
+    segmented = analyze_field(load("anylab"), FIELDS / "PA171710.JPG", opts=SmearOptions(detector=None))
+    assert [c["box"] for c in classical["cells"]] == [c["box"] for c in segmented["cells"]]
+    assert [c["box"] for c in default["cells"]] != [c["box"] for c in classical["cells"]]
+    assert all("stage" not in c for c in classical["cells"])  # stages are named on box crops only

@@ -3,7 +3,7 @@ A research and screening aid, not a diagnosis.
 
     import malaria_detect as md
 
-    model = md.load()                                  # the bundled model, or md.load("lab.onnx"), md.load("robust")
+    model = md.load()                                  # the bundled model, or md.load("lab.onnx"), md.load("anylab")
     p = model.predict("cell.png")                      # -> Prediction(label, p_parasitized, ood, ...)
     results = model.predict(["a.png", "cells/"])       # -> list[Prediction]; folders expanded
     report = md.smear(["field.jpg"])                   # whole fields: every red cell, parasitemia
@@ -30,7 +30,7 @@ __all__ = ["Prediction", "Predictor", "__version__", "available_models", "load",
 
 def load(model=None, threads: int | None = None) -> Predictor:
     """The model at `model` (an ONNX file written by `malaria-detect export` or `adapt`, or a bundled
-    model's name: "nih", "robust"), or the bundled single-cell default, ready to predict. Raises
+    model's name: "nih", "anylab", "robust"), or the bundled single-cell default, ready to predict. Raises
     `errors.ModelError` for a file that must not be used."""
     return Predictor.load(model, threads)
 

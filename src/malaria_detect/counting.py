@@ -163,15 +163,19 @@ class FieldReport:
     n_white_cells: int = 0
     note: str | None = None
     error: str | None = None
+    n_platelets: int = 0
+    n_by_stage: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, rec: dict) -> FieldReport:
         counts = Counts() if "error" in rec and "n_cells" not in rec else Counts.from_dict(rec)
-        return cls(rec["image"], counts, rec.get("n_white_cells", 0), rec.get("note"), rec.get("error"))
+        return cls(rec["image"], counts, rec.get("n_white_cells", 0), rec.get("note"), rec.get("error"),
+                   rec.get("n_platelets", 0), dict(rec.get("n_by_stage") or {}))
 
     def to_dict(self) -> dict:
         """The record's count keys (as field_counts gives them), with its note or error."""
-        d = self.counts.to_dict() | {"n_white_cells": self.n_white_cells}
+        d = self.counts.to_dict() | {"n_white_cells": self.n_white_cells, "n_platelets": self.n_platelets,
+                                     "n_by_stage": self.n_by_stage}
         return d | ({"note": self.note} if self.note else {}) | ({"error": self.error} if self.error else {})
 
     def format(self) -> str:
@@ -237,7 +241,8 @@ class Summary:
                 f"{c.n_not_a_cell} not a cell, {plural(self.n_white_cells, 'white cell')}; parasitemia "
                 f"{c.parasitemia_text()}"
                 + (f", {self.parasites_per_ul:,} parasites/uL" if self.parasites_per_ul is not None else "")
-                + (" (" + ", ".join(f"{n} {k}" for k, n in self.n_by_stage.items()) + ")" if self.n_by_stage else "")
+                + ("; parasitized by stage: " + ", ".join(f"{n} {k}" for k, n in self.n_by_stage.items())
+                   if self.n_by_stage else "")
                 + (f"; {self.n_errors} unreadable" if self.n_errors else "")
                 + (f"\nnote: {self.note}" if self.note else ""))
 

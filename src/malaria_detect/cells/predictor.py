@@ -149,6 +149,12 @@ class Predictor:
             record = Record.from_json(meta["malaria_detect_record"])
         except (RecordError, TypeError) as e:
             raise RecordError(f"{path}: invalid model record: {e}") from None
+        for name, names in (("kind_logits", record.kind_names), ("stage_logits", record.stage_names)):
+            out = next((o for o in session.get_outputs() if o.name == name), None)
+            width = out.shape[-1] if out is not None and out.shape else None
+            if names and (out is None or (isinstance(width, int) and width != len(names))):
+                raise ModelError(f"{path}: its record names {len(names)} {name.split('_')[0]}s but the graph's "
+                                 f"{name} output {'is missing' if out is None else f'has {width}'}")
         return cls(session, record, path)
 
     @property
@@ -268,6 +274,9 @@ class Predictor:
             kinds, _ = self.record.kinds(zk)
             stages, p_stage = self.record.stages(zs) if zs is not None else (None, None)
             finite = np.isfinite(z) & np.isfinite(s) & np.isfinite(cam).reshape(len(cam), -1).all(1)
+            for extra in (zk, zs):
+                if extra is not None:
+                    finite &= np.isfinite(extra).all(1)
             for k, i in enumerate(batch_idx):
                 if not finite[k]:  # a damaged model: an error for this image, never a label
                     results[i] = Prediction(names[i], error=NON_FINITE)

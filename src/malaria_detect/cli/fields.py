@@ -9,11 +9,13 @@ from pathlib import Path
 from ..imaging import FIELD_MAX_PIXELS
 from . import options as O
 
-SMEAR_HELP = ("Segment the red cells of whole thin-smear field images (files and folders; a folder of fields is one "
-              "sample), classify each cell with the model, and report counts and parasitemia with a 95 percent "
-              "Wilson interval per field and pooled. Cells flagged 'not a cell' are counted apart and left out of "
-              "the parasitemia. Exit status: 0 with a parasitemia; 1 when a field could not be read, or when no "
-              "red cell at all could be classified (after the report was written).")
+SMEAR_HELP = ("Find the red cells, white cells and platelets of whole thin-smear field images (files and folders; a "
+              "folder of fields is one sample), classify each red cell with the model (with the parasite's stage, "
+              "for a model that names stages), and report counts and parasitemia with a 95 percent Wilson interval "
+              "per field and pooled, and white cells, platelets and parasitized cells by stage beside them. Cells "
+              "flagged 'not a cell' are counted apart and left out of the parasitemia. Exit status: 0 with a "
+              "parasitemia; 1 when a field could not be read, or when no red cell at all could be classified "
+              "(after the report was written).")
 EVAL_HELP = ("Analyse annotated fields (or read a smear --json report) and print the field-level figures by the "
              "rules of the acceptance checks' scorer (../shared/tools/score_smear.py): red-cell detection recall, "
              "precision and F1 (IoU >= 0.5; precision over boxes off the image border), infected-cell recall and "
@@ -29,23 +31,25 @@ def add_parsers(sub) -> dict:
     p = sub.add_parser("smear", help="whole smear fields: find every red cell, classify it, parasitemia",
                        description=SMEAR_HELP)
     p.add_argument("paths", nargs="+", metavar="PATH", help="field images (jpg, png, tif, ...) or folders of them")
-    O.add_model(p, "ONNX model (e.g. one made by adapt)", "robust")
+    O.add_model(p, "ONNX model (e.g. one made by adapt)", "anylab")
     p.add_argument("--json", default=None, metavar="OUT.json",
-                   help="write {fields: [{image, width, height, cells: [{kind, box, label, p_parasitized, ood}], "
-                        "n_cells, n_parasitized, n_white_cells, parasitemia, parasitemia_ci95, ...}], summary: {...}}")
+                   help="write {fields: [{image, width, height, cells: [{kind, box, label, p_parasitized, ood, "
+                        "stage, p_stage}], n_cells, n_parasitized, n_white_cells, n_platelets, n_by_stage, "
+                        "parasitemia, parasitemia_ci95, ...}], summary: {...}}")
     p.add_argument("--csv", default=None, metavar="CELLS.csv", help="one row per object: image,cell,x0,y0,x1,y1,"
-                                                                     "label,p_parasitized,ood,border,kind")
+                                                                     "label,p_parasitized,ood,border,kind,stage,p_stage")
     p.add_argument("--overlays", default=None, metavar="DIR",
                    help="write each field with its cells drawn (parasitized bold red with p) and the counts")
     p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
-                   help="typical red-cell diameter in pixels (default: estimated from each image)")
+                   help="typical red-cell diameter in pixels, for the classical segmenter (which it then selects; "
+                        "default: the detector, which finds the scale itself)")
     p.add_argument("--rbc-per-ul", type=float, default=None, metavar="N",
                    help="red cells per microlitre of blood (e.g. 5000000): also report parasites/uL")
     p.add_argument("--batch-size", type=O.positive_int, default=128, help="cells per network batch (default 128)")
-    p.add_argument("--detector", default="bundled", metavar="DETECTOR.onnx",
+    p.add_argument("--detector", default=None, metavar="DETECTOR.onnx",
                    help="how the objects are found: 'bundled' (the default: the learned detector of red cells, white "
                         "cells and platelets; README has its figures per lab), a file made by export-detector, or "
-                        "'classical' (the colour segmenter; also used when --cell-diameter is given)")
+                        "'classical' (the colour segmenter; the default when --cell-diameter is given)")
     p.add_argument("--max-field-pixels", type=O.positive_int, default=FIELD_MAX_PIXELS, metavar="N",
                    help=f"largest field decoded, width x height (default {FIELD_MAX_PIXELS:,}, as the server's "
                         "MALARIA_DETECT_MAX_FIELD_PIXELS); larger fields get an error")
@@ -66,10 +70,11 @@ def add_parsers(sub) -> dict:
     p.add_argument("--annotations", required=True, metavar="ANN.json",
                    help="annotated fields: [{image_name, objects: [{type, bbox: {x, y, w, h}}]}] (IML / TXL-PBC)")
     p.add_argument("--result", default=None, metavar="SMEAR.json", help="score this smear --json report instead")
-    O.add_model(p, "ONNX model (e.g. one made by adapt)", "robust")
+    O.add_model(p, "ONNX model (e.g. one made by adapt)", "anylab")
     p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
-                   help="typical red-cell diameter in pixels (default: estimated from each image)")
-    p.add_argument("--detector", default="bundled", metavar="DETECTOR.onnx", help="as smear's --detector")
+                   help="typical red-cell diameter in pixels, for the classical segmenter (which it then selects; "
+                        "default: the detector, which finds the scale itself)")
+    p.add_argument("--detector", default=None, metavar="DETECTOR.onnx", help="as smear's --detector")
     O.add_json_flag(p, "print the figures as one JSON object")
     return {"smear": cmd_smear, "cut-cells": cmd_cut_cells, "evaluate-fields": cmd_evaluate_fields}
 
@@ -148,14 +153,17 @@ def cmd_cut_cells(a):
 
 
 def _check_detector(a) -> None:
-    """--detector: 'classical' (None from here on), or a file that is there, and a file other than the
-    bundled one not with --cell-diameter (the detector finds the scale itself)."""
+    """--detector: left out, the bundled detector (the classical segmenter with --cell-diameter);
+    'classical' (None from here on); or a file that is there, not with --cell-diameter (the detector finds
+    the scale itself)."""
+    if a.detector is None:
+        a.detector = "bundled" if a.cell_diameter is None else None
     if a.detector in ("classical", "", None):
         a.detector = None
         return
     from ..modelfile import detector_path
 
-    if a.cell_diameter is not None and a.detector != "bundled":
+    if a.cell_diameter is not None:
         raise SystemExit("error: --cell-diameter goes with the classical segmenter; the detector finds the scale "
                          "itself (leave out one of them)")
     if not detector_path(a.detector).is_file():

@@ -191,6 +191,16 @@ def cmd_recipe(a):
 
 def cmd_field_threshold(a):
     from ..evaluation.operating import choose_field_threshold
+    from ..modelfile import BUNDLED_NAMES, bundled_model_path, detector_path
+
+    if not Path(a.model).is_file():
+        raise SystemExit(f"error: {a.model}: no such model file")
+    if Path(a.model).resolve().parent == bundled_model_path().resolve().parent:
+        raise SystemExit(f"error: {a.model} is a bundled model (its sha256 is checked at every load): set a copy, "
+                         f"e.g. runs/NAME/model.onnx, then bundle it ({', '.join(BUNDLED_NAMES)})")
+    if a.detector != "classical" and not detector_path(a.detector).is_file():
+        raise SystemExit(f"error: --detector {a.detector}: no such file (give 'bundled', 'classical' or an "
+                         "export-detector file)")
 
     out = choose_field_threshold(a.model, a.data, None if a.detector == "classical" else a.detector, a.max_fp,
                                  say=lambda m: print(m, file=sys.stderr if a.json else sys.stdout))

@@ -2,13 +2,16 @@
 
     from malaria_detect import load
     from malaria_detect.fields.analysis import analyze_fields
-    report = analyze_fields(load("robust"), ["field1.jpg", "slide_A/"])   # the smear --json dict
+    report = analyze_fields(load("anylab"), ["field1.jpg", "slide_A/"])   # the smear --json dict
 
 Each field takes the one path of a cell, for each of its cells:
 
-    field ─► segment (fields/segment.py: boxes + masks) ─► crop each cell's box, pixels outside its
-          mask set to black (like the NIH training crops) ─► the Predictor, in batches (same record,
-          temperature, threshold, not-a-cell score) ─► counts, parasitemia + 95 % Wilson interval
+    field ─► the imaged area (fields/area.py) ─► the objects: the learned detector (fields/detect.py:
+          red cells, white cells, platelets; the default) or the classical segmenter (fields/segment.py:
+          boxes + masks; with a given cell diameter) ─► each red cell's box crop (the segmenter's: its
+          mask, black outside) ─► the Predictor, in batches (same record, temperature, field threshold,
+          not-a-cell score; with object heads, its kind and stage) ─► counts, parasitemia + 95 % Wilson
+          interval, white cells, platelets and parasitized cells by stage beside
 
 Cells flagged "not a cell" and cells whose score is not finite are counted apart and left out of
 the parasitemia (counting.py). A folder of fields is one sample: its counts are pooled in `summary`.
@@ -50,7 +53,7 @@ class SmearOptions:
 
 def field_threshold(record) -> float:
     """The threshold for cells of whole fields: `extra.field_threshold` when the model has one (chosen
-    on validation fields, where only 1-2 % of cells are infected: see recipes/robust/field_threshold.py),
+    on validation fields, where only 1-2 % of cells are infected: `malaria-detect field-threshold`),
     else the cell threshold."""
     return float(record.extra.get("field_threshold", record.threshold))
 
@@ -96,9 +99,13 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
             cell_crops(rgb, red, diameter, pred.record.input_size)
         z, _, s, zk, zs = pred.run_all(x, opts.batch_size)
         p, labels, ood = pred.record.decide(z, s, threshold=field_threshold(pred.record))
-        # the classifier's kinds are trusted on box crops (what it learnt from), not on the segmenter's masks
-        kinds = pred.record.kinds(zk)[0] if zk is not None and _uses_detector(opts) else [RED_CELL] * len(red)
-        stages, p_stage = pred.record.stages(zs) if zs is not None else (None, None)
+        # the classifier's kinds and stages are trusted on box crops (what it learnt from), not on masks
+        boxes = _uses_detector(opts)
+        kinds = pred.record.kinds(zk)[0] if zk is not None and boxes else [RED_CELL] * len(red)
+        stages, p_stage = pred.record.stages(zs) if zs is not None and boxes else (None, None)
+        for extra in (zk, zs):  # a damaged model: no label where any output is not a finite number
+            if extra is not None:
+                p = np.where(np.isfinite(extra).all(1), p, np.nan)
         for i, c in enumerate(red):
             if kinds[i] != RED_CELL:  # the classifier knows it for a white cell, a platelet or none of these
                 cells.append(replace(c, kind=str(kinds[i])))
@@ -107,7 +114,7 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
             obj = {"kind": c.kind, "box": list(c.box), "label": str(labels[i]) if finite else None,
                    "p_parasitized": round(float(p[i]), 6) if finite else None,
                    "ood": bool(ood[i]) if finite else False, "border": c.border}
-            if stages is not None and obj["label"] == pred.record.positive:
+            if stages is not None and obj["label"] == pred.record.positive and not obj["ood"]:
                 obj |= {"stage": str(stages[i]), "p_stage": round(float(p_stage[i]), 4)}
             rec["cells"].append(obj)
     # white cells and platelets are reported, never classified as red cells nor counted in the parasitemia

@@ -87,12 +87,13 @@ def cell_schema():
 
     return pa.schema([("idx", pa.int64()), ("path", pa.string()), ("label", pa.string()),
                       ("p_parasitized", pa.float64()), ("ood", pa.bool_()), ("ood_score", pa.float64()),
+                      ("kind", pa.string()), ("stage", pa.string()), ("p_stage", pa.float64()),
                       ("error", pa.string())])
 
 
 def _cell_row(idx: int, r: Prediction) -> dict:
     return {"idx": idx, "path": r.source, "label": r.label, "p_parasitized": r.p_parasitized, "ood": r.ood,
-            "ood_score": r.ood_score, "error": r.error}
+            "ood_score": r.ood_score, "kind": r.kind, "stage": r.stage, "p_stage": r.p_stage, "error": r.error}
 
 
 class FieldWorker(_Worker):
@@ -173,8 +174,8 @@ def predict_ray(paths: Iterable, *, address: str = "local", model=None, batch_si
     finally:
         if started:
             ray_module().shutdown()
-    return [Prediction(r["path"], r["label"], r["p_parasitized"], r["ood"], r["ood_score"], r["error"])
-            for r in done]
+    return [Prediction(r["path"], r["label"], r["p_parasitized"], r["ood"], r["ood_score"], r["error"],
+                       kind=r.get("kind"), stage=r.get("stage"), p_stage=r.get("p_stage")) for r in done]
 
 
 def analyze_fields_ray(paths: Iterable, *, address: str = "local", model=None, opts=None, actors: int | None = None,

@@ -50,8 +50,8 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
     loading = threading.Lock()
 
     def field_predictor():
-        """The model of /smear: the server's --model when one was given, else the bundled robust
-        model (trained on two labs' cells), loaded with the first field."""
+        """The model of /smear: the server's --model when one was given, else the bundled whole-field
+        model ('anylab': every object, the stage), loaded with the first field."""
         if settings.model:
             return app.state.predictor
         with loading:

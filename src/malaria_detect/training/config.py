@@ -97,12 +97,14 @@ class HeadsConfig:
     txl_red_per_field: int = _opt(5, "TXL-PBC red cells per training field")
     lookalikes: int = _opt(6000, "synthetic look-alikes: platelets on red cells, precipitate, dust, white-cell "
                                  "fragments (a quarter each)")
-    background: int = _opt(1500, "background crops of TXL-PBC training fields (kind 'other')")
+    background: int = _opt(1500, "background crops of TXL-PBC training fields (kind 'other'): max(1, N // 800) a "
+                                 "field, where one fits between the boxes")
     steps: int = _opt(600, "optimizer steps (full batch, AdamW, cosine decay)")
     lr: float = _opt(0.01, "learning rate")
     weight_decay: float = _opt(1e-3, "AdamW weight decay")
     lookalike_weight: float = _opt(1.0, "loss weight of look-alikes, white cells and platelets in the "
                                         "parasitized head, relative to red cells of their source")
-    anchor: float = _opt(0.3, "pull of the parasitized head towards the base model's own (0: fit it afresh)")
+    anchor: float = _opt(0.3, "pull of the parasitized head towards the base model's own, which it starts from "
+                              "(0: no pull)")
     hidden: int = _opt(64, "hidden units of the stage head (0: linear; the others are linear)")
     seed: int = _opt(0, "seed of the sampling and the look-alikes")

@@ -261,7 +261,7 @@ def _metrics(f, c: Crops, heads, record: Record, m) -> dict:
             out[f"{name} red cells"] = M.binary_metrics(par[sm], p[sm], record.threshold)
         elif sm.any():
             out[f"{name} red cells called parasitized"] = float((p[sm] >= record.threshold).mean())
-    k = zk.argmax(1)
+    k = np.array([KIND_NAMES.index(n) for n in record.kinds(zk)[0]])  # the shipped rule (KIND_MIN_P)
     out["kind_recall"] = {KIND_NAMES[i]: float((k[kind == i] == i).mean()) for i in range(len(KIND_NAMES))
                           if (kind == i).any()}
     out["non_red_called_parasitized"] = {KIND_NAMES[i]: int((p[kind == i] >= record.threshold).sum())
@@ -314,8 +314,9 @@ def train_heads(cfg: HeadsConfig, resume: bool = False, progress: bool = True, s
     record.temperature = M.fit_temperature(zp, y)
     record.threshold = M.threshold_max_balanced_accuracy(y, record.probability(zp))
     record.kind_names, record.stage_names = KIND_NAMES, STAGE_NAMES
-    for k in ("field_threshold", "field_threshold_rule", "val_metrics", "val_metrics_iml"):
-        record.extra.pop(k, None)
+    keep = ("split", "split_sha256", "not_a_cell")  # the base's split (its test patients) and flag still hold
+    record.extra = {k: v for k, v in base_record.extra.items() if k in keep} | {
+        "backbone": {k: v for k, v in base_record.extra.items() if k not in keep}}
     record.extra["heads"] = {
         "base": f"{base.name} (sha256 of its weights in its metadata: backbone and not-a-cell flag kept as they are)",
         "config": asdict(cfg), "n_train": int((~va).sum()), "n_val": int(va.sum()),

@@ -114,7 +114,7 @@
       r.append(t);
       svg.append(r);
       if (kind(c) === "pos") {
-        const tag = el("span", "tag", c.p_parasitized.toFixed(2) + (c.stage ? " " + STAGE_SHORT[c.stage] : ""));
+        const tag = el("span", "tag", c.p_parasitized.toFixed(2) + (c.stage ? " " + (STAGE_SHORT[c.stage] || c.stage) : ""));
         if (c.stage) tag.title = c.stage;
         tag.style.left = (100 * x0) / W + "%";
         tag.style.top = (100 * y0) / H + "%";
