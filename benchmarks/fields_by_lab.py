@@ -36,8 +36,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from malaria_detect.cells.predictor import Predictor
-from malaria_detect.data.annotations import INFECTED_TYPES, box_of, match_pairs
-from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
+from malaria_detect.data.annotations import box_of
+from malaria_detect.evaluation.fieldscore import STAGES, load_annotations, score_fields, stage_scores
 from malaria_detect.fields.analysis import SmearOptions, analyze_field
 from malaria_detect.modelfile import bundled_field_model_path
 
@@ -59,9 +59,6 @@ def labs(limit: int | None = None) -> dict[str, tuple[list[dict], Path]]:
     return {k: (v[0][:limit], v[1]) for k, v in out.items()}
 
 
-STAGES = ("ring", "trophozoite", "schizont", "gametocyte")
-
-
 def eyepiece(path: Path, rec: dict) -> tuple[Image.Image, dict]:
     """The field black outside a centred round field stop, and its annotations inside the stop."""
     img = Image.open(path).convert("RGB")
@@ -73,25 +70,6 @@ def eyepiece(path: Path, rec: dict) -> tuple[Image.Image, dict]:
     inside = [o for o in rec.get("objects", [])
               if np.hypot((box_of(o)[0] + box_of(o)[2]) / 2 - W / 2, (box_of(o)[1] + box_of(o)[3]) / 2 - H / 2) < r]
     return out, dict(rec, objects=inside)
-
-
-def stage_scores(fields: list[dict], recs: list[dict], positive: str) -> dict | None:
-    """Per true stage: (right, matched) of the infected cells found, called parasitized and given a stage."""
-    counts = {s: [0, 0] for s in STAGES}
-    by_name = {f["image"]: f for f in fields}
-    for r in recs:
-        f = by_name.get(r["image_name"])
-        if f is None:
-            continue
-        gt = [(box_of(o), o["type"]) for o in r.get("objects", []) if o["type"] in INFECTED_TYPES]
-        called = [c for c in f["cells"] if c.get("label") == positive and not c.get("ood") and c.get("stage")]
-        for i, j in match_pairs([tuple(c["box"]) for c in called], [g[0] for g in gt], 0.3).items():
-            counts[gt[j][1]][1] += 1
-            counts[gt[j][1]][0] += called[i]["stage"] == gt[j][1]
-    if not any(n for _, n in counts.values()):
-        return None
-    scored = [k / n for s, (k, n) in counts.items() if s != "schizont" and n]
-    return {"per_stage": counts, "balanced_accuracy": float(np.mean(scored)) if scored else None}
 
 
 def main():

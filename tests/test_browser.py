@@ -394,6 +394,11 @@ def test_fields_mode_real_fields_counts_boxes_zoom_csv_and_error_card(server, br
     assert "error" not in whole and "error" not in corner and "not an image" in broken["error"]
     cells = [c for c in whole["cells"] + corner["cells"] if c.get("kind", "red cell") == "red cell"]  # counted
     kinds = _kinds(cells)
+    stop = _last_summary(browser, "fields")["stopping"]  # the stopping rule, as the server decided it
+    assert stop["target_cells"] == 2000 and not stop["reached"]
+    assert browser.find_element(By.ID, "fields-stop").text == (
+        f"Stopping rule: {2000 - stop['cells_to_go']:,} of 2,000 red cells counted; about "
+        f"{stop['more_fields']} more field{'s' * (stop['more_fields'] != 1)} like these.")
     assert status.startswith(f"Analysed 2 fields: {len(cells)} cells found ({kinds.count('pos')} Parasitized, "
                              f"{kinds.count('ood')} not a cell). 1 of the 3 files could not be analysed")
 

@@ -95,3 +95,24 @@ def bundled_field_report():
 
     fields = Path(__file__).resolve().parents[1] / "samples" / "fields"
     return md.smear(sorted(fields.glob("*.JPG"))[:2])
+
+
+def test_the_stopping_rule_says_how_many_more_fields_reach_the_target():
+    from malaria_detect.counting import TARGET_CELLS, stopping_rule, stopping_text
+
+    assert TARGET_CELLS == 2000  # the WHO thin-film count
+    c = Counts(n_cells=610, n_classified=600, n_parasitized=6, n_not_a_cell=10)
+    s = stopping_rule(c, n_fields=4)
+    assert s == {"target_cells": 2000, "reached": False, "cells_to_go": 1400, "cells_per_field": 150.0,
+                 "more_fields": 10}  # 1,400 more at 150 a field: 9.33 -> 10 fields
+    assert "1,400 of 2,000 red cells still to count: about 10 more fields" in stopping_text(s)
+    assert stopping_rule(c, 4, target=500)["reached"] and "reached" in stopping_text(stopping_rule(c, 4, 500))
+    assert stopping_rule(Counts(), 0)["more_fields"] is None  # nothing classified yet: no estimate
+
+
+def test_the_smear_summary_carries_the_stopping_rule(bundled_field_report):
+    s = bundled_field_report["summary"]
+    st = s["stopping"]
+    assert st["target_cells"] == 2000 and st["cells_to_go"] == 2000 - s["n_classified"] > 0
+    assert st["more_fields"] >= 1 and st["cells_per_field"] == round(s["n_classified"] / s["n_fields"], 1)
+    assert Summary.of(bundled_field_report["fields"], target_cells=100).stopping["reached"]

@@ -75,3 +75,50 @@ def test_evaluate_fields_refuses_bad_arguments(tmp_path):
     assert main(["evaluate-fields", str(FIELDS), "--annotations", str(bad)]) == 1
     with pytest.raises(SystemExit, match="not both"):
         main(["evaluate-fields", str(FIELDS), "--result", str(bad), "--annotations", str(FIELDS / "annotations.json")])
+
+
+def test_smear_coco_round_trip_scores_itself_perfectly(tmp_path):
+    """smear --coco writes COCO that evaluate-fields reads back as annotations: the report scored against
+    its own boxes finds every cell and every call, and the stages agree."""
+    import json
+    from pathlib import Path
+
+    from malaria_detect.cli import main
+    from malaria_detect.data.annotations import load_annotations
+    from malaria_detect.data.coco import CATEGORIES
+    from malaria_detect.evaluation.fieldscore import score_fields, stage_scores
+
+    fields = Path(__file__).resolve().parents[1] / "samples" / "fields"
+    rep, coco = tmp_path / "r.json", tmp_path / "c.json"
+    assert main(["smear", str(fields / "PA171771.JPG"), str(fields / "PA171700.JPG"), "--json", str(rep),
+                 "--coco", str(coco)]) == 0
+    c, report = json.loads(coco.read_text()), json.loads(rep.read_text())
+    assert [i["file_name"] for i in c["images"]] == ["PA171771.JPG", "PA171700.JPG"]
+    assert len(c["annotations"]) == sum(len(f["cells"]) for f in report["fields"])
+    x, y, w, h = c["annotations"][0]["bbox"]
+    assert [x, y, x + w, y + h] == report["fields"][0]["cells"][0]["box"]
+    names = {k["id"]: k["name"] for k in CATEGORIES}
+    called = [a for a in c["annotations"] if names[a["category_id"]] in ("ring", "trophozoite", "schizont",
+                                                                          "gametocyte", "parasitized red cell")]
+    assert len(called) == report["summary"]["n_parasitized"] > 0 and all(0 < a["score"] <= 1 for a in called)
+    gt = load_annotations(coco)  # COCO in, the scorer's format out
+    s = score_fields(report, gt)
+    assert s["det_recall"] == 1 and s["inf_recall"] == 1 and s["inf_precision"] == 1 and s["fp_per_1000"] == 0
+    st = stage_scores(report, gt)
+    assert all(k == n for k, n in st["per_stage"].values())
+    assert main(["evaluate-fields", str(fields / "PA171771.JPG"), str(fields / "PA171700.JPG"), "--annotations",
+                 str(coco), "--json"]) == 0
+
+
+def test_coco_with_unknown_categories_is_refused(tmp_path):
+    import json
+
+    import pytest
+
+    from malaria_detect.data.annotations import load_annotations
+    from malaria_detect.data.folders import DataError
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "neutrophil?"}]}))
+    with pytest.raises(DataError, match="not understood: neutrophil"):
+        load_annotations(bad)

@@ -244,3 +244,15 @@ def test_robust_model_lets_other_lab_cells_cut_by_their_boxes_pass_and_flags_sev
     assert np.mean([r.ood for r in loose]) <= 0.02          # (3 % with a view check fitted without them)
     assert "loose box crops" in fields_model.record.extra["not_a_cell"]["view_check"]["fit"]
     assert fields_model.record.extra["not_a_cell"]["left_out_layers"] == []   # the parts flag_margin chose
+
+
+def test_smear_target_cells_sets_the_stopping_rule(tmp_path, capsys):
+    from malaria_detect.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["smear", str(FIELDS / "PA171771.JPG"), "--target-cells", "100", "--json", str(out)]) == 0
+    s = json.loads(out.read_text())["summary"]["stopping"]
+    assert s["target_cells"] == 100 and s["reached"] and s["more_fields"] == 0
+    assert "stopping rule: 100 red cells reached" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="at least 1"):
+        main(["smear", str(FIELDS / "PA171771.JPG"), "--target-cells", "0"])

@@ -21,6 +21,27 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
 WHO_MIN_CELLS = 500              # WHO: count at least 500-2,000 red cells on a thin film
+TARGET_CELLS = 2000              # the stopping rule's default: the WHO thin-film count (2,000 at low parasitemia)
+
+
+def stopping_rule(c: Counts, n_fields: int, target: int = TARGET_CELLS) -> dict:
+    """Whether a sample's count can stop: `target` classified red cells (WHO, Basic Malaria Microscopy:
+    count 500-2,000 red cells on a thin film, 2,000 when few are infected); if not, how many more fields
+    like the ones analysed (their mean classified red cells) reach it."""
+    per_field = c.n_classified / n_fields if n_fields else 0.0
+    to_go = max(0, int(target) - c.n_classified)
+    more = 0 if not to_go else math.ceil(to_go / per_field) if per_field > 0 else None
+    return {"target_cells": int(target), "reached": not to_go, "cells_to_go": to_go,
+            "cells_per_field": round(per_field, 1), "more_fields": more}
+
+
+def stopping_text(s: dict) -> str:
+    """The stopping rule as one line."""
+    if s["reached"]:
+        return f"stopping rule: {s['target_cells']:,} red cells reached"
+    more = ("no field gave a classified red cell yet" if s["more_fields"] is None else
+            f"about {plural(s['more_fields'], 'more field')} like these ({s['cells_per_field']:.0f} red cells each)")
+    return f"stopping rule: {s['cells_to_go']:,} of {s['target_cells']:,} red cells still to count: {more}"
 
 ALL_OOD_NOTE = ("all {n} cells found were flagged 'not a cell', so there is no parasitemia: the stain or "
                 "microscope may differ from the training data; calibrate the model on a few dozen of your "
@@ -207,10 +228,12 @@ class Summary:
     n_white_cells: int = 0
     n_platelets: int = 0
     n_by_stage: dict = field(default_factory=dict)
+    stopping: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, records: list[dict], rbc_per_ul: float | None = None) -> Summary:
-        """Field records (each with its n_* counts) -> the sample's summary (parasites/uL with rbc_per_ul)."""
+    def of(cls, records: list[dict], rbc_per_ul: float | None = None, target_cells: int = TARGET_CELLS) -> Summary:
+        """Field records (each with its n_* counts) -> the sample's summary (parasites/uL with rbc_per_ul;
+        the stopping rule at `target_cells`)."""
         c = sum((Counts.from_dict(r) for r in records), Counts())
         note = None
         if c.n_classified < WHO_MIN_CELLS:
@@ -221,13 +244,13 @@ class Summary:
         return cls(c, len(records), sum("error" in r for r in records),
                    parasites_per_ul(c.parasitemia, rbc_per_ul), note,
                    sum(r.get("n_white_cells", 0) for r in records), sum(r.get("n_platelets", 0) for r in records),
-                   pool_stages(records))
+                   pool_stages(records), stopping_rule(c, sum("error" not in r for r in records), target_cells))
 
     def to_dict(self) -> dict:
         """The smear report's `summary`."""
         d = self.counts.to_dict() | {"n_white_cells": self.n_white_cells, "n_platelets": self.n_platelets,
                                      "n_by_stage": self.n_by_stage, "n_fields": self.n_fields,
-                                     "n_errors": self.n_errors}
+                                     "n_errors": self.n_errors, "stopping": self.stopping}
         if self.parasites_per_ul is not None:
             d["parasites_per_ul"] = self.parasites_per_ul
         if self.note:
@@ -244,12 +267,13 @@ class Summary:
                 + ("; parasitized by stage: " + ", ".join(f"{n} {k}" for k, n in self.n_by_stage.items())
                    if self.n_by_stage else "")
                 + (f"; {self.n_errors} unreadable" if self.n_errors else "")
+                + (f"\n{stopping_text(self.stopping)}" if self.stopping else "")
                 + (f"\nnote: {self.note}" if self.note else ""))
 
 
-def summarize(records: list[dict], rbc_per_ul: float | None = None) -> dict:
+def summarize(records: list[dict], rbc_per_ul: float | None = None, target_cells: int = TARGET_CELLS) -> dict:
     """The smear report's `summary` of field records (Summary.of(...).to_dict())."""
-    return Summary.of(records, rbc_per_ul).to_dict()
+    return Summary.of(records, rbc_per_ul, target_cells).to_dict()
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from ..counting import TARGET_CELLS
 from ..imaging import FIELD_MAX_PIXELS
 from . import options as O
 
@@ -38,11 +39,19 @@ def add_parsers(sub) -> dict:
                         "parasitemia, parasitemia_ci95, ...}], summary: {...}}")
     p.add_argument("--csv", default=None, metavar="CELLS.csv", help="one row per object: image,cell,x0,y0,x1,y1,"
                                                                      "label,p_parasitized,ood,border,kind,stage,p_stage")
+    p.add_argument("--coco", default=None, metavar="OUT.json",
+                   help="also write the objects as COCO detection JSON (boxes [x, y, w, h]; categories red cell, "
+                        "parasitized red cell by stage, white cell, platelet, other; scores): for CVAT, Label Studio, "
+                        "QuPath, FiftyOne, and evaluate-fields --annotations")
     p.add_argument("--overlays", default=None, metavar="DIR",
                    help="write each field with its cells drawn (parasitized bold red with p) and the counts")
     p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
                    help="typical red-cell diameter in pixels, for the classical segmenter (which it then selects; "
                         "default: the detector, which finds the scale itself)")
+    p.add_argument("--target-cells", type=int, default=TARGET_CELLS, metavar="N",
+                   help=f"the stopping rule: red cells to classify in the sample (default {TARGET_CELLS:,}, the WHO "
+                        "thin-film count); the report says whether they were reached and about how many more fields "
+                        "like these it takes")
     p.add_argument("--rbc-per-ul", type=float, default=None, metavar="N",
                    help="red cells per microlitre of blood (e.g. 5000000): also report parasites/uL")
     p.add_argument("--batch-size", type=O.positive_int, default=128, help="cells per network batch (default 128)")
@@ -68,7 +77,8 @@ def add_parsers(sub) -> dict:
                        description=EVAL_HELP)
     p.add_argument("paths", nargs="*", metavar="PATH", help="field images or folders to analyse (not with --result)")
     p.add_argument("--annotations", required=True, metavar="ANN.json",
-                   help="annotated fields: [{image_name, objects: [{type, bbox: {x, y, w, h}}]}] (IML / TXL-PBC)")
+                   help="annotated fields: COCO detection JSON, or [{image_name, objects: [{type, bbox: {x, y, "
+                        "w, h}}]}] (IML / TXL-PBC)")
     p.add_argument("--result", default=None, metavar="SMEAR.json", help="score this smear --json report instead")
     O.add_model(p, "ONNX model (e.g. one made by adapt)", "anylab")
     p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
@@ -116,25 +126,33 @@ def cmd_smear(a):
         raise SystemExit("error: --cell-diameter must be between 6 and 2000 pixels")
     O.check_ray(a, "--overlays")
     _check_detector(a)
-    for out in (a.json, a.csv):
+    for out in (a.json, a.csv, a.coco):
         if out and not Path(out).resolve().parent.is_dir():
             raise SystemExit(f"error: the folder of {out} does not exist")
     if a.overlays:
         if Path(a.overlays).exists() and not Path(a.overlays).is_dir():
             raise SystemExit(f"error: --overlays {a.overlays} is a file, not a folder")
         Path(a.overlays).mkdir(parents=True, exist_ok=True)
+    if a.target_cells < 1:
+        raise SystemExit("error: --target-cells must be at least 1")
     opts = SmearOptions(cell_diameter=a.cell_diameter, batch_size=a.batch_size, rbc_per_ul=a.rbc_per_ul,
+                        target_cells=a.target_cells,
                         max_pixels=a.max_field_pixels, detector=a.detector)
     report = _report(a, opts, a.model or str(bundled_field_model_path()))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
+    if a.coco:
+        from ..data.coco import to_coco
+
+        Path(a.coco).write_text(json.dumps(to_coco(report), indent=1))
     if a.csv:
         write_csv(report, a.csv)
     for f in report["fields"]:
         print(FieldReport.of(f).format())
-    s = Summary.of(report["fields"], a.rbc_per_ul)
+    s = Summary.of(report["fields"], a.rbc_per_ul, a.target_cells)
     print("\n" + s.format()
           + (f"\nJSON written to {a.json}" if a.json else "") + (f"\nCSV written to {a.csv}" if a.csv else "")
+          + (f"\nCOCO written to {a.coco}" if a.coco else "")
           + (f"\noverlays written to {a.overlays}" if a.overlays else ""))
     return 1 if s.n_errors or s.counts.n_classified == 0 else 0
 
@@ -171,7 +189,7 @@ def _check_detector(a) -> None:
 
 
 def cmd_evaluate_fields(a):
-    from ..evaluation.fieldscore import format_scores, load_annotations, score_fields
+    from ..evaluation.fieldscore import format_scores, format_stages, load_annotations, score_fields, stage_scores
 
     _check_detector(a)
     annotations = load_annotations(a.annotations)
@@ -193,10 +211,12 @@ def cmd_evaluate_fields(a):
     positive = report.get("model", {}).get("class_names", ["", "Parasitized"])[1] if isinstance(report, dict) \
         else "Parasitized"
     s = score_fields(report, annotations, positive)
+    stages = stage_scores(report, annotations, positive)
     if a.json:
-        print(json.dumps(s))
+        print(json.dumps(s | {"stages": stages}))
     else:
         print(format_scores(s))
+        print(format_stages(stages))
         if s["missing"]:
             print(f"note: {s['missing']} annotated fields were not analysed (not among the inputs, or unreadable)")
     return 0

@@ -15,11 +15,19 @@ WINDOW = 400   # boxes whose top-left corners are this far apart (pixels) are ne
 
 
 def load_annotations(path: str | Path) -> list[dict]:
-    """The annotated fields of a JSON file, as they are (validated to be a list of records)."""
+    """The annotated fields of a JSON file: the IML / TXL-PBC format as it is (validated to be a list of
+    records), or COCO detection JSON converted to it (data/coco.py)."""
     try:
         recs = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read the annotations ({e})") from None
+    from .coco import from_coco, is_coco
+
+    if is_coco(recs):
+        try:
+            return from_coco(recs)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}: not valid COCO detection JSON ({type(e).__name__}: {e})") from None
     if not isinstance(recs, list) or not all(isinstance(r, dict) and "image_name" in r for r in recs):
         raise DataError(f"{path}: not a list of {{image_name, objects: [{{type, bbox}}]}} records")
     return recs

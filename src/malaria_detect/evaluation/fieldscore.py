@@ -22,10 +22,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..data.annotations import INFECTED_TYPES, box_of, load_annotations, match
+from ..data.annotations import INFECTED_TYPES, box_of, load_annotations, match, match_pairs
 
 NOT_RED = {"white blood cell", "platelet", "difficult"}
-__all__ = ["format_scores", "load_annotations", "score_fields"]
+INFECTED = INFECTED_TYPES | {"parasitized"}  # COCO files may say "parasitized" without a stage
+__all__ = ["format_scores", "format_stages", "load_annotations", "score_fields", "stage_scores"]
 
 
 def _is_red(c) -> bool:
@@ -48,7 +49,7 @@ def score_fields(report: dict | list, annotations: list[dict], positive: str = "
         W, H = f.get("width", 1280), f.get("height", 960)
         objs = rec.get("objects", [])
         gt = [box_of(o) for o in objs if o["type"] not in NOT_RED]
-        gt_inf = [box_of(o) for o in objs if o["type"] in INFECTED_TYPES]
+        gt_inf = [box_of(o) for o in objs if o["type"] in INFECTED]
         cells = f.get("cells", [])
         red = [c for c in cells if _is_red(c)]
         pred = [tuple(map(float, c["box"])) for c in red]
@@ -90,6 +91,42 @@ def score_fields(report: dict | list, annotations: list[dict], positive: str = "
             "wbc_recall": n["wbc_found"] / max(1, wbc[1]) if n["wbc_pred"] else None,
             "n_infected_true": n["n_gt_inf"], "n_infected_called": n["n_pred_inf"], "n_red_true": n["n_gt"],
             "n_classified": n["classified"]}
+
+
+STAGES = ("ring", "trophozoite", "schizont", "gametocyte")
+
+
+def stage_scores(report: dict | list, annotations: list[dict], positive: str = "Parasitized") -> dict | None:
+    """Life stages: of the annotated infected cells found and called parasitized with a stage (matched at
+    IoU >= 0.3, the scorer's infected-cell rule), the confusion {true stage: {called stage: n}}, per
+    stage (right, matched), and the balanced accuracy over ring / trophozoite / gametocyte (schizonts are
+    too few to score); None when no called cell carries a stage."""
+    fields = report["fields"] if isinstance(report, dict) else report
+    by_name = {Path(f["image"]).name: f for f in fields}
+    confusion = {s: dict.fromkeys(STAGES, 0) for s in STAGES}
+    for r in annotations:
+        f = by_name.get(Path(r["image_name"]).name)
+        if f is None or f.get("error"):
+            continue
+        gt = [(box_of(o), o["type"]) for o in r.get("objects", []) if o["type"] in INFECTED_TYPES]
+        called = [c for c in f.get("cells", []) if _is_red(c) and c.get("label") == positive and not c.get("ood")
+                  and c.get("stage") in STAGES]
+        for i, j in match_pairs([tuple(map(float, c["box"])) for c in called], [g[0] for g in gt], 0.3).items():
+            confusion[gt[j][1]][called[i]["stage"]] += 1
+    per = {s: (row[s], sum(row.values())) for s, row in confusion.items()}
+    if not any(n for _, n in per.values()):
+        return None
+    scored = [k / n for s, (k, n) in per.items() if s != "schizont" and n]
+    return {"confusion": confusion, "per_stage": per,
+            "balanced_accuracy": sum(scored) / len(scored) if scored else None}
+
+
+def format_stages(st: dict | None) -> str:
+    if not st:
+        return "stages: no called cell carries a stage"
+    rows = ", ".join(f"{s} {k}/{n}" for s, (k, n) in st["per_stage"].items())
+    ba = st["balanced_accuracy"]
+    return f"stages (right/found): {rows}; balanced accuracy {'n/a' if ba is None else f'{ba:.3f}'}"
 
 
 def format_scores(s: dict) -> str:

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from ..cells.predictor import Predictor
-from ..counting import field_counts, field_note, parasites_per_ul, summarize
+from ..counting import TARGET_CELLS, field_counts, field_note, parasites_per_ul, summarize
 from ..imaging import FIELD_MAX_PIXELS, ImageError, iter_image_paths, open_rgb
 from ..record import RED_CELL
 from .area import fill_outside, imaged_area
@@ -47,6 +47,7 @@ class SmearOptions:
     batch_size: int = 128
     rbc_per_ul: float | None = None      # red cells per microlitre, for parasites/uL
     max_pixels: int = FIELD_MAX_PIXELS   # the largest field decoded (width x height)
+    target_cells: int = TARGET_CELLS     # the stopping rule: red cells a sample needs (counting.stopping_rule)
     detector: str | None = "bundled"     # the learned detector ('bundled' or export-detector's ONNX); None: the
                                          # classical segmenter (also used whenever cell_diameter is given)
 
@@ -206,6 +207,6 @@ def analyze_fields(pred: Predictor, paths: Iterable, opts: SmearOptions | None =
         fields.append(rec)
         if progress is not None:
             progress.update(1)
-    return {"fields": fields, "summary": summarize(fields, opts.rbc_per_ul),
+    return {"fields": fields, "summary": summarize(fields, opts.rbc_per_ul, opts.target_cells),
             "model": {"file": pred.path.name, "threshold": field_threshold(pred.record),
                       "class_names": list(pred.record.class_names)}}

@@ -201,4 +201,5 @@ def analyze_fields_ray(paths: Iterable, *, address: str = "local", model=None, o
         if started:
             ray_module().shutdown()
     model_entry = analyze_fields(pred, [], opts)["model"]  # the smear report's own, whatever it holds
-    return {"fields": fields, "summary": summarize(fields, opts.rbc_per_ul), "model": model_entry}
+    return {"fields": fields, "summary": summarize(fields, opts.rbc_per_ul, opts.target_cells),
+            "model": model_entry}

@@ -119,6 +119,6 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
         fields = [None if u.error is None else failed_field(u.name, u.error) for u in uploads]
         for i, rec in zip(good, done):
             fields[i] = rec
-        return {"fields": fields, "summary": summarize(fields)}
+        return {"fields": fields, "summary": summarize(fields, target_cells=settings.target_cells)}
 
     return pool

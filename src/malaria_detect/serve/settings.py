@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     max_files: Limit = 64
     max_pixels: Limit = 4_000_000
     heatmaps: bool = True
+    target_cells: Limit = 2000                  # the stopping rule: red cells a sample needs (counting.TARGET_CELLS)
     # comma-separated in the environment; None = by the bind address (run(): loopback -> LOCAL_HOSTS, else any)
     allowed_hosts: Annotated[list[str] | None, NoDecode] = None
     # whole fields (POST /smear): fewer, larger images than single cells

@@ -20,7 +20,7 @@ from typing import Annotated
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..counting import Counts, ImageSummary, Summary
+from ..counting import TARGET_CELLS, Counts, ImageSummary, Summary
 from .errors import short
 
 MAX_SUMMARY_ENTRIES = 50_000        # answers in one list (a page of 50,000 cells is more than one sends)
@@ -81,6 +81,8 @@ class FieldsSummary(BaseModel):
     n_white_cells: int = 0
     n_platelets: int = 0
     n_by_stage: dict[str, int] = Field(default_factory=dict, description="counted parasitized cells by life stage")
+    stopping: dict = Field(default_factory=dict, description="the stopping rule: target_cells, reached, cells_to_go, "
+                                                             "cells_per_field, more_fields (counting.stopping_rule)")
     n_fields: int
     n_errors: int = Field(description="fields with an error")
     n_analysed: int = Field(description="fields without an error")
@@ -106,9 +108,9 @@ class SummaryOut(BaseModel):
     cells: CellsSummary | None = None
 
 
-def summarize_fields(records: list[FieldCounts]) -> dict:
+def summarize_fields(records: list[FieldCounts], target_cells: int = TARGET_CELLS) -> dict:
     recs = [r.model_dump(exclude={"error"}) | ({"error": r.error} if r.error else {}) for r in records]
-    s = Summary.of(recs)
+    s = Summary.of(recs, target_cells=target_cells)
     return s.to_dict() | {"n_analysed": s.n_fields - s.n_errors}
 
 
@@ -137,5 +139,7 @@ def add_summary_routes(app: FastAPI) -> None:
         `summary` POST /smear gives, plus `n_analysed`. `cells`: single-cell answers (label, ood,
         error) -> the `summary` of `malaria-detect predict --json`, plus `classified` and the
         fraction's interval. Each list: at most 50,000 entries."""
-        return {"fields": None if body.fields is None else summarize_fields(body.fields),
+        settings = getattr(app.state, "settings", None)
+        target = settings.target_cells if settings is not None else TARGET_CELLS
+        return {"fields": None if body.fields is None else summarize_fields(body.fields, target),
                 "cells": None if body.cells is None else summarize_cells(body.cells, app.state.predictor.record)}

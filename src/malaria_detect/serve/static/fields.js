@@ -404,6 +404,14 @@
     q("#f-plt").textContent = t.n_platelets == null ? "" : plural(t.n_platelets, "platelet");
     const stages = Object.entries(t.n_by_stage || {});
     q("#f-stages").textContent = stages.length ? "parasitized by stage: " + stages.map(([k, n]) => `${n} ${k}`).join(", ") : "";
+    // the stopping rule, as the server decided it (counting.stopping_rule)
+    const st = ok && s.stopping && s.stopping.target_cells ? s.stopping : null;
+    q("#fields-stop").textContent = !st ? ""
+      : st.reached ? `Stopping rule: ${st.target_cells.toLocaleString("en")} red cells reached.`
+      : `Stopping rule: ${(st.target_cells - st.cells_to_go).toLocaleString("en")} of ${st.target_cells.toLocaleString("en")} red cells counted` +
+        (st.more_fields == null ? "." : `; about ${plural(st.more_fields, "more field")} like these.`);
+    q("#fields-stop-bar").hidden = !st;
+    if (st) q("#fields-stop-bar").value = (st.target_cells - st.cells_to_go) / st.target_cells;
     const note = q("#fields-note");
     note.textContent = s && s.failed ? `The server could not pool the fields: ${s.failed}.`
       : ok && s.n_analysed && s.note ? s.note : "";
