@@ -75,7 +75,7 @@ def _check_counts(rec: dict, class_names: list[str]) -> None:
 
 def test_answer_schema_and_counts(client, mixed):
     class_names = client.get("/model").json()["class_names"]
-    assert set(mixed) == {"fields", "summary"}
+    assert set(mixed) == {"fields", "summary", "samples"}
     whole = mixed["fields"][0]
     assert FIELD_KEYS <= set(whole) and "error" not in whole and "overlay" not in whole  # no overlay unless asked
     assert (whole["width"], whole["height"]) == (1280, 960)
@@ -198,3 +198,12 @@ def test_summary_of_the_fields_is_the_smear_summary(client, mixed):
     assert s == mixed["summary"] | {"n_analysed": 2} and r.json()["cells"] is None
     counts_only = [{k: f[k] for k in COUNT_KEYS} | ({"error": True} if "error" in f else {}) for f in mixed["fields"]]
     assert client.post("/summary", json={"fields": counts_only}).json()["fields"] == s
+
+
+def test_smear_names_the_sample_of_the_fields(client, field_bytes):
+    r = client.post("/smear?sample=patient-12", files=[("files", ("a.jpg", field_bytes, "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["fields"][0]["sample"] == "patient-12"
+    assert [s["sample"] for s in body["samples"]] == ["patient-12"]
+    assert body["samples"][0]["n_cells"] == body["summary"]["n_cells"] > 0

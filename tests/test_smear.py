@@ -256,3 +256,24 @@ def test_smear_target_cells_sets_the_stopping_rule(tmp_path, capsys):
     assert "stopping rule: 100 red cells reached" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="at least 1"):
         main(["smear", str(FIELDS / "PA171771.JPG"), "--target-cells", "0"])
+
+
+def test_each_folder_is_a_sample_and_sample_names_them_all(tmp_path, capsys):
+    from malaria_detect.cli import main
+
+    txl = Path(__file__).resolve().parents[1] / "samples" / "txl-pbc" / "val"
+    out = tmp_path / "r.json"
+    assert main(["smear", str(FIELDS), str(txl), "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert [s["sample"] for s in rep["samples"]] == ["fields", "val"]
+    for s in rep["samples"]:
+        mine = [f for f in rep["fields"] if f["sample"] == s["sample"]]
+        assert len(mine) == s["n_fields"] == 4 and s["n_cells"] == sum(f["n_cells"] for f in mine)
+        assert s["stopping"]["cells_to_go"] == 2000 - s["n_classified"]
+    assert rep["summary"]["n_cells"] == sum(s["n_cells"] for s in rep["samples"])
+    assert next(s for s in rep["samples"] if s["sample"] == "val")["n_parasitized"] == 0  # malaria-free
+    printed = capsys.readouterr().out
+    assert "sample fields: 4 fields" in printed and "sample val: 4 fields" in printed and "all samples, 8 fields" in printed
+    assert main(["smear", str(FIELDS / "PA171700.JPG"), str(txl), "--sample", "slide 7", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert {f["sample"] for f in rep["fields"]} == {"slide 7"} and len(rep["samples"]) == 1

@@ -271,6 +271,16 @@ class Summary:
                 + (f"\nnote: {self.note}" if self.note else ""))
 
 
+def sample_summaries(records: list[dict], rbc_per_ul: float | None = None,
+                     target_cells: int = TARGET_CELLS) -> list[dict]:
+    """One summary per sample (the records' `sample`, in order of first appearance), each with its id:
+    a slide's fields pooled, its stopping rule its own."""
+    order: dict = {}
+    for r in records:
+        order.setdefault(r.get("sample"), []).append(r)
+    return [{"sample": s} | Summary.of(rs, rbc_per_ul, target_cells).to_dict() for s, rs in order.items()]
+
+
 def summarize(records: list[dict], rbc_per_ul: float | None = None, target_cells: int = TARGET_CELLS) -> dict:
     """The smear report's `summary` of field records (Summary.of(...).to_dict())."""
     return Summary.of(records, rbc_per_ul, target_cells).to_dict()

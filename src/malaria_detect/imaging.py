@@ -214,6 +214,19 @@ def load_uint8(src, size: int) -> np.ndarray:
     return resize_uint8(open_rgb(src), size)
 
 
+def sample_names(paths: Iterable[str | Path]) -> dict[str, str]:
+    """Which sample each listed file belongs to when none is named: the name of the folder argument it was
+    found in (a folder of fields is one sample, a slide), else the name of its own folder. Keys are the
+    files as iter_image_paths lists them (str)."""
+    out = {}
+    for p in paths:
+        p = Path(p)
+        for q in iter_image_paths([p]) if p.is_dir() else [p]:
+            name = (p if p.is_dir() else q.parent).resolve().name or "sample"
+            out.setdefault(str(q), name)
+    return out
+
+
 def iter_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
     """Files as given, folders recursively (image extensions only), in a stable order; each real file
     once, however many arguments reach it (a warning says how many repeats were left out). In a

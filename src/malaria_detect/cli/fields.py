@@ -48,6 +48,10 @@ def add_parsers(sub) -> dict:
     p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
                    help="typical red-cell diameter in pixels, for the classical segmenter (which it then selects; "
                         "default: the detector, which finds the scale itself)")
+    p.add_argument("--sample", default=None, metavar="ID",
+                   help="the sample (slide, patient) the fields belong to (default: each folder given is one "
+                        "sample, named after it; a file given alone belongs to its folder's sample); the report "
+                        "pools each sample (`samples`) and all fields (`summary`)")
     p.add_argument("--target-cells", type=int, default=TARGET_CELLS, metavar="N",
                    help=f"the stopping rule: red cells to classify in the sample (default {TARGET_CELLS:,}, the WHO "
                         "thin-film count); the report says whether they were reached and about how many more fields "
@@ -136,7 +140,7 @@ def cmd_smear(a):
     if a.target_cells < 1:
         raise SystemExit("error: --target-cells must be at least 1")
     opts = SmearOptions(cell_diameter=a.cell_diameter, batch_size=a.batch_size, rbc_per_ul=a.rbc_per_ul,
-                        target_cells=a.target_cells,
+                        target_cells=a.target_cells, sample=a.sample,
                         max_pixels=a.max_field_pixels, detector=a.detector)
     report = _report(a, opts, a.model or str(bundled_field_model_path()))
     if a.json:
@@ -149,8 +153,14 @@ def cmd_smear(a):
         write_csv(report, a.csv)
     for f in report["fields"]:
         print(FieldReport.of(f).format())
+    samples = report.get("samples") or []
+    if len(samples) > 1:  # each sample apart, then all together
+        for one in samples:
+            rs = [f for f in report["fields"] if f.get("sample") == one["sample"]]
+            print(f"\nsample {one['sample']}: " + Summary.of(rs, a.rbc_per_ul, a.target_cells).format())
     s = Summary.of(report["fields"], a.rbc_per_ul, a.target_cells)
-    print("\n" + s.format()
+    print("\n" + ("all samples, " if len(samples) > 1 else f"sample {samples[0]['sample']}, " if samples else "")
+          + s.format()
           + (f"\nJSON written to {a.json}" if a.json else "") + (f"\nCSV written to {a.csv}" if a.csv else "")
           + (f"\nCOCO written to {a.coco}" if a.coco else "")
           + (f"\noverlays written to {a.overlays}" if a.overlays else ""))

@@ -29,8 +29,8 @@ import cv2
 import numpy as np
 
 from ..cells.predictor import Predictor
-from ..counting import TARGET_CELLS, field_counts, field_note, parasites_per_ul, summarize
-from ..imaging import FIELD_MAX_PIXELS, ImageError, iter_image_paths, open_rgb
+from ..counting import TARGET_CELLS, field_counts, field_note, parasites_per_ul, sample_summaries, summarize
+from ..imaging import FIELD_MAX_PIXELS, ImageError, iter_image_paths, open_rgb, sample_names
 from ..record import RED_CELL
 from .area import fill_outside, imaged_area
 from .crops import box_crops, cell_crops
@@ -48,6 +48,7 @@ class SmearOptions:
     rbc_per_ul: float | None = None      # red cells per microlitre, for parasites/uL
     max_pixels: int = FIELD_MAX_PIXELS   # the largest field decoded (width x height)
     target_cells: int = TARGET_CELLS     # the stopping rule: red cells a sample needs (counting.stopping_rule)
+    sample: str | None = None            # the sample (slide) of every field; None: each field's folder name
     detector: str | None = "bundled"     # the learned detector ('bundled' or export-detector's ONNX); None: the
                                          # classical segmenter (also used whenever cell_diameter is given)
 
@@ -196,17 +197,28 @@ def _finish(rec: dict, opts: SmearOptions, positive: str) -> dict:
 
 def analyze_fields(pred: Predictor, paths: Iterable, opts: SmearOptions | None = None, progress=None,
                    on_field=None) -> dict:
-    """Files and folders (recursively) -> {"fields": [...], "summary": {...}} (the smear --json format).
-    `on_field(index, path, record)` is called after each field (e.g. to draw its overlay)."""
+    """Files and folders (recursively) -> {"fields": [...], "summary": {...}, "samples": [...]} (the smear
+    --json format: every field carries its `sample`, `opts.sample` or its folder's name; `summary` pools
+    all fields, `samples` each sample). `on_field(index, path, record)` is called after each field (e.g.
+    to draw its overlay)."""
     opts = opts or SmearOptions()
+    paths = list(paths)
+    names = sample_names(paths) if opts.sample is None else {}
     fields = []
     for i, path in enumerate(iter_image_paths(paths)):
         rec = analyze_field(pred, path, str(path), opts)
+        rec["sample"] = opts.sample if opts.sample is not None else names.get(str(path), path.parent.name)
         if on_field:
             on_field(i, path, rec)
         fields.append(rec)
         if progress is not None:
             progress.update(1)
+    return report_of(pred, fields, opts)
+
+
+def report_of(pred: Predictor, fields: list[dict], opts: SmearOptions) -> dict:
+    """The smear report of analysed field records: pooled, per sample, and the model's entry."""
     return {"fields": fields, "summary": summarize(fields, opts.rbc_per_ul, opts.target_cells),
+            "samples": sample_summaries(fields, opts.rbc_per_ul, opts.target_cells),
             "model": {"file": pred.path.name, "threshold": field_threshold(pred.record),
                       "class_names": list(pred.record.class_names)}}

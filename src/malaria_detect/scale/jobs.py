@@ -184,10 +184,12 @@ def analyze_fields_ray(paths: Iterable, *, address: str = "local", model=None, o
     """Whole fields on Ray, one field per task, `fields.analysis.analyze_field` on each -> the same dict as
     `fields.analysis.analyze_fields`: {"fields": [...], "summary": {...}, "model": {...}}. Parquet: one row
     per field (counts as columns, the whole record with its cells as JSON)."""
-    from ..counting import summarize
-    from ..fields.analysis import SmearOptions, analyze_fields, failed_field
+    from ..fields.analysis import SmearOptions, failed_field, report_of
+    from ..imaging import sample_names
 
     opts = opts or SmearOptions()
+    paths = list(paths)
+    names = sample_names(paths) if opts.sample is None else {}
     rows, pred, ctor, started = _prepare(paths, model, address, num_cpus)
     ctor |= {"fault_hook": _fault_hook, "smear": asdict(opts)}
     try:
@@ -200,6 +202,6 @@ def analyze_fields_ray(paths: Iterable, *, address: str = "local", model=None, o
     finally:
         if started:
             ray_module().shutdown()
-    model_entry = analyze_fields(pred, [], opts)["model"]  # the smear report's own, whatever it holds
-    return {"fields": fields, "summary": summarize(fields, opts.rbc_per_ul, opts.target_cells),
-            "model": model_entry}
+    for f in fields:  # the same sample as a local run gives
+        f["sample"] = opts.sample if opts.sample is not None else names.get(f["image"], Path(f["image"]).parent.name)
+    return report_of(pred, fields, opts)

@@ -24,7 +24,7 @@ import threading
 
 from fastapi import FastAPI, File, Query, UploadFile
 
-from ..counting import summarize
+from ..counting import sample_summaries, summarize
 from ..imaging import ImageError, PixelBudget, open_rgb
 from .pool import FieldPool
 from .uploads import read_uploads, trim_heap
@@ -100,7 +100,10 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
                     overlay: bool = Query(False, description="add each annotated field as a JPEG data URL"),
                     cell_diameter: float | None = Query(None, ge=6, le=2000, allow_inf_nan=False,
                                                         description="red-cell diameter in pixels (default: "
-                                                                    "estimated from each field)")):
+                                                                    "estimated from each field)"),
+                    sample: str | None = Query(None, min_length=1, max_length=200,
+                                               description="the sample (slide, patient) these fields belong to: "
+                                                           "each field carries it, `samples` pools it")):
         n = min(len(files), settings.max_fields)  # more files: read_uploads answers 413
         pool.reserve(n)                            # or 503 with Retry-After: the pool is full
         try:
@@ -119,6 +122,9 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
         fields = [None if u.error is None else failed_field(u.name, u.error) for u in uploads]
         for i, rec in zip(good, done):
             fields[i] = rec
-        return {"fields": fields, "summary": summarize(fields, target_cells=settings.target_cells)}
+        for rec in fields:
+            rec["sample"] = sample
+        return {"fields": fields, "summary": summarize(fields, target_cells=settings.target_cells),
+                "samples": sample_summaries(fields, target_cells=settings.target_cells)}
 
     return pool
