@@ -277,3 +277,26 @@ def test_each_folder_is_a_sample_and_sample_names_them_all(tmp_path, capsys):
     assert main(["smear", str(FIELDS / "PA171700.JPG"), str(txl), "--sample", "slide 7", "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert {f["sample"] for f in rep["fields"]} == {"slide 7"} and len(rep["samples"]) == 1
+
+
+def test_smear_report_html_one_page_per_sample_with_the_counted_figures(tmp_path):
+    from malaria_detect.cli import main
+    from malaria_detect.counting import percent
+    from malaria_detect.fields.htmlreport import STATEMENT
+
+    txl = Path(__file__).resolve().parents[1] / "samples" / "txl-pbc" / "val"
+    out, page = tmp_path / "r.json", tmp_path / "report.html"
+    assert main(["smear", str(FIELDS), str(txl), "--json", str(out), "--report", str(page), "--operator",
+                 "A. <Tech>"]) == 0
+    rep, html = json.loads(out.read_text()), page.read_text()
+    sections = html.split('<section class="sample">')[1:]
+    assert len(sections) == 2 and html.count(STATEMENT) == 2
+    assert "A. &lt;Tech&gt;" in html and "<Tech>" not in html  # escaped
+    assert rep["model"]["weights_sha256"] and rep["model"]["weights_sha256"] in sections[0]
+    for s, sec in zip(rep["samples"], sections):
+        assert f"Malaria thin-smear report: {s['sample']}" in sec
+        assert f"{s['n_cells']:,} found, {s['n_classified']:,} classified" in sec
+        assert sec.count("<figure>") == min(s["n_parasitized"], 60)
+        if s["parasitemia"]:
+            assert percent(s["parasitemia"]) in sec
+    assert sections[1].count("<figure>") == 0 and "Stopping rule" in sections[1]

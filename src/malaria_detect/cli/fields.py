@@ -43,6 +43,11 @@ def add_parsers(sub) -> dict:
                    help="also write the objects as COCO detection JSON (boxes [x, y, w, h]; categories red cell, "
                         "parasitized red cell by stage, white cell, platelet, other; scores): for CVAT, Label Studio, "
                         "QuPath, FiftyOne, and evaluate-fields --annotations")
+    p.add_argument("--report", default=None, metavar="REPORT.html",
+                   help="also write a report to print or file: one page per sample (counts, parasitemia and its "
+                        "interval, stages, white cells, the stopping rule, the gallery of parasitized cells); the "
+                        "browser's Save as PDF gives clean pages")
+    p.add_argument("--operator", default=None, metavar="NAME", help="who ran the analysis, for --report")
     p.add_argument("--overlays", default=None, metavar="DIR",
                    help="write each field with its cells drawn (parasitized bold red with p) and the counts")
     p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
@@ -130,7 +135,7 @@ def cmd_smear(a):
         raise SystemExit("error: --cell-diameter must be between 6 and 2000 pixels")
     O.check_ray(a, "--overlays")
     _check_detector(a)
-    for out in (a.json, a.csv, a.coco):
+    for out in (a.json, a.csv, a.coco, a.report):
         if out and not Path(out).resolve().parent.is_dir():
             raise SystemExit(f"error: the folder of {out} does not exist")
     if a.overlays:
@@ -149,6 +154,10 @@ def cmd_smear(a):
         from ..data.coco import to_coco
 
         Path(a.coco).write_text(json.dumps(to_coco(report), indent=1))
+    if a.report:
+        from ..fields.htmlreport import write_report
+
+        write_report(report, a.report, a.operator)
     if a.csv:
         write_csv(report, a.csv)
     for f in report["fields"]:
@@ -162,7 +171,7 @@ def cmd_smear(a):
     print("\n" + ("all samples, " if len(samples) > 1 else f"sample {samples[0]['sample']}, " if samples else "")
           + s.format()
           + (f"\nJSON written to {a.json}" if a.json else "") + (f"\nCSV written to {a.csv}" if a.csv else "")
-          + (f"\nCOCO written to {a.coco}" if a.coco else "")
+          + (f"\nCOCO written to {a.coco}" if a.coco else "") + (f"\nreport written to {a.report}" if a.report else "")
           + (f"\noverlays written to {a.overlays}" if a.overlays else ""))
     return 1 if s.n_errors or s.counts.n_classified == 0 else 0
 

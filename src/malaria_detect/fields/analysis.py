@@ -221,4 +221,15 @@ def report_of(pred: Predictor, fields: list[dict], opts: SmearOptions) -> dict:
     return {"fields": fields, "summary": summarize(fields, opts.rbc_per_ul, opts.target_cells),
             "samples": sample_summaries(fields, opts.rbc_per_ul, opts.target_cells),
             "model": {"file": pred.path.name, "threshold": field_threshold(pred.record),
-                      "class_names": list(pred.record.class_names)}}
+                      "class_names": list(pred.record.class_names), "weights_sha256": _weights_hash(pred.path)}}
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_hash(path) -> str | None:
+    """The model's weights hash, as its metadata carries it (checked at load)."""
+    from ..modelfile import WEIGHTS_KEY, read_metadata
+
+    try:
+        return read_metadata(path).get(WEIGHTS_KEY)
+    except (OSError, ValueError):
+        return None
