@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# every smear of the tests (and of the commands they start) writes its samples database here, never into
+# the user's data directory
+os.environ["MALARIA_DETECT_DB"] = str(Path(__import__("tempfile").mkdtemp(prefix="md-db-")) / "samples.sqlite3")
 SAMPLES = ROOT / "samples"
 NIH = ROOT.parent / "shared" / "data" / "nih-cells"
 

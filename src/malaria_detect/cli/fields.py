@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from ..counting import TARGET_CELLS
@@ -48,6 +49,10 @@ def add_parsers(sub) -> dict:
                         "interval, stages, white cells, the stopping rule, the gallery of parasitized cells); the "
                         "browser's Save as PDF gives clean pages")
     p.add_argument("--operator", default=None, metavar="NAME", help="who ran the analysis, for --report")
+    p.add_argument("--db", default=None, metavar="FILE.sqlite3",
+                   help="the samples database the report is saved in (default: MALARIA_DETECT_DB, else "
+                        "samples.sqlite3 in your data directory); `malaria-detect samples` reads it")
+    p.add_argument("--no-db", action="store_true", help="do not save this analysis in the samples database")
     p.add_argument("--overlays", default=None, metavar="DIR",
                    help="write each field with its cells drawn (parasitized bold red with p) and the counts")
     p.add_argument("--cell-diameter", type=float, default=None, metavar="PX",
@@ -95,7 +100,57 @@ def add_parsers(sub) -> dict:
                         "default: the detector, which finds the scale itself)")
     p.add_argument("--detector", default=None, metavar="DETECTOR.onnx", help="as smear's --detector")
     O.add_json_flag(p, "print the figures as one JSON object")
-    return {"smear": cmd_smear, "cut-cells": cmd_cut_cells, "evaluate-fields": cmd_evaluate_fields}
+    p = sub.add_parser("samples", help="the samples database: list, show or export analysed samples")
+    p.add_argument("action", choices=("list", "show", "export"), help="list samples; show one; export one's report")
+    p.add_argument("sample", nargs="?", default=None, help="the sample id (show, export)")
+    p.add_argument("--db", default=None, metavar="FILE.sqlite3", help="the database (default: as smear's)")
+    p.add_argument("--search", default=None, help="list: ids containing this text")
+    p.add_argument("--since", default=None, metavar="YYYY-MM-DD", help="list: updated on or after this date")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="export: the sample's smear report")
+    p.add_argument("--coco", default=None, metavar="OUT.json", help="export: its objects as COCO")
+    p.add_argument("--report", default=None, metavar="OUT.html", help="export: its printable report")
+    return {"smear": cmd_smear, "cut-cells": cmd_cut_cells, "evaluate-fields": cmd_evaluate_fields,
+            "samples": cmd_samples}
+
+
+def cmd_samples(a):
+    from ..counting import FieldReport, Summary
+    from ..store import Store, StoreError
+
+    try:
+        with Store(a.db) as db:
+            if a.action == "list":
+                rows = db.samples(a.search, a.since)
+                for s in rows:
+                    pm = "n/a" if s["parasitemia"] is None else f"{s['parasitemia']:.2%}"
+                    print(f"{s['sample']}\t{s['updated']}\t{s['n_fields']} fields\t{s['n_cells']} red cells\t"
+                          f"{s['n_parasitized']} parasitized\tparasitemia {pm}")
+                print(f"{len(rows)} sample{'s' * (len(rows) != 1)} in {db.path}")
+                return 0
+            if not a.sample:
+                raise SystemExit(f"error: samples {a.action} needs a sample id (malaria-detect samples list)")
+            rep = db.sample(a.sample)
+    except StoreError as e:
+        raise SystemExit(f"error: {e}") from None
+    if a.action == "show":
+        for f in rep["fields"]:
+            print(FieldReport.of(f).format())
+        print(f"\nsample {a.sample}, " + Summary.of(rep["fields"]).format())
+        return 0
+    if not (a.json or a.coco or a.report):
+        raise SystemExit("error: samples export needs --json, --coco or --report")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rep, indent=1))
+    if a.coco:
+        from ..data.coco import to_coco
+
+        Path(a.coco).write_text(json.dumps(to_coco(rep), indent=1))
+    if a.report:
+        from ..fields.htmlreport import write_report
+
+        write_report(rep, a.report)
+    print(f"sample {a.sample} exported")
+    return 0
 
 
 def _report(a, opts, model: str) -> dict:
@@ -158,6 +213,16 @@ def cmd_smear(a):
         from ..fields.htmlreport import write_report
 
         write_report(report, a.report, a.operator)
+    saved = None
+    if not a.no_db:
+        from ..store import Store, StoreError
+
+        try:
+            with Store(a.db) as db:
+                db.save_report(report)
+                saved = db.path
+        except StoreError as e:
+            print(f"warning: {e}", file=sys.stderr)
     if a.csv:
         write_csv(report, a.csv)
     for f in report["fields"]:
@@ -172,6 +237,7 @@ def cmd_smear(a):
           + s.format()
           + (f"\nJSON written to {a.json}" if a.json else "") + (f"\nCSV written to {a.csv}" if a.csv else "")
           + (f"\nCOCO written to {a.coco}" if a.coco else "") + (f"\nreport written to {a.report}" if a.report else "")
+          + (f"\nsaved in {saved} (malaria-detect samples list)" if saved else "")
           + (f"\noverlays written to {a.overlays}" if a.overlays else ""))
     return 1 if s.n_errors or s.counts.n_classified == 0 else 0
 

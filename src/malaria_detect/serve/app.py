@@ -36,6 +36,7 @@ from .docs import add_offline_docs
 from .errors import http_error, invalid_request
 from .fields import add_smear_routes
 from .pool import PoolGate
+from .samples import add_sample_routes
 from .security import SecurityHeaders, timed_protocol
 from .settings import Settings, SettingsError, hosts_for, parse_hosts
 from .summary import MAX_SUMMARY_BYTES, add_summary_routes
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     add_cell_routes(app, settings)          # POST /predict, GET /model
     pool = add_smear_routes(app, settings)  # POST /smear: whole fields, in a bounded pool
     add_summary_routes(app)                 # POST /summary: the page's pooled counts
+    add_sample_routes(app, settings)        # GET /samples, GET /samples/{id}: the samples database
     app.add_middleware(PoolGate, pool=pool)
     hosts = settings.allowed_hosts or ["*"]
     if hosts != ["*"]:  # a wrong Host header (DNS rebinding) gets 400

@@ -124,7 +124,13 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
             fields[i] = rec
         for rec in fields:
             rec["sample"] = sample
-        return {"fields": fields, "summary": summarize(fields, target_cells=settings.target_cells),
-                "samples": sample_summaries(fields, target_cells=settings.target_cells)}
+        out = {"fields": fields, "summary": summarize(fields, target_cells=settings.target_cells),
+               "samples": sample_summaries(fields, target_cells=settings.target_cells)}
+        from ..fields.analysis import SmearOptions, report_of
+        from .samples import save_report
+
+        model = report_of(field_predictor(), [], SmearOptions())["model"]  # the report's own model entry
+        warning = save_report(settings, out | {"model": model})
+        return out | ({"warning": warning} if warning else {})
 
     return pool

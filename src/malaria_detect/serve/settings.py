@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     max_pixels: Limit = 4_000_000
     heatmaps: bool = True
     target_cells: Limit = 2000                  # the stopping rule: red cells a sample needs (counting.TARGET_CELLS)
+    db: str | None = None                       # the samples database (None: store.default_db_path())
+    db_enabled: bool = True                     # save every /smear there; GET /samples reads it
     # comma-separated in the environment; None = by the bind address (run(): loopback -> LOCAL_HOSTS, else any)
     allowed_hosts: Annotated[list[str] | None, NoDecode] = None
     # whole fields (POST /smear): fewer, larger images than single cells
