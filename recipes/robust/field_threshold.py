@@ -20,24 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from malaria_detect.cells.predictor import Predictor
-from malaria_detect.counting import field_counts
 from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
+from malaria_detect.evaluation.operating import relabel
 from malaria_detect.fields.analysis import analyze_field
 from malaria_detect.modelfile import write_model_record
 
 ROOT = Path(__file__).resolve().parents[2]
 
 IML = ROOT.parent / "shared" / "data" / "iml-fields"
-
-
-def relabel(report: dict, thr: float, record) -> dict:
-    """The report's cells labelled at another threshold (the record's rule), counted by smear's rule."""
-    fields = []
-    for f in report["fields"]:
-        cells = [c if c["p_parasitized"] is None else dict(c, label=str(record.labels(c["p_parasitized"], thr)))
-                 for c in f["cells"]]
-        fields.append(dict(f, cells=cells) | field_counts(cells, record.positive))
-    return {"fields": fields, "model": {"class_names": list(record.class_names)}}
 
 
 def main():

@@ -219,9 +219,13 @@ def analyze_fields(pred: Predictor, paths: Iterable, opts: SmearOptions | None =
 def report_of(pred: Predictor, fields: list[dict], opts: SmearOptions) -> dict:
     """The smear report of analysed field records: pooled, per sample, and the model's entry."""
     return {"fields": fields, "summary": summarize(fields, opts.rbc_per_ul, opts.target_cells),
-            "samples": sample_summaries(fields, opts.rbc_per_ul, opts.target_cells),
-            "model": {"file": pred.path.name, "threshold": field_threshold(pred.record),
-                      "class_names": list(pred.record.class_names), "weights_sha256": _weights_hash(pred.path)}}
+            "samples": sample_summaries(fields, opts.rbc_per_ul, opts.target_cells), "model": model_entry(pred)}
+
+
+def model_entry(pred: Predictor) -> dict:
+    """The report's `model`: its file, field threshold, class names and weights hash."""
+    return {"file": pred.path.name, "threshold": field_threshold(pred.record),
+            "class_names": list(pred.record.class_names), "weights_sha256": _weights_hash(pred.path)}
 
 
 @functools.lru_cache(maxsize=8)

@@ -126,11 +126,10 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
             rec["sample"] = sample
         out = {"fields": fields, "summary": summarize(fields, target_cells=settings.target_cells),
                "samples": sample_summaries(fields, target_cells=settings.target_cells)}
-        from ..fields.analysis import SmearOptions, report_of
+        from ..fields.analysis import model_entry
         from .samples import save_report
 
-        model = report_of(field_predictor(), [], SmearOptions())["model"]  # the report's own model entry
-        warning = save_report(settings, out | {"model": model})
+        warning = save_report(settings, out | {"model": model_entry(field_predictor())})
         return out | ({"warning": warning} if warning else {})
 
     return pool

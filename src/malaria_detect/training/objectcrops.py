@@ -21,6 +21,7 @@ from PIL import Image
 from ..data.annotations import INFECTED_TYPES
 from ..data.objects import LabelledField, labelled_fields
 from ..errors import UsageError
+from ..fields.crops import box_crop
 from .config import HeadsConfig
 
 KIND_NAMES = ("red cell", "white cell", "platelet", "other")
@@ -33,14 +34,11 @@ def _crop(img: Image.Image, box, size: int, scale: float = 1.0, shift=(0.0, 0.0)
     """A box crop as the field pipeline cuts it (fields/crops.box_crops: the box as it is, resized with
     Pillow's bilinear filter), optionally grown by `scale` and shifted by `shift` box sides."""
     x0, y0, x1, y1 = box
-    w, h = x1 - x0, y1 - y0
-    cx, cy = (x0 + x1) / 2 + shift[0] * w, (y0 + y1) / 2 + shift[1] * h
-    hw, hh = w * scale / 2, h * scale / 2
-    b = (max(0, round(cx - hw)), max(0, round(cy - hh)),
-         min(img.width, round(cx + hw)), min(img.height, round(cy + hh)))
-    if b[2] - b[0] < 2 or b[3] - b[1] < 2:
-        b = (max(0, int(x0)), max(0, int(y0)), min(img.width, int(x1) + 1), min(img.height, int(y1) + 1))
-    return np.asarray(img.crop(b).resize((size, size), Image.BILINEAR))
+    dx, dy = shift[0] * (x1 - x0), shift[1] * (y1 - y0)
+    crop = box_crop(img, (x0 + dx, y0 + dy, x1 + dx, y1 + dy), scale)
+    if crop.width < 2 or crop.height < 2:  # a sliver at the image's edge: the box as it is
+        crop = img.crop((max(0, int(x0)), max(0, int(y0)), min(img.width, int(x1) + 1), min(img.height, int(y1) + 1)))
+    return np.asarray(crop.resize((size, size), Image.BILINEAR))
 
 
 def _jitter(rng) -> tuple[float, tuple[float, float]]:
