@@ -88,7 +88,7 @@ def test_smear_saves_and_samples_lists_shows_and_exports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("patient 4\t") and "1 sample in" in out
     assert main(["samples", "show", "patient 4", "--db", str(db)]) == 0
-    assert "sample patient 4, 1 field:" in capsys.readouterr().out
+    assert "sample patient 4, model: 1 field:" in capsys.readouterr().out
     js, coco, html = tmp_path / "r.json", tmp_path / "c.json", tmp_path / "r.html"
     assert main(["samples", "export", "patient 4", "--db", str(db), "--json", str(js), "--coco", str(coco),
                  "--report", str(html)]) == 0

@@ -4,7 +4,14 @@
     db = Store()                      # MALARIA_DETECT_DB, else the user's data directory
     db.save_report(report)            # a smear report: one run, its fields (objects and counts inside)
     db.samples(search="slide")        # [{"sample", "created", "updated", "n_fields", "n_cells", ...}]
-    db.sample("slide-7")              # the smear report of every field of that sample, pooled again
+    db.sample("slide-7")              # the smear report of every field of that sample, pooled again,
+                                      # with its review: the decisions, who and when, the reviewed counts
+    db.add_review("slide-7", field_id, {"cell": "12", "action": "reject"}, reviewer="A. Technician")
+    db.picture(field_id)              # the field as analysed (JPEG, at most 1600 px a side)
+
+Each field is kept with its picture (a JPEG of at most PICTURE_MAX_SIDE pixels a side), so that a
+sample can be reviewed and its report printed after the original files are gone. Reviews (review.py)
+are kept as every decision made, with who made it and when; the latest on a cell wins.
 
 Schema versioned by `PRAGMA user_version` and migrated forward in one transaction when a database is
 opened; a database written by a newer version is refused, not altered. Several processes (two servers,
@@ -22,10 +29,12 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import review
 from .counting import TARGET_CELLS, Summary, sample_summaries
 from .errors import MalariaDetectError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+PICTURE_MAX_SIDE = 1600
 MIGRATIONS = {  # version -> statements that bring the previous version to it
     1: ["CREATE TABLE samples (id TEXT PRIMARY KEY, created TEXT NOT NULL, updated TEXT NOT NULL)",
         "CREATE TABLE runs (id INTEGER PRIMARY KEY, created TEXT NOT NULL, source TEXT NOT NULL, model_file TEXT, "
@@ -33,6 +42,11 @@ MIGRATIONS = {  # version -> statements that bring the previous version to it
         "CREATE TABLE fields (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id), "
         "sample TEXT NOT NULL REFERENCES samples(id), image TEXT NOT NULL, error TEXT, record TEXT NOT NULL)",
         "CREATE INDEX fields_sample ON fields(sample)", "CREATE INDEX samples_updated ON samples(updated)"],
+    2: ["CREATE TABLE pictures (field_id INTEGER PRIMARY KEY REFERENCES fields(id), jpeg BLOB NOT NULL, "
+        "width INTEGER NOT NULL, height INTEGER NOT NULL)",
+        "CREATE TABLE reviews (id INTEGER PRIMARY KEY, field_id INTEGER NOT NULL REFERENCES fields(id), "
+        "cell TEXT, action TEXT NOT NULL, stage TEXT, box TEXT, reviewer TEXT NOT NULL, created TEXT NOT NULL)",
+        "CREATE INDEX reviews_field ON reviews(field_id)"],
 }
 UNNAMED = "(unnamed)"  # the sample of fields analysed without one
 
@@ -53,6 +67,43 @@ def default_db_path() -> Path:
     else:
         base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return base / "malaria-detect" / "samples.sqlite3"
+
+
+def picture_entry(img) -> tuple[bytes, int, int]:
+    """A field's picture as save_report takes it: (JPEG, width, height)."""
+    return _picture({}, img)
+
+
+def field_picture(img) -> bytes:
+    """A field's picture as the database keeps it: JPEG (quality 85), at most PICTURE_MAX_SIDE a side."""
+    import io
+
+    from PIL import Image
+
+    img = img.convert("RGB")
+    if max(img.size) > PICTURE_MAX_SIDE:
+        k = PICTURE_MAX_SIDE / max(img.size)
+        img = img.resize((max(1, round(img.width * k)), max(1, round(img.height * k))), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _picture(field: dict, img=None) -> tuple[bytes, int, int] | None:
+    """(JPEG, width, height) of a field's picture: of `img` (PIL; a tuple is already one), else of its image
+    file when that is readable."""
+    if isinstance(img, tuple):
+        return img
+    if img is None:
+        from .imaging import FIELD_MAX_PIXELS, ImageError, open_rgb
+
+        try:
+            img = open_rgb(field["image"], FIELD_MAX_PIXELS, max_side=None)
+        except (ImageError, OSError, ValueError):
+            return None
+    jpeg = field_picture(img)
+    k = min(1.0, PICTURE_MAX_SIDE / max(img.size))
+    return jpeg, max(1, round(img.width * k)), max(1, round(img.height * k))
 
 
 def _now() -> str:
@@ -101,32 +152,97 @@ class Store:
     def version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
 
-    def save_report(self, report: dict, source: str = "cli") -> int:
-        """Store a smear report's fields as one run; returns the run's id. Fields without a sample go to
-        the sample '(unnamed)'."""
+    def save_report(self, report: dict, source: str = "cli", pictures: list | None = None) -> int:
+        """Store a smear report's fields as one run; returns the run's id and gives each field of `report`
+        its `field_id`. Fields without a sample go to the sample '(unnamed)'. `pictures`: one per field,
+        the field's image (PIL) or None; by default each field's image file is read, where it can be."""
         model, now = report.get("model", {}), _now()
+        # given pictures, no file is read (a server's field names are the uploads', not paths of its own)
+        jpegs = [None if f.get("error") else _picture(f) if pictures is None else
+                 _picture(f, pictures[i]) if pictures[i] is not None else None for i, f in enumerate(report["fields"])]
         try:
             self.db.execute("BEGIN IMMEDIATE")
             run = self.db.execute("INSERT INTO runs (created, source, model_file, model_sha256, field_threshold, "
                                   "class_names) VALUES (?, ?, ?, ?, ?, ?)",
                                   (now, source, model.get("file"), model.get("weights_sha256"), model.get("threshold"),
                                    json.dumps(model.get("class_names") or ["Uninfected", "Parasitized"])))
-            for f in report["fields"]:
+            ids = []
+            for f, jpeg in zip(report["fields"], jpegs):
                 sample = f.get("sample") or UNNAMED
                 self.db.execute("INSERT INTO samples (id, created, updated) VALUES (?, ?, ?) "
                                 "ON CONFLICT(id) DO UPDATE SET updated = excluded.updated", (sample, now, now))
-                self.db.execute("INSERT INTO fields (run_id, sample, image, error, record) VALUES (?, ?, ?, ?, ?)",
-                                (run.lastrowid, sample, str(f["image"]), f.get("error"), json.dumps(f)))
+                rec = {k: v for k, v in f.items() if k not in ("overlay", "field_id")}
+                row = self.db.execute("INSERT INTO fields (run_id, sample, image, error, record) "
+                                      "VALUES (?, ?, ?, ?, ?)",
+                                      (run.lastrowid, sample, str(f["image"]), f.get("error"), json.dumps(rec)))
+                ids.append(row.lastrowid)
+                if jpeg:
+                    self.db.execute("INSERT INTO pictures (field_id, jpeg, width, height) VALUES (?, ?, ?, ?)",
+                                    (row.lastrowid, *jpeg))
             self.db.execute("COMMIT")
-            return run.lastrowid
         except sqlite3.Error as e:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise StoreError(f"{self.path}: the report could not be saved ({e}); nothing of it was written") from None
+        for f, i in zip(report["fields"], ids):
+            f["field_id"] = i
+        return run.lastrowid
+
+    def picture(self, field_id: int, sample: str | None = None) -> bytes | None:
+        """The stored picture (JPEG) of a field (of `sample`, when given), or None."""
+        row = self.db.execute("SELECT p.jpeg FROM pictures p JOIN fields f ON f.id = p.field_id WHERE p.field_id = ? "
+                              "AND (? IS NULL OR f.sample = ?)", (field_id, sample, sample)).fetchone()
+        return row[0] if row else None
+
+    def field_image(self, field: dict, files: bool = True):
+        """A stored field's image (PIL): its picture in the database, else (`files`) its file where still
+        readable."""
+        import io
+
+        from PIL import Image
+
+        jpeg = self.picture(field["field_id"]) if field.get("field_id") else None
+        if jpeg:
+            return Image.open(io.BytesIO(jpeg)).convert("RGB")
+        got = _picture(field) if files else None
+        return Image.open(io.BytesIO(got[0])).convert("RGB") if got else None
+
+    def add_review(self, sample: str, field_id: int, decision: dict, reviewer: str) -> dict:
+        """Keep one decision (review.py) on an object of a field of `sample`, made by `reviewer` now;
+        returns it as stored. Raises review.ReviewError when it does not fit the field."""
+        reviewer = " ".join(str(reviewer or "").split())
+        if not reviewer or len(reviewer) > review.MAX_REVIEWER:
+            raise review.ReviewError(f"a review needs the reviewer's name (1 to {review.MAX_REVIEWER} characters)")
+        row = self.db.execute("SELECT record FROM fields WHERE id = ? AND sample = ?", (field_id, sample)).fetchone()
+        if row is None:
+            raise StoreError(f"no field {field_id} in sample {sample!r}")
+        d = review.check(decision, json.loads(row[0]))
+        now = _now()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute("INSERT INTO reviews (field_id, cell, action, stage, box, reviewer, created) "
+                                  "VALUES (?, ?, ?, ?, ?, ?, ?)", (field_id, d["cell"], d["action"], d["stage"],
+                                                                   json.dumps(d["box"]) if d["box"] else None,
+                                                                   reviewer, now))
+            self.db.execute("UPDATE samples SET updated = ? WHERE id = ?", (now, sample))
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: the review could not be saved ({e})") from None
+        return d | {"id": cur.lastrowid, "field_id": field_id, "reviewer": reviewer, "created": now}
+
+    def reviews(self, sample: str) -> list[dict]:
+        """Every decision on the fields of `sample`, oldest first."""
+        rows = self.db.execute("SELECT r.id, r.field_id, r.cell, r.action, r.stage, r.box, r.reviewer, r.created "
+                               "FROM reviews r JOIN fields f ON f.id = r.field_id WHERE f.sample = ? ORDER BY r.id",
+                               (sample,)).fetchall()
+        keys = ("id", "field_id", "cell", "action", "stage", "box", "reviewer", "created")
+        return [dict(zip(keys, r)) | {"box": json.loads(r[5]) if r[5] else None} for r in rows]
 
     def _records(self, sample: str) -> list[dict]:
-        return [json.loads(r) for (r,) in self.db.execute("SELECT record FROM fields WHERE sample = ? ORDER BY id",
-                                                            (sample,))]
+        return [json.loads(r) | {"field_id": i}
+                for i, r in self.db.execute("SELECT id, record FROM fields WHERE sample = ? ORDER BY id", (sample,))]
 
     def samples(self, search: str | None = None, since: str | None = None) -> list[dict]:
         """Samples, most recently updated first: id containing `search`, updated on or after `since`
@@ -140,19 +256,39 @@ class Store:
             args.append(since)
         out = []
         for sid, created, updated in self.db.execute(q + " ORDER BY updated DESC, id", args).fetchall():
-            s = Summary.of(self._records(sid)).to_dict()
-            out.append({"sample": sid, "created": created, "updated": updated} | s)
+            fields = self._records(sid)
+            s = Summary.of(fields).to_dict()
+            st = review.status(fields, self.reviews(sid), self._class_names(sid)[1])
+            out.append({"sample": sid, "created": created, "updated": updated} | s | {"review": st})
         return out
 
-    def sample(self, sample: str, target_cells: int = TARGET_CELLS) -> dict:
-        """The smear report of every stored field of `sample` (raises StoreError when there is none)."""
+    def _class_names(self, sample: str) -> list[str]:
+        row = self.db.execute("SELECT r.class_names FROM runs r JOIN fields f ON f.run_id = r.id WHERE f.sample = ? "
+                              "ORDER BY r.id DESC LIMIT 1", (sample,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else ["Uninfected", "Parasitized"]
+
+    def sample(self, sample: str, target_cells: int = TARGET_CELLS, reviewed: bool = False) -> dict:
+        """The smear report of every stored field of `sample` (raises StoreError when there is none), with
+        its review: `reviews` (every decision), `review` (who, when, how far) and `reviewed` (the counts
+        with the decisions applied, by the same rule). With `reviewed=True` the report's fields and
+        counts are the reviewed ones (what an export gives: the person's labels)."""
         fields = self._records(sample)
         if not fields:
             raise StoreError(f"no sample {sample!r} in {self.path}")
         runs = self.db.execute("SELECT DISTINCT r.id, r.created, r.model_file, r.model_sha256, r.class_names "
                                "FROM runs r JOIN fields f ON f.run_id = r.id WHERE f.sample = ? ORDER BY r.id",
                                (sample,)).fetchall()
-        return {"fields": fields, "summary": Summary.of(fields, target_cells=target_cells).to_dict(),
-                "samples": sample_summaries(fields, target_cells=target_cells),
+        names = json.loads(runs[-1][4])
+        decisions = self.reviews(sample)
+        by_field: dict[int, list[dict]] = {}
+        for d in decisions:
+            by_field.setdefault(d["field_id"], []).append(d)
+        revised = [review.apply(f, by_field.get(f["field_id"], []), names[1], names[0]) for f in fields]
+        shown = revised if reviewed else fields
+        return {"fields": shown, "summary": Summary.of(shown, target_cells=target_cells).to_dict(),
+                "samples": sample_summaries(shown, target_cells=target_cells),
+                "reviewed": Summary.of(revised, target_cells=target_cells).to_dict(),
+                "model_summary": Summary.of(fields, target_cells=target_cells).to_dict(),
+                "review": review.status(fields, decisions, names[1]), "reviews": decisions,
                 "runs": [{"created": c, "model_file": m, "model_sha256": h} for _, c, m, h, _ in runs],
-                "model": {"file": runs[-1][2], "weights_sha256": runs[-1][3], "class_names": json.loads(runs[-1][4])}}
+                "model": {"file": runs[-1][2], "weights_sha256": runs[-1][3], "class_names": names}}

@@ -94,3 +94,44 @@ def cut_cells(fields_dir: str | Path, annotations: str | Path, out: str | Path, 
         w.writerow(["file", "patient"])
         w.writerows(rows)
     return n
+
+
+def cut_reviewed(report: dict, out: str | Path, picture, progress=None) -> dict:
+    """Write the red cells of a reviewed sample (store.Store.sample(..., reviewed=True)) as a labelled
+    cell folder: each classified red cell by its box, under Parasitized/ or Uninfected/ as the person's
+    review left it (cells nobody changed keep the model's call), and patients.csv (file, sample), so
+    that `adapt` and `train` take a lab's review as its labelled cells. `picture(field)`: the field's
+    image (PIL, any scale) or None; fields without one are counted in `errors`."""
+    out = Path(out)
+    positive, negative = report["model"]["class_names"][1], report["model"]["class_names"][0]
+    for d in (POSITIVE, NEGATIVE):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    rows, n = [], {POSITIVE: 0, NEGATIVE: 0, "fields": 0, "errors": []}
+    for f in report["fields"]:
+        if f.get("error"):
+            continue
+        img = picture(f)
+        if img is None:
+            n["errors"].append(f"{f['image']}: no picture of this field (the file is gone and none was stored)")
+            continue
+        n["fields"] += 1
+        k = img.width / f["width"]
+        stem = f"{f.get('field_id', n['fields'])}_{Path(f['image']).stem}"
+        for j, c in enumerate(f["cells"]):
+            if c.get("kind", "red cell") != "red cell" or c.get("ood") or c.get("label") not in (positive, negative):
+                continue
+            im = box_crop(img, [v * k for v in c["box"]])
+            if im.width < 4 or im.height < 4:
+                continue
+            cls = POSITIVE if c["label"] == positive else NEGATIVE
+            name = f"{stem}_{c.get('key', j)}.png"
+            im.save(out / cls / name, compress_level=1)
+            rows.append((f"{cls}/{name}", f.get("sample") or report.get("sample") or "sample"))
+            n[cls] += 1
+        if progress is not None:
+            progress.update(1)
+    with open(out / "patients.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "patient"])
+        w.writerows(rows)
+    return n

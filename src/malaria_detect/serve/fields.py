@@ -71,6 +71,7 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
     def analyze(names: list[str], blobs: list[bytes], overlay: bool, cell_diameter: float | None) -> list[dict]:
         # OpenCV and scikit-image load with the first field, not with the server (~64 MB)
         from ..fields.analysis import SmearOptions, analyze_field, failed_field
+        from ..store import picture_entry
 
         pred = field_predictor()
         budget = PixelBudget(settings.max_request_pixels)
@@ -85,6 +86,8 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
             rec = analyze_field(pred, img, name, opts)
             if overlay and "error" not in rec:
                 rec["overlay"] = _overlay_data_url(img, rec, pred.record.positive)
+            if settings.db_enabled and "error" not in rec:
+                rec["_picture"] = picture_entry(img)  # kept with the field (store.py), not answered
             out.append(rec)
             del img
             trim_heap()  # the field's decode, masks and crops back to the OS (~50 MB less held after a burst)
@@ -129,7 +132,8 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
         from ..fields.analysis import model_entry
         from .samples import save_report
 
-        warning = save_report(settings, out | {"model": model_entry(field_predictor())})
+        pictures = [rec.pop("_picture", None) for rec in fields]
+        warning = save_report(settings, out | {"model": model_entry(field_predictor())}, pictures)
         return out | ({"warning": warning} if warning else {})
 
     return pool

@@ -1,24 +1,52 @@
 """The samples database over HTTP: POST /smear saves what it analysed (store.py), GET /samples lists
 the samples (search by id, updated since a date) and GET /samples/{id} gives one sample's report, its
-fields pooled again by the counting rule. The database is the server's `db` setting
-(MALARIA_DETECT_DB), else the user's data directory; `db_enabled=false` turns saving and these routes off.
+fields pooled again by the counting rule, with its review. A person's review: POST
+/samples/{id}/reviews (one decision: confirm, reject, stage, add, clear; review.py), answered with the
+sample's model and reviewed counts. GET /samples/{id}/fields/{field_id}/picture is a field as stored
+(JPEG), GET /samples/{id}/report.html the printable report (reviewed counts beside the model's).
+The database is the server's `db` setting (MALARIA_DETECT_DB), else the user's data directory;
+`db_enabled=false` turns saving and these routes off.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI, HTTPException, Query
+from typing import Literal
 
+from fastapi import FastAPI, HTTPException, Path, Query
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, Field
+
+from ..review import ACTIONS, MAX_REVIEWER, STAGES, ReviewError
 from ..store import Store, StoreError
 
+# the printable report: inline styles and data: images, no script
+REPORT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; "
+              "frame-ancestors 'self'")
+SAMPLE_ID = Path(..., min_length=1, max_length=200, description="the sample id")
 
-def save_report(settings, report: dict) -> str | None:
-    """Save a /smear answer; returns a warning instead of failing the request when the database cannot
-    be written (the answer is still the user's)."""
+
+class Decision(BaseModel):
+    """One decision of a person on one object of a stored field (review.py)."""
+
+    field_id: int = Field(..., ge=1, description="the field, as /smear or /samples/{id} numbered it")
+    action: Literal[ACTIONS] = Field(..., description="confirm, reject, stage (re-stage), add (a missed infected "
+                                                      "cell at x, y) or clear (withdraw)")
+    cell: str | None = Field(None, max_length=12, description="the object: its index in the field's cells, or "
+                                                              "'a<id>' for an added cell (not for add)")
+    stage: Literal[STAGES] | None = None
+    x: float | None = Field(None, ge=0, le=100000, allow_inf_nan=False, description="add: field pixels")
+    y: float | None = Field(None, ge=0, le=100000, allow_inf_nan=False)
+    reviewer: str = Field(..., min_length=1, max_length=MAX_REVIEWER, description="who decided (a name)")
+
+
+def save_report(settings, report: dict, pictures: list | None = None) -> str | None:
+    """Save a /smear answer (each field gets its `field_id`); returns a warning instead of failing the
+    request when the database cannot be written (the answer is still the user's)."""
     if not settings.db_enabled:
         return None
     try:
         with Store(settings.db) as db:
-            db.save_report(report, source="server")
+            db.save_report(report, source="server", pictures=pictures)
     except StoreError as e:
         return str(e)
     return None
@@ -36,12 +64,55 @@ def add_sample_routes(app: FastAPI, settings) -> None:
         except StoreError as e:
             raise HTTPException(503, str(e)) from None
 
-    @app.get("/samples/{sample}", summary="one sample's report: its fields, objects and pooled counts")
-    def sample(sample: str):
+    def open_db() -> Store:
         if not settings.db_enabled:
             raise HTTPException(404, "the samples database is turned off on this server")
         try:
-            with Store(settings.db) as db:
-                return db.sample(sample)
+            return Store(settings.db)
+        except StoreError as e:
+            raise HTTPException(503, str(e)) from None
+
+    def read(db: Store, sample: str, reviewed: bool = False) -> dict:
+        try:
+            return db.sample(sample, settings.target_cells, reviewed=reviewed)
         except StoreError as e:
             raise HTTPException(404 if "no sample" in str(e) else 503, str(e)) from None
+
+    @app.get("/samples/{sample}", summary="one sample's report: its fields, objects, pooled counts and review")
+    def sample(sample: str = SAMPLE_ID):
+        with open_db() as db:
+            return read(db, sample)
+
+    @app.post("/samples/{sample}/reviews", summary="a person's decision on one called (or missed) cell",
+              responses={422: {"description": "a malformed decision, or one that does not fit the field"},
+                         404: {"description": "no such sample or field"}})
+    def add_review(decision: Decision, sample: str = SAMPLE_ID):
+        with open_db() as db:
+            try:
+                d = db.add_review(sample, decision.field_id, decision.model_dump(exclude={"field_id", "reviewer"}),
+                                  decision.reviewer)
+            except ReviewError as e:
+                raise HTTPException(422, str(e)) from None
+            except StoreError as e:
+                raise HTTPException(404 if "no field" in str(e) else 503, str(e)) from None
+            rep = read(db, sample)
+        return {"decision": d, "review": rep["review"], "reviewed": rep["reviewed"], "model": rep["model_summary"]}
+
+    @app.get("/samples/{sample}/fields/{field_id}/picture", summary="a field's picture as stored (JPEG)",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    def picture(sample: str = SAMPLE_ID, field_id: int = Path(..., ge=1)):
+        with open_db() as db:
+            jpeg = db.picture(field_id, sample)
+        if jpeg is None:
+            raise HTTPException(404, f"no stored picture of field {field_id} in sample {sample!r}")
+        return Response(jpeg, media_type="image/jpeg", headers={"cache-control": "private, max-age=86400"})
+
+    @app.get("/samples/{sample}/report.html", summary="the sample's printable report (reviewed counts beside "
+                                                      "the model's)", response_class=HTMLResponse)
+    def report(sample: str = SAMPLE_ID, operator: str | None = Query(None, max_length=MAX_REVIEWER)):
+        from ..fields.htmlreport import render_report
+
+        with open_db() as db:
+            html = render_report(read(db, sample, reviewed=True), operator,
+                                 picture=lambda f: db.field_image(f, files=False))
+        return HTMLResponse(html, headers={"content-security-policy": REPORT_CSP})

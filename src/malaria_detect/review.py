@@ -1,0 +1,156 @@
+"""A person's review of the model's calls, and the reviewed field records the counting rule counts.
+
+A review is a list of decisions, each on one object of one stored field (its `cell` key: the object's
+index in the field record, as a string, or "a<id>" for an infected cell the person added):
+
+    confirm   the cell is parasitized, as called (its stage kept)
+    reject    the cell is not parasitized: counted as uninfected
+    stage     the cell is parasitized, at this stage (re-staged; also calls an uninfected cell)
+    add       a missed infected cell: at a point inside a red cell the model called uninfected, that cell
+              is called parasitized; elsewhere a new red cell (a box of the field's red-cell size) is added
+    clear     withdraw the decision on this cell (an added cell is removed)
+
+The latest decision on a cell wins; every decision is kept with who made it and when (store.py). The
+reviewed records are the model's with the decisions applied and their counts made again by
+counting.field_counts, so the model's counts and the reviewed counts come from one rule.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from .counting import field_counts, is_red_cell
+from .errors import MalariaDetectError
+
+ACTIONS = ("confirm", "reject", "stage", "add", "clear")
+STAGES = ("ring", "trophozoite", "schizont", "gametocyte")
+MAX_REVIEWER = 80
+
+
+class ReviewError(MalariaDetectError, ValueError):
+    """A decision that cannot be applied (unknown action or stage, no such cell, a point outside the field)."""
+
+
+def is_called(cell: dict, positive: str) -> bool:
+    """A red cell the model called parasitized (what a person confirms or rejects)."""
+    return is_red_cell(cell) and cell.get("label") == positive and not cell.get("ood")
+
+
+def check(decision: dict, field: dict) -> dict:
+    """A decision as it is stored: {"cell", "action", "stage", "box"}; raises ReviewError when it does not
+    fit `field` (the stored record). An `add` at a point is resolved here: into the red cell under it, or
+    a new box centred on it."""
+    action, stage = decision.get("action"), decision.get("stage") or None
+    if action not in ACTIONS:
+        raise ReviewError(f"unknown review action {action!r}: one of {', '.join(ACTIONS)}")
+    if stage is not None and stage not in STAGES:
+        raise ReviewError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
+    if action == "stage" and stage is None:
+        raise ReviewError("a 'stage' decision needs the stage")
+    if field.get("error"):
+        raise ReviewError(f"field {field.get('image')} was not analysed: nothing to review")
+    cells = field["cells"]
+    if action == "add":
+        return _add(decision, field, stage)
+    cell = str(decision.get("cell", ""))
+    if cell.startswith("a") and cell[1:].isdigit():
+        if action not in ("clear", "reject"):
+            raise ReviewError("an added cell can only be withdrawn (clear or reject)")
+        return {"cell": cell, "action": "clear", "stage": None, "box": None}
+    if not cell.isdigit() or int(cell) >= len(cells):
+        raise ReviewError(f"field {field.get('image')} has no object {cell!r} (it has {len(cells)})")
+    if not is_red_cell(cells[int(cell)]):
+        raise ReviewError(f"object {cell} of {field.get('image')} is a {cells[int(cell)]['kind']}, not a red cell")
+    return {"cell": cell, "action": action, "stage": stage, "box": None}
+
+
+def _add(decision: dict, field: dict, stage: str | None) -> dict:
+    try:
+        x, y = float(decision["x"]), float(decision["y"])
+    except (KeyError, TypeError, ValueError):
+        raise ReviewError("an 'add' decision needs the point clicked: x and y in field pixels") from None
+    if not (0 <= x < field["width"] and 0 <= y < field["height"]):
+        raise ReviewError(f"({x:.0f}, {y:.0f}) is outside the field ({field['width']} x {field['height']})")
+    reds = [(i, c) for i, c in enumerate(field["cells"]) if is_red_cell(c)]
+    under = [(i, c) for i, c in reds if c["box"][0] <= x <= c["box"][2] and c["box"][1] <= y <= c["box"][3]]
+    if under:  # the smallest red cell under the point: it was missed (or flagged): call it
+        i, _ = min(under, key=lambda t: (t[1]["box"][2] - t[1]["box"][0]) * (t[1]["box"][3] - t[1]["box"][1]))
+        return {"cell": str(i), "action": "stage" if stage else "confirm", "stage": stage, "box": None}
+    sides = [max(c["box"][2] - c["box"][0], c["box"][3] - c["box"][1]) for _, c in reds]
+    r = (statistics.median(sides) if sides else min(field["width"], field["height"]) / 12) / 2
+    box = [max(0, round(x - r)), max(0, round(y - r)), min(field["width"], round(x + r)),
+           min(field["height"], round(y + r))]
+    return {"cell": None, "action": "add", "stage": stage, "box": box}
+
+
+def latest(decisions: list[dict]) -> dict[str, dict]:
+    """The decisions in force on one field: cell key -> the latest decision on it (in `decisions` order,
+    oldest first; each with its `id`). An added cell's key is "a<id>"; cleared cells are left out."""
+    out: dict[str, dict] = {}
+    for d in decisions:
+        key = f"a{d['id']}" if d["action"] == "add" else d["cell"]
+        if d["action"] == "clear":
+            out.pop(key, None)
+        else:
+            out[key] = d
+    return out
+
+
+def apply(field: dict, decisions: list[dict], positive: str, negative: str) -> dict:
+    """The field record as reviewed: its objects with the decisions in force, its counts made again."""
+    if field.get("error"):
+        return field
+    cells = [dict(c) for c in field["cells"]]
+    for key, d in latest(decisions).items():
+        if d["action"] == "add":
+            cells.append({"box": d["box"], "kind": "red cell", "label": positive, "ood": False,
+                          "p_parasitized": None, "stage": d.get("stage"), "key": key, "review": "added"})
+            continue
+        c = cells[int(key)]
+        if d["action"] == "reject":
+            c.update(label=negative, stage=None, review="rejected")
+        else:
+            stage = d.get("stage") or c.get("stage")
+            review = "added" if not is_called(c, positive) else \
+                "restaged" if stage != c.get("stage") else "confirmed"
+            c.update(label=positive, ood=False, review=review, stage=stage)
+    return field | {"cells": cells} | field_counts(cells, positive)
+
+
+def status(fields: list[dict], decisions: list[dict], positive: str) -> dict:
+    """Who reviewed, when, and how far: every called cell decided or not."""
+    by_field: dict[int, list[dict]] = {}
+    for d in decisions:
+        by_field.setdefault(d["field_id"], []).append(d)
+    n_called = n_decided = 0
+    tally = {"confirmed": 0, "rejected": 0, "restaged": 0, "added": 0}
+    for f in fields:
+        if f.get("error"):
+            continue
+        now = latest(by_field.get(f.get("field_id"), []))
+        called = {str(i) for i, c in enumerate(f["cells"]) if is_called(c, positive)}
+        n_called += len(called)
+        n_decided += len(called & now.keys())
+        for key, d in now.items():
+            if d["action"] == "add" or key not in called:
+                tally["added"] += 1
+            elif d["action"] == "reject":
+                tally["rejected"] += 1
+            elif d["action"] == "stage" and d.get("stage") != f["cells"][int(key)].get("stage"):
+                tally["restaged"] += 1
+            else:
+                tally["confirmed"] += 1
+    reviewers = sorted({d["reviewer"] for d in decisions})
+    return {"reviewed": bool(decisions), "complete": bool(decisions) and n_decided == n_called,
+            "n_called": n_called, "n_decided": n_decided, **{f"n_{k}": v for k, v in tally.items()},
+            "reviewers": reviewers, "first": min((d["created"] for d in decisions), default=None),
+            "last": max((d["created"] for d in decisions), default=None)}
+
+
+def status_text(s: dict) -> str:
+    """One line for the report and the terminal."""
+    if not s["reviewed"]:
+        return "not reviewed: the calls are the model's"
+    done = "complete" if s["complete"] else f"{s['n_decided']} of {s['n_called']} called cells decided"
+    return (f"reviewed by {', '.join(s['reviewers'])} ({s['last']}): {done}; {s['n_confirmed']} confirmed, "
+            f"{s['n_rejected']} rejected, {s['n_restaged']} re-staged, {s['n_added']} added")

@@ -1,0 +1,187 @@
+"""A person's review (review.py, store.py schema 2): decisions on the calls of a real field, the reviewed
+counts beside the model's, kept across a restart, a database of schema 1 migrated, bad decisions refused
+without writing anything, and the review exported as COCO and as a labelled cell folder that `adapt`
+reads; over HTTP too."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from malaria_detect.review import ReviewError
+from malaria_detect.store import MIGRATIONS, Store
+
+FIELD = Path(__file__).resolve().parents[1] / "samples" / "fields" / "PA171771.JPG"
+WHO = "A. Technician"
+
+
+@pytest.fixture(scope="module")
+def report():
+    import malaria_detect as md
+
+    rep = md.smear([FIELD])
+    rep["fields"][0]["sample"] = "slide-9"
+    return rep
+
+
+def _called(field: dict) -> list[int]:
+    return [i for i, c in enumerate(field["cells"]) if c.get("label") == "Parasitized" and not c.get("ood")]
+
+
+def _empty_point(field: dict) -> tuple[float, float]:
+    """A point of the field inside no object's box (where a missed cell is added)."""
+    for y in range(20, field["height"] - 20, 10):
+        for x in range(20, field["width"] - 20, 10):
+            if not any(b[0] - 5 <= x <= b[2] + 5 and b[1] - 5 <= y <= b[3] + 5 for b in (c["box"] for c in field["cells"])):
+                return x, y
+    raise AssertionError("no empty point in the field")
+
+
+def test_a_review_changes_the_reviewed_counts_only_and_survives_a_restart(report, tmp_path):
+    db = tmp_path / "s.sqlite3"
+    f = report["fields"][0]
+    called = _called(f)
+    assert len(called) >= 2, "the field should have at least two calls to review"
+    unin = next(i for i, c in enumerate(f["cells"]) if c.get("label") == "Uninfected" and not c.get("ood"))
+    with Store(db) as s:
+        s.save_report(report)
+        fid = f["field_id"]
+        assert s.picture(fid)[:2] == b"\xff\xd8"  # the field kept as a JPEG
+        s.add_review("slide-9", fid, {"cell": str(called[0]), "action": "reject"}, WHO)
+        s.add_review("slide-9", fid, {"cell": str(called[1]), "action": "stage", "stage": "trophozoite"}, WHO)
+        b = f["cells"][unin]["box"]
+        inside = s.add_review("slide-9", fid, {"action": "add", "x": (b[0] + b[2]) / 2, "y": (b[1] + b[3]) / 2}, WHO)
+        assert inside["cell"] == str(unin) and inside["action"] == "confirm"  # the cell under the click is called
+        x, y = _empty_point(f)
+        added = s.add_review("slide-9", fid, {"action": "add", "x": x, "y": y, "stage": "ring"}, "  B.  Reader ")
+        assert added["cell"] is None and added["reviewer"] == "B. Reader"
+        bx = added["box"]
+        assert bx[0] <= x <= bx[2] and bx[1] <= y <= bx[3] and 20 < bx[2] - bx[0] < 200
+    with Store(db) as s:  # after a restart
+        rep = s.sample("slide-9")
+        model, reviewed, st = rep["model_summary"], rep["reviewed"], rep["review"]
+        assert model["n_parasitized"] == f["n_parasitized"] and rep["summary"] == model  # the model's, untouched
+        assert reviewed["n_parasitized"] == f["n_parasitized"] - 1 + 2
+        assert reviewed["n_cells"] == f["n_cells"] + 1  # the added red cell is counted
+        assert reviewed["n_by_stage"].get("trophozoite", 0) == model["n_by_stage"].get("trophozoite", 0) + 1
+        assert st["reviewed"] and not st["complete"] and st["reviewers"] == ["A. Technician", "B. Reader"]
+        assert (st["n_rejected"], st["n_restaged"], st["n_added"], st["n_decided"]) == (1, 1, 2, 2)
+        # the latest decision wins; clear withdraws; an added cell is withdrawn by its key
+        s.add_review("slide-9", fid, {"cell": str(called[0]), "action": "confirm"}, WHO)
+        s.add_review("slide-9", fid, {"cell": f"a{added['id']}", "action": "clear"}, WHO)
+        for i in called[2:]:
+            s.add_review("slide-9", fid, {"cell": str(i), "action": "confirm"}, WHO)
+        rep = s.sample("slide-9", reviewed=True)
+        assert rep["reviewed"]["n_parasitized"] == f["n_parasitized"] + 1 and rep["review"]["complete"]
+        assert rep["summary"] == rep["reviewed"]  # reviewed=True: the report is the person's
+        assert len(rep["reviews"]) == 4 + 2 + len(called[2:])  # every decision kept
+        assert [s_["review"]["reviewed"] for s_ in s.samples()] == [True]
+
+
+@pytest.mark.parametrize("decision, why", [
+    ({"cell": "0", "action": "delete"}, "unknown review action"),
+    ({"cell": "0", "action": "stage", "stage": "spore"}, "unknown stage"),
+    ({"cell": "0", "action": "stage"}, "needs the stage"),
+    ({"cell": "9999", "action": "reject"}, "has no object"),
+    ({"action": "add", "x": 5000, "y": 10}, "outside the field"),
+    ({"action": "add"}, "needs the point"),
+])
+def test_a_decision_that_does_not_fit_is_refused_and_nothing_is_written(report, tmp_path, decision, why):
+    with Store(tmp_path / "s.sqlite3") as s:
+        s.save_report(report)
+        with pytest.raises(ReviewError, match=why):
+            s.add_review("slide-9", report["fields"][0]["field_id"], decision, WHO)
+        with pytest.raises(ReviewError, match="reviewer"):
+            s.add_review("slide-9", report["fields"][0]["field_id"], {"cell": "0", "action": "reject"}, "  ")
+        white = next(i for i, c in enumerate(report["fields"][0]["cells"]) if c["kind"] != "red cell")
+        with pytest.raises(ReviewError, match="not a red cell"):
+            s.add_review("slide-9", report["fields"][0]["field_id"], {"cell": str(white), "action": "reject"}, WHO)
+        assert s.reviews("slide-9") == [] and not s.sample("slide-9")["review"]["reviewed"]
+
+
+def test_a_database_of_schema_1_is_migrated_with_its_samples_kept(report, tmp_path):
+    db = tmp_path / "old.sqlite3"
+    con = sqlite3.connect(db)
+    for statement in MIGRATIONS[1]:
+        con.execute(statement)
+    rec = {k: v for k, v in report["fields"][0].items() if k != "field_id"}
+    con.execute("INSERT INTO samples VALUES ('old', '2026-11-01T00:00:00+00:00', '2026-11-01T00:00:00+00:00')")
+    con.execute("INSERT INTO runs (created, source, class_names) VALUES ('2026-11-01', 'cli', "
+                "'[\"Uninfected\", \"Parasitized\"]')")
+    con.execute("INSERT INTO fields (run_id, sample, image, record) VALUES (1, 'old', ?, ?)", (rec["image"], json.dumps(rec)))
+    con.execute("PRAGMA user_version = 1")
+    con.commit()
+    con.close()
+    with Store(db) as s:
+        assert s.version == 2
+        rep = s.sample("old")
+        assert rep["summary"]["n_cells"] == rec["n_cells"] and s.picture(1) is None
+        s.add_review("old", 1, {"cell": str(_called(rec)[0]), "action": "reject"}, WHO)  # schema 2 works on old rows
+        assert s.sample("old")["reviewed"]["n_parasitized"] == rec["n_parasitized"] - 1
+
+
+def test_a_reviewed_sample_exports_coco_and_cells_that_adapt_reads(report, tmp_path, capsys):
+    from malaria_detect.cli import main
+    from malaria_detect.data.folders import find_images
+
+    db = tmp_path / "s.sqlite3"
+    f = report["fields"][0]
+    with Store(db) as s:
+        s.save_report(report)
+    cells = tmp_path / "cells"
+    with pytest.raises(SystemExit, match="was not reviewed"):
+        main(["samples", "export", "slide-9", "--db", str(db), "--cells", str(cells)])
+    rejected = _called(f)[0]
+    with Store(db) as s:
+        s.add_review("slide-9", f["field_id"], {"cell": str(rejected), "action": "reject"}, WHO)
+    coco, html = tmp_path / "c.json", tmp_path / "r.html"
+    assert main(["samples", "export", "slide-9", "--db", str(db), "--cells", str(cells), "--coco", str(coco),
+                 "--report", str(html)]) == 0
+    assert "with its review" in capsys.readouterr().out
+    items = find_images(cells, cells / "patients.csv")
+    n_pos = sum(i.label == 1 for i in items)
+    assert n_pos == f["n_parasitized"] - 1 and len(items) - n_pos >= f["n_classified"] - f["n_parasitized"]
+    names = {c["id"]: c["name"] for c in json.loads(coco.read_text())["categories"]}
+    anns = json.loads(coco.read_text())["annotations"]
+    assert names[anns[rejected]["category_id"]] == "red cell"  # the person's label, not the model's
+    page = html.read_text()
+    assert "rejected by the reviewer (1)" in page and "A. Technician" in page and "<th>Reviewed</th>" in page
+    assert main(["samples", "show", "slide-9", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "reviewed by A. Technician" in out and "sample slide-9, reviewed:" in out
+
+
+def test_the_page_reviews_over_http(bundled, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from malaria_detect.serve.app import create_app
+    from malaria_detect.serve.settings import Settings
+
+    with TestClient(create_app(Settings(model=None, db=str(tmp_path / "s.sqlite3")), bundled)) as c:
+        r = c.post("/smear?sample=ward-5", files=[("files", ("f.jpg", FIELD.read_bytes(), "image/jpeg"))]).json()
+        f = r["fields"][0]
+        assert "_picture" not in f and f["field_id"] >= 1
+        pic = c.get(f"/samples/ward-5/fields/{f['field_id']}/picture")
+        assert pic.status_code == 200 and pic.headers["content-type"] == "image/jpeg"
+        assert c.get(f"/samples/other/fields/{f['field_id']}/picture").status_code == 404
+        called = _called(f)
+        ok = c.post("/samples/ward-5/reviews", json={"field_id": f["field_id"], "cell": str(called[0]),
+                                                     "action": "reject", "reviewer": WHO})
+        assert ok.status_code == 200, ok.text
+        body = ok.json()
+        assert body["reviewed"]["n_parasitized"] == body["model"]["n_parasitized"] - 1
+        assert body["review"]["reviewers"] == [WHO]
+        bad = c.post("/samples/ward-5/reviews", json={"field_id": f["field_id"], "cell": "99999", "action": "reject",
+                                                      "reviewer": WHO})
+        assert bad.status_code == 422 and "has no object" in bad.json()["detail"]
+        assert c.post("/samples/ward-5/reviews", json={"field_id": 999, "cell": "1", "action": "reject",
+                                                       "reviewer": WHO}).status_code == 404
+        assert c.post("/samples/ward-5/reviews", json={"field_id": f["field_id"], "cell": "1",
+                                                       "action": "reject"}).status_code == 422  # no reviewer
+        page = c.get("/samples/ward-5/report.html")
+        assert page.status_code == 200 and "script-src" not in page.headers["content-security-policy"]
+        assert "Called by the model, rejected by the reviewer (1)" in page.text
+        assert c.get("/samples/ward-5").json()["review"]["n_rejected"] == 1
