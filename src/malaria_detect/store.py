@@ -257,10 +257,20 @@ class Store:
         out = []
         for sid, created, updated in self.db.execute(q + " ORDER BY updated DESC, id", args).fetchall():
             fields = self._records(sid)
-            s = Summary.of(fields).to_dict()
-            st = review.status(fields, self.reviews(sid), self._class_names(sid)[1])
-            out.append({"sample": sid, "created": created, "updated": updated} | s | {"review": st})
+            decisions, revised = self._reviewed(sid, fields)
+            st = review.status(fields, decisions, self._class_names(sid)[1])
+            out.append({"sample": sid, "created": created, "updated": updated} | Summary.of(fields).to_dict()
+                       | {"review": st, "reviewed": Summary.of(revised).to_dict() if decisions else None})
         return out
+
+    def _reviewed(self, sample: str, fields: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Every decision on `sample`, and its field records with the decisions in force applied."""
+        neg, pos = self._class_names(sample)
+        decisions = self.reviews(sample)
+        by_field: dict[int, list[dict]] = {}
+        for d in decisions:
+            by_field.setdefault(d["field_id"], []).append(d)
+        return decisions, [review.apply(f, by_field.get(f["field_id"], []), pos, neg) for f in fields]
 
     def _class_names(self, sample: str) -> list[str]:
         row = self.db.execute("SELECT r.class_names FROM runs r JOIN fields f ON f.run_id = r.id WHERE f.sample = ? "
@@ -269,7 +279,8 @@ class Store:
 
     def sample(self, sample: str, target_cells: int = TARGET_CELLS, reviewed: bool = False) -> dict:
         """The smear report of every stored field of `sample` (raises StoreError when there is none), with
-        its review: `reviews` (every decision), `review` (who, when, how far) and `reviewed` (the counts
+        its review: `reviews` (every decision), `decisions` (those in force: field id -> cell key ->
+        decision), `review` (who, when, how far) and `reviewed` (the counts
         with the decisions applied, by the same rule). With `reviewed=True` the report's fields and
         counts are the reviewed ones (what an export gives: the person's labels)."""
         fields = self._records(sample)
@@ -279,16 +290,16 @@ class Store:
                                "FROM runs r JOIN fields f ON f.run_id = r.id WHERE f.sample = ? ORDER BY r.id",
                                (sample,)).fetchall()
         names = json.loads(runs[-1][4])
-        decisions = self.reviews(sample)
+        decisions, revised = self._reviewed(sample, fields)
         by_field: dict[int, list[dict]] = {}
         for d in decisions:
             by_field.setdefault(d["field_id"], []).append(d)
-        revised = [review.apply(f, by_field.get(f["field_id"], []), names[1], names[0]) for f in fields]
         shown = revised if reviewed else fields
         return {"fields": shown, "summary": Summary.of(shown, target_cells=target_cells).to_dict(),
                 "samples": sample_summaries(shown, target_cells=target_cells),
                 "reviewed": Summary.of(revised, target_cells=target_cells).to_dict(),
                 "model_summary": Summary.of(fields, target_cells=target_cells).to_dict(),
                 "review": review.status(fields, decisions, names[1]), "reviews": decisions,
+                "decisions": {str(k): review.latest(v) for k, v in by_field.items()},
                 "runs": [{"created": c, "model_file": m, "model_sha256": h} for _, c, m, h, _ in runs],
                 "model": {"file": runs[-1][2], "weights_sha256": runs[-1][3], "class_names": names}}

@@ -83,6 +83,14 @@ def add_sample_routes(app: FastAPI, settings) -> None:
         with open_db() as db:
             return read(db, sample)
 
+    @app.get("/samples/{sample}/review", summary="a sample's review: the decisions in force, who and when, and the "
+                                                  "model's and the reviewed counts")
+    def review_of(sample: str = SAMPLE_ID):
+        with open_db() as db:
+            rep = read(db, sample)
+        return {"decisions": rep["decisions"], "review": rep["review"], "reviewed": rep["reviewed"],
+                "model": rep["model_summary"]}
+
     @app.post("/samples/{sample}/reviews", summary="a person's decision on one called (or missed) cell",
               responses={422: {"description": "a malformed decision, or one that does not fit the field"},
                          404: {"description": "no such sample or field"}})
@@ -96,7 +104,8 @@ def add_sample_routes(app: FastAPI, settings) -> None:
             except StoreError as e:
                 raise HTTPException(404 if "no field" in str(e) else 503, str(e)) from None
             rep = read(db, sample)
-        return {"decision": d, "review": rep["review"], "reviewed": rep["reviewed"], "model": rep["model_summary"]}
+        return {"decision": d, "decisions": rep["decisions"].get(str(decision.field_id), {}), "review": rep["review"],
+                "reviewed": rep["reviewed"], "model": rep["model_summary"]}
 
     @app.get("/samples/{sample}/fields/{field_id}/picture", summary="a field's picture as stored (JPEG)",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})

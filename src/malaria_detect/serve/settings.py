@@ -111,7 +111,7 @@ class Settings(BaseSettings):
         return {k: getattr(self, k) for k in ("max_file_bytes", "max_files", "max_pixels", "max_request_bytes",
                                               "max_request_pixels", "max_fields", "max_field_bytes",
                                               "max_field_pixels", "field_workers", "field_queue",
-                                              "header_timeout", "body_timeout")}
+                                              "header_timeout", "body_timeout", "target_cells", "db_enabled")}
 
 
 def settings_message(e: ValidationError, given: dict) -> str:

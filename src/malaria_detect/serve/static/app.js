@@ -4,9 +4,9 @@
 //
 // Layout of this file: shared helpers (DOM, the model record, the API, CSV, file drop, the larger
 // view), then one factory per mode. A mode owns a <section class="mode-panel" data-mode="ID"
-// data-title="TITLE"> in index.html and is added with registerMode({id, title, panel}); the tab list
-// appears by itself once two modes are registered. Today there is one mode: "Single cells"
-// (cellsMode below). The helpers are exported as window.malariaDetect for a mode in another script.
+// data-title="TITLE"> in index.html and is added with registerMode({id, title, panel, onShow}); the tab list
+// appears by itself once two modes are registered. Three modes: "Single cells" (cellsMode below),
+// "Whole fields" (fields.js) and "Samples" (samples.js); the helpers are exported as window.malariaDetect.
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -203,8 +203,10 @@
   function showMode(id) {
     modes.forEach((m) => {
       const on = m.id === id;
+      const was = !m.panel.hidden;
       m.panel.hidden = !on;
       if (m.tab) { m.tab.setAttribute("aria-selected", String(on)); m.tab.tabIndex = on ? 0 : -1; }
+      if (on && !was && m.onShow) m.onShow(); // e.g. the Samples list loads when it is shown
     });
   }
 

@@ -8,6 +8,12 @@
 // the counts of its record; what is shown for all the fields together (counts, parasitemia, its
 // interval, the WHO note) is the server's pooling of the records (POST /summary): the page makes no
 // count. Needs app.js first (window.malariaDetect).
+//
+// The sample and its review: each field is sent with the sample id (the bar above the drop zone) and
+// the server keeps it (store.py), numbering it (field_id). A person's decision on a cell (gallery,
+// a click in the field, or the keys) goes to POST /samples/{id}/reviews; what the page draws is the
+// decisions in force as the server answered them, and the model's and reviewed counts side by side
+// are the server's (GET /samples/{id}/review). openSample() shows a stored sample (samples.js).
 "use strict";
 (function () {
   const md = window.malariaDetect;
@@ -25,12 +31,40 @@
   let queue = Promise.resolve();
   let uid = 0, generation = 0; // Clear starts a new generation: answers for an older one are dropped
 
+  // ---------------------------------------------------------------- the sample and the reviewer
+  const sampleInput = q("#sample-id"), reviewerInput = q("#reviewer"), printLink = q("#print-report");
+  const REVIEWER_KEY = "malaria-detect.reviewer";
+  const newSampleId = () => "slide-" + new Date().toISOString().slice(0, 16).replace("T", "-").replace(":", "");
+  sampleInput.value = newSampleId();
+  try { reviewerInput.value = localStorage.getItem(REVIEWER_KEY) || ""; } catch (e) { /* storage off */ }
+  reviewerInput.addEventListener("change", () => {
+    try { localStorage.setItem(REVIEWER_KEY, reviewerInput.value.trim()); } catch (e) { /* storage off */ }
+  });
+  const sampleId = () => sampleInput.value.trim();
+  const samplePath = () => "/samples/" + encodeURIComponent(sampleId());
+  let decisions = {};   // field_id -> {cell key -> the decision in force}, as the server answered
+  let reviewed = null;  // the server's {review, reviewed, model} of this sample
+
   // ---------------------------------------------------------------- counts (the server's)
   const analysed = (f) => f.rec && !f.rec.error; // answered, without an error
   // a box's colour and the gallery, from the cell's label and flag (the counts are the server's)
   // the display class of an object: white cells and platelets (never classified) in their own style
   const OTHER = { "white cell": "wbc", platelet: "plt", other: "oth" };
   const kind = (c) => OTHER[c.kind] || (c.ood ? "ood" : c.label == null ? "unc" : c.label === model.pos ? "pos" : "neg");
+
+  // How an object is drawn now: the model's call, or the decision in force on it ({cls, stage, mark}).
+  const decisionOn = (f, key) => (decisions[f.rec.field_id] || {})[key];
+  function look(f, c, key) {
+    const d = decisionOn(f, key), k = kind(c);
+    if (!d || OTHER[c.kind]) return { cls: k, stage: c.stage, mark: "" };
+    if (d.action === "reject") return { cls: "neg rejected", stage: null, mark: "✗ rejected" };
+    const stage = d.stage || c.stage;
+    return { cls: "pos reviewed", stage, mark: k !== "pos" ? "+ called by the reviewer"
+      : stage !== c.stage ? "✓ re-staged" : "✓ confirmed" };
+  }
+  // the infected cells a person added to a field: [{key, box, stage}]
+  const additions = (f) => Object.entries(decisions[f.rec.field_id] || {})
+    .filter(([, d]) => d.action === "add").map(([key, d]) => ({ key, box: d.box, stage: d.stage }));
 
   // Parasitemia is often well under 1 %: two decimals.
   const pc = (x) => (100 * x).toFixed(2) + "%";
@@ -57,7 +91,8 @@
       let resp;
       // 503: the server's field workers and queue are full (other users): wait as long as it says, a few times
       for (let tries = 0; ; tries++) {
-        resp = await fetch("/smear?overlay=true", { method: "POST", body: form });
+        const sample = sampleId() ? "&sample=" + encodeURIComponent(sampleId()) : "";
+        resp = await fetch("/smear?overlay=true" + sample, { method: "POST", body: form });
         if (resp.status !== 503 || tries >= 5) break;
         const wait = Math.min(30, Math.max(1, Number(resp.headers.get("retry-after")) || 2));
         await new Promise((done) => setTimeout(done, wait * 1000));
@@ -80,13 +115,14 @@
   // A scroll container the shape of the field holding a stage (the image, an SVG of the boxes and
   // the probability tags) that is zoom x the field's size. Scrolling pans; buttons, Ctrl+wheel
   // (pinch), double-click and the keys + - 0 1 zoom; a mouse can drag to pan.
-  function fieldView(rec, name) {
+  function fieldView(f) {
+    const rec = f.rec, name = f.name;
     const W = rec.width, H = rec.height;
     const view = el("div", "field-view");
     view.tabIndex = 0;
     view.setAttribute("role", "group");
     view.setAttribute("aria-label", `${name}: ${plural(rec.n_cells, "cell")} boxed. ` +
-      "Keys: + and − zoom, 0 fits, arrows pan.");
+      "Keys: + and − zoom, 0 fits, arrows pan; A marks a missed infected cell; Y, N, R, T, S, G, U review the outlined cell.");
     view.style.aspectRatio = `${W} / ${H}`;
     const stage = el("div", "field-stage");
     const img = el("img", "field-img");
@@ -99,33 +135,54 @@
     svg.setAttribute("aria-hidden", "true");
     const tags = el("div", "tags");
     tags.setAttribute("aria-hidden", "true");
-    const rects = rec.cells.map((c, i) => {
-      const [x0, y0, x1, y1] = c.box;
+    const box = (b, cls, key) => {
       const r = document.createElementNS(SVG, "rect");
-      r.setAttribute("x", x0); r.setAttribute("y", y0);
-      r.setAttribute("width", x1 - x0); r.setAttribute("height", y1 - y0);
-      r.setAttribute("class", "cell " + kind(c));
+      r.setAttribute("x", b[0]); r.setAttribute("y", b[1]);
+      r.setAttribute("width", b[2] - b[0]); r.setAttribute("height", b[3] - b[1]);
+      r.setAttribute("class", "cell " + cls);
       r.setAttribute("vector-effect", "non-scaling-stroke");
-      r.dataset.cell = i;
-      const t = document.createElementNS(SVG, "title");
-      t.textContent = `object ${i}: ` + (OTHER[c.kind] ? c.kind : c.ood ? "not a cell"
-        : c.label == null ? "not classified"
-        : `${c.label}, p = ${c.p_parasitized.toFixed(3)}` + (c.stage ? `, ${c.stage} (p = ${c.p_stage.toFixed(2)})` : ""));
-      r.append(t);
+      r.dataset.cell = key;
+      r.append(document.createElementNS(SVG, "title"));
       svg.append(r);
-      if (kind(c) === "pos") {
-        const tag = el("span", "tag", c.p_parasitized.toFixed(2) + (c.stage ? " " + (STAGE_SHORT[c.stage] || c.stage) : ""));
-        if (c.stage) tag.title = c.stage;
-        tag.style.left = (100 * x0) / W + "%";
-        tag.style.top = (100 * y0) / H + "%";
-        tags.append(tag);
-      }
       return r;
-    });
+    };
+    const rects = rec.cells.map((c, i) => box(c.box, kind(c), String(i)));
+    const tag = (b, text, title) => {
+      const t = el("span", "tag", text);
+      if (title) t.title = title;
+      t.style.left = (100 * b[0]) / W + "%";
+      t.style.top = (100 * b[1]) / H + "%";
+      tags.append(t);
+    };
+    let extra = []; // the added cells' boxes
+    // draw the boxes as the model called them and the person decided (again after every decision)
+    const paint = () => {
+      tags.replaceChildren();
+      rec.cells.forEach((c, i) => {
+        const lk = look(f, c, String(i)), r = rects[i];
+        r.setAttribute("class", "cell " + lk.cls + (r.classList.contains("focus") ? " focus" : ""));
+        r.firstChild.textContent = `object ${i}: ` + (OTHER[c.kind] ? c.kind : c.ood ? "not a cell"
+          : c.label == null ? "not classified"
+          : `${c.label}, p = ${c.p_parasitized.toFixed(3)}` + (c.stage ? `, ${c.stage} (p = ${c.p_stage.toFixed(2)})` : ""))
+          + (lk.mark ? ` · ${lk.mark}` : "");
+        if (lk.cls.startsWith("pos")) {
+          tag(c.box, c.p_parasitized.toFixed(2) + (lk.stage ? " " + (STAGE_SHORT[lk.stage] || lk.stage) : ""), lk.stage);
+        }
+      });
+      extra.forEach((r) => r.remove());
+      extra = additions(f).map((a) => {
+        const r = box(a.box, "pos added", a.key);
+        r.firstChild.textContent = "added by the reviewer" + (a.stage ? `, ${a.stage}` : "");
+        tag(a.box, "+" + (a.stage ? " " + STAGE_SHORT[a.stage] : ""), "added by the reviewer");
+        return r;
+      });
+      v.extra = extra;
+    };
     stage.append(img, svg, tags);
     view.append(stage);
 
-    const v = { view, img, rects, zoom: 1, fitted: true, onZoom: null };
+    const v = { view, img, rects, extra, stage, paint, zoom: 1, fitted: true, onZoom: null, adding: false };
+    paint();
     const fitZoom = () => Math.min(view.clientWidth / W, view.clientHeight / H) || 1;
     const offsetX = (z) => Math.max(0, (view.clientWidth - W * z) / 2);
 
@@ -164,18 +221,36 @@
     view.addEventListener("keydown", (e) => {
       if (e.ctrlKey || e.metaKey || e.altKey) return;
       const act = { "+": () => v.setZoom(v.zoom * STEP), "=": () => v.setZoom(v.zoom * STEP),
-        "-": () => v.setZoom(v.zoom / STEP), "0": v.fit, "1": () => v.setZoom(1) }[e.key];
-      if (act) { e.preventDefault(); act(); }
+        "-": () => v.setZoom(v.zoom / STEP), "0": v.fit, "1": () => v.setZoom(1),
+        a: () => setAdding(f, !v.adding), Escape: () => setAdding(f, false) }[e.key];
+      if (act) { e.preventDefault(); act(); return; }
+      if (f.focusKey != null && reviewKey(e, f, f.focusKey, false)) e.preventDefault();
     });
-    let drag = null; // a mouse drags to pan; touch scrolls natively
+    let drag = null, moved = false; // a mouse drags to pan; touch scrolls natively
+    // a click (or tap): in "mark a missed cell" mode, adds one there; else selects the cell under it
+    view.addEventListener("click", (e) => {
+      if (moved) { moved = false; return; }
+      const r = stage.getBoundingClientRect();
+      const x = ((e.clientX - r.left) * W) / r.width, y = ((e.clientY - r.top) * H) / r.height;
+      if (x < 0 || y < 0 || x >= W || y >= H) return;
+      if (v.adding) { setAdding(f, false); addMissed(f, x, y); return; }
+      const under = [...rects, ...v.extra].filter((rc) => {
+        const bx = +rc.getAttribute("x"), by = +rc.getAttribute("y");
+        return x >= bx && y >= by && x <= bx + +rc.getAttribute("width") && y <= by + +rc.getAttribute("height")
+          && galleryItem(f, rc.dataset.cell);
+      });
+      if (under.length) selectItem(galleryItem(f, under[under.length - 1].dataset.cell), true);
+    });
     view.addEventListener("pointerdown", (e) => {
       if (e.pointerType !== "mouse" || e.button !== 0 || v.fitted) return;
       drag = { x: e.clientX, y: e.clientY, l: view.scrollLeft, t: view.scrollTop };
+      moved = false;
       view.setPointerCapture(e.pointerId);
       view.classList.add("dragging");
     });
     view.addEventListener("pointermove", (e) => {
       if (!drag) return;
+      if (Math.abs(e.clientX - drag.x) + Math.abs(e.clientY - drag.y) > 4) moved = true;
       view.scrollLeft = drag.l - (e.clientX - drag.x);
       view.scrollTop = drag.t - (e.clientY - drag.y);
     });
@@ -217,7 +292,9 @@
     });
     return new Promise((resolve) => {
       img.onload = () => {
-        if (img.naturalWidth === rec.width && img.naturalHeight === rec.height) resolve({ source: img, scale: 1 });
+        // the upload itself, or a stored picture of it (store.py keeps at most 1600 px a side)
+        const k = img.naturalWidth / rec.width;
+        if (k > 0 && Math.abs(img.naturalHeight / rec.height - k) < 0.01 * k) resolve({ source: img, scale: k });
         else fromOverlay().then(resolve);
       };
       img.onerror = () => fromOverlay().then(resolve);
@@ -268,7 +345,7 @@
     card.append(head);
     if (rec.note) card.append(el("p", "field-note", rec.note));
 
-    f.view = fieldView(rec, f.name);
+    f.view = fieldView(f);
     const tools = el("div", "field-tools");
     tools.setAttribute("role", "toolbar");
     tools.setAttribute("aria-label", `Zoom ${f.name}`);
@@ -288,8 +365,13 @@
     const inn = btn("+", "Zoom in", () => v.setZoom(v.zoom * STEP), "z-in");
     btn("Fit", "Fit the whole field", () => v.fit(), "z-fit");
     btn("1:1", "Actual pixels", () => v.setZoom(1), "z-one");
-    f.back = btn("↑ Gallery", "Back to the gallery", () => { if (f.from && f.from.isConnected) f.from.focus(); }, "back");
+    f.back = btn("↑ Gallery", "Back to the gallery", () => { const g = galleryItem(f, f.focusKey); if (g) g.focus(); }, "back");
     f.back.hidden = true;
+    if (rec.field_id) {
+      f.mark = btn("Mark a missed cell", null, () => setAdding(f, !f.view.adding), "mark");
+      f.mark.setAttribute("aria-pressed", "false");
+      f.mark.title = "Then click (or tap) an infected cell the model missed; key A";
+    }
     tools.append(el("span", "spacer"));
     if (rec.overlay) {
       const a = el("a", "button-link", "Annotated image");
@@ -331,27 +413,37 @@
     return cv;
   }
 
-  // s: the server's pooling of every field on the page (or null)
+  // s: the server's pooling of every field on the page (or null). The gallery holds every cell the
+  // model called and every cell a person decided on or added; each item a button (key: its cell).
   function renderGallery(s) {
     const picks = [];
     fields.forEach((f) => {
       if (!analysed(f) || !f.view) return;
-      f.rec.cells.forEach((c, i) => { if (kind(c) === "pos") picks.push({ f, c, i }); });
+      f.rec.cells.forEach((c, i) => {
+        if (kind(c) === "pos" || (decisionOn(f, String(i)) && !OTHER[c.kind])) picks.push({ f, c, key: String(i) });
+      });
+      additions(f).forEach((a) => picks.push({ f, c: { box: a.box, stage: a.stage, p_parasitized: null }, key: a.key }));
     });
-    picks.sort((a, b) => b.c.p_parasitized - a.c.p_parasitized);
-    const items = picks.map(({ f, c, i }) => {
+    const p = (c) => (c.p_parasitized == null ? -1 : c.p_parasitized);
+    picks.sort((a, b) => p(b.c) - p(a.c));
+    const items = picks.map(({ f, c, key }) => {
       const li = el("li");
       const b = el("button", "gallery-item");
       b.type = "button";
-      b.dataset.p = c.p_parasitized;
       b.dataset.field = f.id;
-      b.dataset.cell = i;
-      b.setAttribute("aria-label", `${f.name}, cell ${i}: p(${model.pos}) = ${c.p_parasitized.toFixed(3)}. Show it in the field.`);
+      b.dataset.cell = key;
+      if (c.p_parasitized != null) b.dataset.p = c.p_parasitized;
+      const lk = key.startsWith("a") ? { cls: "pos added", stage: c.stage, mark: "+ added by the reviewer" } : look(f, c, key);
+      b.className = "gallery-item " + lk.cls;
+      const prob = c.p_parasitized == null ? "added" : `p = ${c.p_parasitized.toFixed(3)}`;
+      const what = `${prob}` + (lk.stage ? `, ${lk.stage}` : "");
+      b.setAttribute("aria-label", `${f.name}, cell ${key}: ${what}${lk.mark ? ", " + lk.mark : ", not reviewed"}.`);
       const where = el("span", "g-where", f.name);
       where.title = f.name;
-      b.append(crop(f, c, 104), el("span", "g-p", `p = ${c.p_parasitized.toFixed(3)}` + (c.stage ? `, ${c.stage}` : "")),
-        el("span", "g-cell", `cell ${i}`), where);
-      b.addEventListener("click", () => showCell(f, i, b));
+      b.append(crop(f, c, 104), el("span", "g-p", what), el("span", "g-mark", lk.mark || "not reviewed"),
+        el("span", "g-cell", `cell ${key}`), where);
+      b.addEventListener("click", () => showCell(f, key, b));
+      b.addEventListener("focus", () => selectItem(b, false));
       li.append(b);
       return li;
     });
@@ -364,21 +456,193 @@
       ? `No cell was called ${model.pos}.`
       : `No cell could be classified, so there is nothing to confirm.`;
     q("#gallery-count").textContent = ok && s.n_parasitized ? `(${s.n_parasitized})` : "";
+    const reviewable = fields.some((f) => analysed(f) && f.rec.field_id);
+    q("#review-keys").hidden = !reviewable || !picks.length;
+    if (!reviewable || !picks.length) q("#review-bar").hidden = true;
+    if (selected) {
+      const again = galleryItem(fields.find((f) => f.id === selected.field), selected.cell);
+      if (again) selectItem(again, false); else q("#review-bar").hidden = true;
+    }
   }
 
-  function showCell(f, i, from) {
-    const v = f.view, [x0, y0, x1, y1] = f.rec.cells[i].box;
-    fields.forEach((g) => g.view && g.view.rects.forEach((r) => r.classList.remove("focus")));
-    v.rects[i].classList.add("focus");
+  const cellOf = (f, key) => (key.startsWith("a") ? additions(f).find((a) => a.key === key) : f.rec.cells[+key]);
+
+  function showCell(f, key, from) {
+    const v = f.view, c = cellOf(f, key);
+    if (!c) return;
+    const [x0, y0, x1, y1] = c.box;
+    fields.forEach((g) => g.view && [...g.view.rects, ...g.view.extra].forEach((r) => r.classList.remove("focus")));
+    const r = [...v.rects, ...v.extra].find((rc) => rc.dataset.cell === key);
+    if (r) r.classList.add("focus");
     // the cell about a third of the view wide: large enough to judge, with its neighbours around it
     v.setZoom((v.view.clientWidth / 3) / Math.max(x1 - x0, y1 - y0));
     v.centerOn((x0 + x1) / 2, (y0 + y1) / 2);
     f.from = from;
+    f.focusKey = key;
     f.back.hidden = false;
     f.card.scrollIntoView({ block: "start" });
     v.view.focus({ preventScroll: true });
-    status.textContent = `Showing ${f.name}, cell ${i} (p = ${f.rec.cells[i].p_parasitized.toFixed(3)}), outlined in yellow.`;
+    const p = c.p_parasitized == null ? "added by the reviewer" : `p = ${c.p_parasitized.toFixed(3)}`;
+    status.textContent = `Showing ${f.name}, cell ${key} (${p}), outlined in yellow.`;
   }
+
+  // ---------------------------------------------------------------- review
+  let selected = null; // {field, cell}: the gallery item the review bar acts on
+  const bar = q("#review-bar");
+  const galleryItem = (f, key) => (f && key != null
+    ? galleryList.querySelector(`.gallery-item[data-field="${f.id}"][data-cell="${CSS.escape(String(key))}"]`) : null);
+
+  function selectItem(b, focus) {
+    if (!b) return;
+    const f = fields.find((g) => g.id === +b.dataset.field);
+    if (!f || !f.rec.field_id) return;
+    selected = { field: f.id, cell: b.dataset.cell };
+    galleryList.querySelectorAll(".gallery-item.selected").forEach((g) => g.classList.remove("selected"));
+    b.classList.add("selected");
+    q("#review-which").textContent = `${f.name}, cell ${b.dataset.cell}: ${b.querySelector(".g-p").textContent} · ` +
+      b.querySelector(".g-mark").textContent;
+    bar.hidden = false;
+    if (focus) { b.focus({ preventScroll: true }); b.scrollIntoView({ block: "nearest" }); }
+  }
+
+  const STAGE_KEY = { r: "ring", t: "trophozoite", s: "schizont", g: "gametocyte" };
+  // a review key on cell `key` of f: true when it was one; `advance`: then select the next undecided cell
+  function reviewKey(e, f, key, advance) {
+    if (e.ctrlKey || e.metaKey || e.altKey) return false;
+    const k = e.key.toLowerCase();
+    const body = k === "y" || k === "c" ? { action: "confirm" } : k === "n" || k === "x" ? { action: "reject" }
+      : STAGE_KEY[k] ? { action: "stage", stage: STAGE_KEY[k] }
+      : k === "u" || e.key === "Backspace" || e.key === "Delete" ? { action: "clear" } : null;
+    if (!body) return false;
+    decide(f, key, body, advance);
+    return true;
+  }
+
+  async function decide(f, key, body, advance) {
+    const who = reviewerInput.value.trim();
+    if (!who) {
+      status.textContent = "Type your name in “Reviewer” first: every decision is kept with who made it and when.";
+      reviewerInput.focus();
+      return;
+    }
+    try { localStorage.setItem(REVIEWER_KEY, who); } catch (e) { /* storage off */ }
+    const answer = await postReview(f, Object.assign({ cell: key }, body));
+    if (!answer) return;
+    const item = galleryItem(f, key);
+    const order = [...galleryList.querySelectorAll(".gallery-item")].map((b) => [b.dataset.field, b.dataset.cell]);
+    const at = item ? order.findIndex(([fid, c]) => +fid === f.id && c === key) : -1;
+    afterReview(f);
+    if (!advance) { selectItem(galleryItem(f, key), true); return; }
+    // the next cell nobody decided on yet, after this one (wrapping round); else this one
+    const items = [...galleryList.querySelectorAll(".gallery-item")];
+    const open = (b) => b.querySelector(".g-mark").textContent === "not reviewed";
+    const next = items.slice(at + 1).find(open) || items.slice(0, Math.max(0, at)).find(open);
+    selectItem(next || galleryItem(f, key), true);
+  }
+
+  async function addMissed(f, x, y) {
+    if (!reviewerInput.value.trim()) { decide(f, null, {}, false); return; }
+    const answer = await postReview(f, { action: "add", x, y });
+    if (!answer) return;
+    afterReview(f);
+    const d = answer.decision, key = d.action === "add" ? "a" + d.id : d.cell;
+    status.textContent = d.action === "add" ? `Added an infected cell at (${Math.round(x)}, ${Math.round(y)}) in ${f.name}.`
+      : `Cell ${d.cell} of ${f.name} called ${model.pos} by the reviewer.`;
+    selectItem(galleryItem(f, key), false);
+  }
+
+  // POST /samples/{id}/reviews; the server's answer, or null (the status line says why)
+  async function postReview(f, body) {
+    const sample = f.rec.sample || sampleId();
+    try {
+      const resp = await fetch("/samples/" + encodeURIComponent(sample) + "/reviews", {
+        method: "POST", headers: { "content-type": "application/json" },
+        body: JSON.stringify(Object.assign({ field_id: f.rec.field_id, reviewer: reviewerInput.value.trim() }, body)) });
+      const answer = await resp.json().catch(() => ({}));
+      if (!resp.ok) {
+        let detail = answer.detail || resp.statusText;
+        if (typeof detail !== "string") detail = (detail[0] && detail[0].msg) || JSON.stringify(detail);
+        status.textContent = `The decision was not kept: ${detail} (HTTP ${resp.status}).`;
+        return null;
+      }
+      decisions[f.rec.field_id] = answer.decisions;
+      reviewed = answer;
+      return answer;
+    } catch (e) {
+      status.textContent = "The decision was not kept: could not reach the server (" + e.message + ").";
+      return null;
+    }
+  }
+
+  function afterReview(f) {
+    f.view.paint();
+    renderGallery(totals);
+    renderReview();
+  }
+
+  function setAdding(f, on) {
+    if (!f.rec.field_id || !f.view) return;
+    f.view.adding = on;
+    f.view.view.classList.toggle("adding", on);
+    if (f.mark) f.mark.setAttribute("aria-pressed", String(on));
+    if (on) status.textContent = `Click (or tap) the missed infected cell in ${f.name}; Escape cancels.`;
+  }
+
+  // The server's model and reviewed counts of this sample, side by side, and who reviewed.
+  function renderReview() {
+    const sec = q("#review-summary");
+    const on = !!reviewed && fields.some((f) => analysed(f) && f.rec.field_id);
+    sec.hidden = !on;
+    printLink.hidden = !fields.some((f) => f.rec && f.rec.field_id);
+    printLink.href = samplePath() + "/report.html" + (reviewerInput.value.trim()
+      ? "?operator=" + encodeURIComponent(reviewerInput.value.trim()) : "");
+    if (!on) return;
+    const r = reviewed.review, m = reviewed.model, v = reviewed.reviewed;
+    q("#review-status").textContent = !r.reviewed ? "Not reviewed yet: the counts are the model's."
+      : `Reviewed by ${r.reviewers.join(", ")} (last ${r.last.slice(0, 16).replace("T", " ")} UTC): ${r.n_decided} of ${r.n_called} called cells decided · ` +
+        `${r.n_confirmed} confirmed, ${r.n_rejected} rejected, ${r.n_restaged} re-staged, ${r.n_added} added.`;
+    const pmText = (t) => (t.parasitemia == null ? "–" : `${pc(t.parasitemia)} (${pcRange(t.parasitemia_ci95)})`);
+    const stages = (t) => Object.entries(t.n_by_stage || {}).map(([k, n]) => `${n} ${k}`).join(", ") || "–";
+    const rows = [["Red cells classified", (t) => t.n_classified], [model.pos, (t) => t.n_parasitized],
+      ["Parasitemia (95 % CI)", pmText], ["By stage", stages]];
+    q("#review-rows").replaceChildren(...rows.map(([name, fn]) => {
+      const tr = el("tr");
+      tr.append(el("th", null, name), el("td", null, String(fn(m))), el("td", null, String(fn(v))));
+      tr.firstChild.scope = "row";
+      return tr;
+    }));
+  }
+
+  // GET /samples/{id}/review: the server's counts and the decisions in force
+  async function refreshReview(gen) {
+    if (!fields.some((f) => analysed(f) && f.rec.field_id)) { reviewed = null; renderReview(); return; }
+    try {
+      const resp = await fetch(samplePath() + "/review");
+      if (!resp.ok || gen !== generation) return;
+      const answer = await resp.json();
+      decisions = answer.decisions || {};
+      reviewed = answer;
+    } catch (e) { return; }
+    renderReview();
+  }
+
+  bar.addEventListener("click", (e) => {
+    const b = e.target.closest("button");
+    if (!b || !selected) return;
+    const f = fields.find((g) => g.id === selected.field);
+    const body = b.dataset.stage ? { action: "stage", stage: b.dataset.stage } : { action: b.dataset.act };
+    decide(f, selected.cell, body, false);
+  });
+  galleryList.addEventListener("keydown", (e) => {
+    const b = e.target.closest(".gallery-item");
+    if (!b) return;
+    const items = [...galleryList.querySelectorAll(".gallery-item")], at = items.indexOf(b);
+    const move = { ArrowRight: 1, ArrowDown: 1, j: 1, ArrowLeft: -1, ArrowUp: -1, k: -1 }[e.key];
+    if (move) { e.preventDefault(); selectItem(items[Math.max(0, Math.min(items.length - 1, at + move))], true); return; }
+    if (e.key === "Home" || e.key === "End") { e.preventDefault(); selectItem(items[e.key === "Home" ? 0 : items.length - 1], true); return; }
+    const f = fields.find((g) => g.id === +b.dataset.field);
+    if (f && f.rec.field_id && reviewKey(e, f, b.dataset.cell, true)) e.preventDefault();
+  });
 
   // ---------------------------------------------------------------- summary, status, CSV
   let totals = null; // the server's pooling of every field on the page
@@ -417,6 +681,12 @@
       : ok && s.n_analysed && s.note ? s.note : "";
     note.hidden = !note.textContent;
     q("#fields-legend").hidden = !fields.some((f) => f.view);
+    sampleInput.readOnly = fields.length > 0; // one sample on the page: "New sample" starts another
+    q("#field-dropzone .dz-main").textContent = fields.length ? `Drop more fields of sample ${sampleId()} here, or choose files`
+      : "Drop microscope field images here, or choose files";
+    await refreshReview(gen);
+    if (gen !== generation) return;
+    fields.forEach((f) => f.view && f.view.paint());
     renderGallery(s);
   }
 
@@ -437,6 +707,7 @@
   async function analyse(files, gen) {
     await modelReady.catch(() => null);
     if (!files.length || gen !== generation) return;
+    if (!sampleId()) sampleInput.value = newSampleId();
     const maxBytes = model.limits.max_field_bytes || 20 * 2 ** 20;
     const batch = files.map((file) => {
       const f = { id: ++uid, file, name: file.name, url: null, rec: null, view: null };
@@ -499,15 +770,61 @@
     }
   }));
   q("#show-boxes").addEventListener("change", (e) => list.classList.toggle("no-boxes", !e.target.checked));
-  q("#fields-clear").addEventListener("click", () => {
+  // Clear the page (what the server keeps stays kept: the Samples tab finds it again)
+  function clearPage() {
     generation++;
     progress.hidden = true;
-    fields.forEach((f) => { if (f.url) URL.revokeObjectURL(f.url); });
+    fields.forEach((f) => { if (f.url && f.url.startsWith("blob:")) URL.revokeObjectURL(f.url); });
     fields.length = 0;
+    decisions = {};
+    reviewed = null;
+    selected = null;
     list.replaceChildren();
-    status.textContent = "Cleared.";
+  }
+  q("#fields-clear").addEventListener("click", () => {
+    clearPage();
+    status.textContent = "Cleared from the page (the server keeps what it analysed: see Samples).";
     updateSummary(generation);
   });
+  q("#new-sample").addEventListener("click", () => {
+    clearPage();
+    sampleInput.value = newSampleId();
+    sampleInput.readOnly = false;
+    status.textContent = `New sample ${sampleId()}: type its slide or patient id, then drop its fields.`;
+    updateSummary(generation);
+    sampleInput.select();
+    sampleInput.focus();
+  });
+
+  // Show a stored sample (GET /samples/{id}): its fields from their stored pictures, its review; fields
+  // dropped then are added to it. Resolves to an error message, or null.
+  async function openSample(id) {
+    clearPage();
+    const gen = generation;
+    sampleInput.value = id;
+    let rep;
+    try {
+      const resp = await fetch("/samples/" + encodeURIComponent(id));
+      rep = await resp.json().catch(() => ({}));
+      if (!resp.ok) return `could not open sample ${id}: ${rep.detail || resp.statusText} (HTTP ${resp.status})`;
+    } catch (e) {
+      return "could not reach the server (" + e.message + ")";
+    }
+    if (gen !== generation) return null;
+    await modelReady.catch(() => null);
+    for (const rec of rep.fields) {
+      const f = { id: ++uid, file: null, name: String(rec.image).split(/[\\/]/).pop(), rec, view: null,
+        url: `/samples/${encodeURIComponent(id)}/fields/${rec.field_id}/picture` };
+      fields.push(f);
+      f.card = rec.error ? errorCard(f) : fieldCard(f);
+      list.append(f.card);
+      if (f.view) { f.view.fit(); f.picture = await loadPicture(f); }
+      if (gen !== generation) return null;
+    }
+    await updateSummary(gen);
+    status.textContent = `Sample ${id}: ${plural(rep.fields.length, "stored field")}. Drop more fields to add them to it.`;
+    return null;
+  }
   // One row per cell, as `malaria-detect smear --csv` writes it; the columns come from the server
   // (fields.report.CSV_FIELDS, in GET /model's csv_columns).
   const cellValue = {
@@ -530,4 +847,5 @@
     .catch(() => null);
 
   md.registerMode({ id: "fields", title: panel.dataset.title, panel });
+  md.openSample = openSample; // the Samples tab opens a stored sample here
 })();
