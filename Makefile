@@ -17,7 +17,7 @@ $(VENV)/.core: pyproject.toml $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,test,scale]'
+	$(BIN)/pip install -q -e '.[train,test,scale,pdf]'
 	touch $(VENV)/.core $@
 
 install: $(VENV)/.core

@@ -149,6 +149,16 @@ def test_a_reviewed_sample_exports_coco_and_cells_that_adapt_reads(report, tmp_p
     assert names[anns[rejected]["category_id"]] == "red cell"  # the person's label, not the model's
     page = html.read_text()
     assert "rejected by the reviewer (1)" in page and "A. Technician" in page and "<th>Reviewed</th>" in page
+    # the same report as a PDF: its text read back
+    from pypdf import PdfReader
+
+    pdf = tmp_path / "r.pdf"
+    assert main(["samples", "export", "slide-9", "--db", str(db), "--report", str(pdf)]) == 0
+    text = " ".join(" ".join(p.extract_text().split()) for p in PdfReader(pdf).pages)
+    assert "Malaria thin-smear report: slide-9" in text and "Screening aid, not a diagnosis" in text
+    assert "rejected by the reviewer (1)" in text and "reviewed by A. Technician" in text
+    model_pm = f"{100 * f['parasitemia']:.2f}%"
+    assert model_pm in text and "Reviewed" in text
     assert main(["samples", "show", "slide-9", "--db", str(db)]) == 0
     out = capsys.readouterr().out
     assert "reviewed by A. Technician" in out and "sample slide-9, reviewed:" in out
@@ -185,3 +195,16 @@ def test_the_page_reviews_over_http(bundled, tmp_path):
         assert page.status_code == 200 and "script-src" not in page.headers["content-security-policy"]
         assert "Called by the model, rejected by the reviewer (1)" in page.text
         assert c.get("/samples/ward-5").json()["review"]["n_rejected"] == 1
+        pdf = c.get("/samples/ward-5/report.pdf")
+        assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF") and "ward-5" in pdf.headers["content-disposition"]
+
+
+def test_a_pdf_report_without_fpdf2_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from malaria_detect.cli import main
+
+    monkeypatch.setitem(sys.modules, "fpdf", None)  # as if the [pdf] extra were not installed
+    assert main(["smear", str(FIELD), "--report", str(tmp_path / "r.pdf"), "--db", str(tmp_path / "s.sqlite3")]) == 1
+    assert "needs fpdf2: pip install 'malaria-detect[pdf]'" in capsys.readouterr().err
+    assert not (tmp_path / "s.sqlite3").exists() and not (tmp_path / "r.pdf").exists()

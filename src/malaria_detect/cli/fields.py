@@ -44,10 +44,11 @@ def add_parsers(sub) -> dict:
                    help="also write the objects as COCO detection JSON (boxes [x, y, w, h]; categories red cell, "
                         "parasitized red cell by stage, white cell, platelet, other; scores): for CVAT, Label Studio, "
                         "QuPath, FiftyOne, and evaluate-fields --annotations")
-    p.add_argument("--report", default=None, metavar="REPORT.html",
+    p.add_argument("--report", default=None, metavar="REPORT.html|.pdf",
                    help="also write a report to print or file: one page per sample (counts, parasitemia and its "
-                        "interval, stages, white cells, the stopping rule, the gallery of parasitized cells); the "
-                        "browser's Save as PDF gives clean pages")
+                        "interval, stages, white cells, the stopping rule, the gallery of parasitized cells); HTML "
+                        "(the browser's Save as PDF gives clean pages), or a PDF when the name ends in .pdf (the "
+                        "[pdf] extra)")
     p.add_argument("--operator", default=None, metavar="NAME", help="who ran the analysis, for --report")
     p.add_argument("--db", default=None, metavar="FILE.sqlite3",
                    help="the samples database the report is saved in (default: MALARIA_DETECT_DB, else "
@@ -110,7 +111,8 @@ def add_parsers(sub) -> dict:
                    help="export: the sample's smear report (the review applied)")
     p.add_argument("--coco", default=None, metavar="OUT.json",
                    help="export: its objects as COCO, with the review's labels")
-    p.add_argument("--report", default=None, metavar="OUT.html", help="export: its printable report")
+    p.add_argument("--report", default=None, metavar="OUT.html|.pdf",
+                   help="export: its printable report (reviewed counts beside the model's; .pdf: a PDF)")
     p.add_argument("--cells", default=None, metavar="DIR",
                    help="export: its red cells as a labelled cell folder (Parasitized/, Uninfected/, patients.csv) "
                         "with the review's labels, for adapt and train (a reviewed sample only)")
@@ -151,10 +153,19 @@ def cmd_samples(a):
     return 0
 
 
+def _check_pdf(path: str | None) -> None:
+    """A .pdf report needs fpdf2: said before any work is done."""
+    if path and path.lower().endswith(".pdf"):
+        from ..fields.pdfreport import new_pdf
+
+        new_pdf()
+
+
 def _export_sample(a, db, rep: dict) -> None:
     """samples export: the sample with its review applied (JSON, COCO, HTML report, labelled cells)."""
     if not (a.json or a.coco or a.report or a.cells):
         raise SystemExit("error: samples export needs --json, --coco, --report or --cells")
+    _check_pdf(a.report)
     if a.cells and not rep["review"]["reviewed"]:
         raise SystemExit(f"error: sample {a.sample} was not reviewed: its cells would carry the model's own labels, "
                          "which cannot calibrate the model; review it on the page first")
@@ -219,6 +230,7 @@ def cmd_smear(a):
     for out in (a.json, a.csv, a.coco, a.report):
         if out and not Path(out).resolve().parent.is_dir():
             raise SystemExit(f"error: the folder of {out} does not exist")
+    _check_pdf(a.report)
     if a.overlays:
         if Path(a.overlays).exists() and not Path(a.overlays).is_dir():
             raise SystemExit(f"error: --overlays {a.overlays} is a file, not a folder")

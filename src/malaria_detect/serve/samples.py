@@ -125,3 +125,19 @@ def add_sample_routes(app: FastAPI, settings) -> None:
             html = render_report(read(db, sample, reviewed=True), operator,
                                  picture=lambda f: db.field_image(f, files=False))
         return HTMLResponse(html, headers={"content-security-policy": REPORT_CSP})
+
+    @app.get("/samples/{sample}/report.pdf", summary="the sample's printable report as a PDF",
+             response_class=Response, responses={200: {"content": {"application/pdf": {}}},
+                                                 501: {"description": "fpdf2 (the [pdf] extra) is not installed"}})
+    def report_pdf(sample: str = SAMPLE_ID, operator: str | None = Query(None, max_length=MAX_REVIEWER)):
+        from ..fields.pdfreport import PdfError, render_pdf
+
+        with open_db() as db:
+            try:
+                pdf = render_pdf(read(db, sample, reviewed=True), operator,
+                                 picture=lambda f: db.field_image(f, files=False))
+            except PdfError as e:
+                raise HTTPException(501, str(e)) from None
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in sample)[:80] or "sample"
+        return Response(pdf, media_type="application/pdf",
+                        headers={"content-disposition": f'inline; filename="{name}-report.pdf"'})

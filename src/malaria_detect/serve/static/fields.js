@@ -32,7 +32,8 @@
   let uid = 0, generation = 0; // Clear starts a new generation: answers for an older one are dropped
 
   // ---------------------------------------------------------------- the sample and the reviewer
-  const sampleInput = q("#sample-id"), reviewerInput = q("#reviewer"), printLink = q("#print-report");
+  const sampleInput = q("#sample-id"), reviewerInput = q("#reviewer");
+  const printLink = q("#print-report"), pdfLink = q("#report-pdf");
   const REVIEWER_KEY = "malaria-detect.reviewer";
   const newSampleId = () => "slide-" + new Date().toISOString().slice(0, 16).replace("T", "-").replace(":", "");
   sampleInput.value = newSampleId();
@@ -593,9 +594,10 @@
     const sec = q("#review-summary");
     const on = !!reviewed && fields.some((f) => analysed(f) && f.rec.field_id);
     sec.hidden = !on;
-    printLink.hidden = !fields.some((f) => f.rec && f.rec.field_id);
-    printLink.href = samplePath() + "/report.html" + (reviewerInput.value.trim()
-      ? "?operator=" + encodeURIComponent(reviewerInput.value.trim()) : "");
+    const who = reviewerInput.value.trim() ? "?operator=" + encodeURIComponent(reviewerInput.value.trim()) : "";
+    printLink.hidden = pdfLink.hidden = !fields.some((f) => f.rec && f.rec.field_id);
+    printLink.href = samplePath() + "/report.html" + who;
+    pdfLink.href = samplePath() + "/report.pdf" + who;
     if (!on) return;
     const r = reviewed.review, m = reviewed.model, v = reviewed.reviewed;
     q("#review-status").textContent = !r.reviewed ? "Not reviewed yet: the counts are the model's."

@@ -35,7 +35,12 @@
     rep.target = "_blank";
     rep.rel = "noopener";
     rep.setAttribute("aria-label", `Printable report of sample ${s.sample}`);
-    act.append(open, " ", rep);
+    const pdf = el("a", "button-link secondary", "PDF");
+    pdf.href = "/samples/" + encodeURIComponent(s.sample) + "/report.pdf";
+    pdf.target = "_blank";
+    pdf.rel = "noopener";
+    pdf.setAttribute("aria-label", `Report of sample ${s.sample} as a PDF`);
+    act.append(open, " ", rep, " ", pdf);
     tr.append(act);
     return tr;
   }
