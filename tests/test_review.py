@@ -208,3 +208,29 @@ def test_a_pdf_report_without_fpdf2_is_refused_before_any_work(monkeypatch, tmp_
     assert main(["smear", str(FIELD), "--report", str(tmp_path / "r.pdf"), "--db", str(tmp_path / "s.sqlite3")]) == 1
     assert "needs fpdf2: pip install 'malaria-detect[pdf]'" in capsys.readouterr().err
     assert not (tmp_path / "s.sqlite3").exists() and not (tmp_path / "r.pdf").exists()
+
+
+def test_annotations_as_a_review_then_the_cells_calibrate_the_model(tmp_path, capsys):
+    """The loop closed on the four annotated sample fields: smear them as one sample, review it with their
+    annotations (samples review), export the reviewed cells, and `adapt` the field model on them."""
+    from malaria_detect.cells.predictor import Predictor
+    from malaria_detect.cli import main
+
+    db, cells, out = tmp_path / "s.sqlite3", tmp_path / "cells", tmp_path / "lab.onnx"
+    fields = FIELD.parent
+    assert main(["smear", str(fields), "--sample", "lahore-1", "--db", str(db)]) == 0
+    capsys.readouterr()
+    assert main(["samples", "review", "lahore-1", "--db", str(db), "--annotations", str(fields / "annotations.json"),
+                 "--reviewer", "IML annotators"]) == 0
+    said = capsys.readouterr().out
+    assert "on 4 of 4 fields kept" in said and "reviewed by IML annotators" in said
+    with Store(db) as s:
+        rep = s.sample("lahore-1", reviewed=True)
+    truth = json.loads((fields / "annotations.json").read_text())
+    n_inf = sum(o["type"] in ("ring", "trophozoite", "schizont", "gametocyte") for r in truth for o in r["objects"])
+    assert rep["summary"]["n_parasitized"] == n_inf  # the person's count is the annotations' count
+    assert rep["review"]["complete"]
+    assert main(["samples", "export", "lahore-1", "--db", str(db), "--cells", str(cells)]) == 0
+    assert main(["adapt", "--data", str(cells), "--out", str(out), "--model", "anylab"]) == 0
+    adapted = Predictor.load(out).record.extra["adapted"]
+    assert adapted["n_parasitized"] == n_inf and adapted["n_uninfected"] >= 400

@@ -154,3 +154,35 @@ def status_text(s: dict) -> str:
     done = "complete" if s["complete"] else f"{s['n_decided']} of {s['n_called']} called cells decided"
     return (f"reviewed by {', '.join(s['reviewers'])} ({s['last']}): {done}; {s['n_confirmed']} confirmed, "
             f"{s['n_rejected']} rejected, {s['n_restaged']} re-staged, {s['n_added']} added")
+
+
+def from_annotations(field: dict, annotated: dict, positive: str) -> list[dict]:
+    """The decisions a person holding these annotations would make on a field record (an annotated field
+    of the IML / TXL-PBC format, data.annotations): every call matched to an infected box confirmed (at
+    its annotated stage), every other call rejected, every infected box the model did not call added at
+    its centre. Boxes are matched as data.annotations.match_cells matches them (IoU >= 0.5, >= 0.3 for
+    an infected box)."""
+    from .data.annotations import INFECTED_TYPES, UNINFECTED_TYPES, box_of, match_cells
+
+    objs = [o for o in annotated.get("objects", []) if o.get("type") in INFECTED_TYPES | UNINFECTED_TYPES]
+    boxes, infected = [box_of(o) for o in objs], [o["type"] in INFECTED_TYPES for o in objs]
+    reds = [i for i, c in enumerate(field["cells"]) if is_red_cell(c)]
+    pairs = match_cells([tuple(map(float, field["cells"][i]["box"])) for i in reds], boxes, infected)
+    truth = {reds[k]: j for k, j in pairs.items()}
+    out, found = [], set()
+    for i in reds:
+        c, j = field["cells"][i], truth.get(i)
+        if j is not None and infected[j]:
+            found.add(j)
+            stage = objs[j]["type"]
+            out.append({"cell": str(i), "action": "stage" if stage != c.get("stage") else "confirm", "stage": stage}
+                       if is_called(c, positive) else
+                       {"action": "add", "x": (c["box"][0] + c["box"][2]) / 2, "y": (c["box"][1] + c["box"][3]) / 2,
+                        "stage": stage})
+        elif is_called(c, positive):
+            out.append({"cell": str(i), "action": "reject"})
+    for j, (b, inf) in enumerate(zip(boxes, infected)):
+        if inf and j not in found:
+            x, y = min(field["width"] - 1, (b[0] + b[2]) / 2), min(field["height"] - 1, (b[1] + b[3]) / 2)
+            out.append({"action": "add", "x": x, "y": y, "stage": objs[j]["type"]})
+    return out

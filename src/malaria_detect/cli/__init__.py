@@ -1,5 +1,5 @@
 """The `malaria-detect` command: thin argument parsing around the package, one module per command
-family (cells.py, fields.py, training.py, serving.py), shared options in options.py. Each command
+family (cells.py, fields.py, samples.py, training.py, serving.py), shared options in options.py. Each command
 prints through its result's own formatting (counting.Summary.format, evaluate.format_report, ...)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import argparse
 import sys
 import warnings
 
-from . import cells, fields, serving, training
+from . import cells, fields, samples, serving, training
 
 DESCRIPTION = """\
 malaria-detect: is a red blood cell in a Giemsa-stained thin-smear image parasitized or uninfected?
@@ -31,7 +31,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     commands = {}
-    for family in (cells, fields, training, serving):
+    for family in (cells, fields, samples, training, serving):
         commands.update(family.add_parsers(sub))
     for p in sub.choices.values():  # --debug after the command too (there it can only switch it on)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -101,93 +101,15 @@ def add_parsers(sub) -> dict:
                         "default: the detector, which finds the scale itself)")
     p.add_argument("--detector", default=None, metavar="DETECTOR.onnx", help="as smear's --detector")
     O.add_json_flag(p, "print the figures as one JSON object")
-    p = sub.add_parser("samples", help="the samples database: list, show or export analysed samples")
-    p.add_argument("action", choices=("list", "show", "export"), help="list samples; show one; export one's report")
-    p.add_argument("sample", nargs="?", default=None, help="the sample id (show, export)")
-    p.add_argument("--db", default=None, metavar="FILE.sqlite3", help="the database (default: as smear's)")
-    p.add_argument("--search", default=None, help="list: ids containing this text")
-    p.add_argument("--since", default=None, metavar="YYYY-MM-DD", help="list: updated on or after this date")
-    p.add_argument("--json", default=None, metavar="OUT.json",
-                   help="export: the sample's smear report (the review applied)")
-    p.add_argument("--coco", default=None, metavar="OUT.json",
-                   help="export: its objects as COCO, with the review's labels")
-    p.add_argument("--report", default=None, metavar="OUT.html|.pdf",
-                   help="export: its printable report (reviewed counts beside the model's; .pdf: a PDF)")
-    p.add_argument("--cells", default=None, metavar="DIR",
-                   help="export: its red cells as a labelled cell folder (Parasitized/, Uninfected/, patients.csv) "
-                        "with the review's labels, for adapt and train (a reviewed sample only)")
-    return {"smear": cmd_smear, "cut-cells": cmd_cut_cells, "evaluate-fields": cmd_evaluate_fields,
-            "samples": cmd_samples}
+    return {"smear": cmd_smear, "cut-cells": cmd_cut_cells, "evaluate-fields": cmd_evaluate_fields}
 
 
-def cmd_samples(a):
-    from ..counting import FieldReport, Summary
-    from ..review import status_text
-    from ..store import Store, StoreError
-
-    try:
-        with Store(a.db) as db:
-            if a.action == "list":
-                rows = db.samples(a.search, a.since)
-                for s in rows:
-                    pm = "n/a" if s["parasitemia"] is None else f"{s['parasitemia']:.2%}"
-                    print(f"{s['sample']}\t{s['updated']}\t{s['n_fields']} fields\t{s['n_cells']} red cells\t"
-                          f"{s['n_parasitized']} parasitized\tparasitemia {pm}\t{status_text(s['review'])}")
-                print(f"{len(rows)} sample{'s' * (len(rows) != 1)} in {db.path}")
-                return 0
-            if not a.sample:
-                raise SystemExit(f"error: samples {a.action} needs a sample id (malaria-detect samples list)")
-            rep = db.sample(a.sample, reviewed=a.action == "export")
-            if a.action == "export":
-                _export_sample(a, db, rep)
-                return 0
-            revised = db.sample(a.sample, reviewed=True)["fields"]
-    except StoreError as e:
-        raise SystemExit(f"error: {e}") from None
-    for f in rep["fields"]:
-        print(FieldReport.of(f).format())
-    print(f"\nsample {a.sample}, model: " + Summary.of(rep["fields"]).format())
-    if rep["review"]["reviewed"]:
-        print(f"sample {a.sample}, reviewed: {Summary.of(revised).format()}")
-    print(status_text(rep["review"]))
-    return 0
-
-
-def _check_pdf(path: str | None) -> None:
+def check_pdf(path: str | None) -> None:
     """A .pdf report needs fpdf2: said before any work is done."""
     if path and path.lower().endswith(".pdf"):
         from ..fields.pdfreport import new_pdf
 
         new_pdf()
-
-
-def _export_sample(a, db, rep: dict) -> None:
-    """samples export: the sample with its review applied (JSON, COCO, HTML report, labelled cells)."""
-    if not (a.json or a.coco or a.report or a.cells):
-        raise SystemExit("error: samples export needs --json, --coco, --report or --cells")
-    _check_pdf(a.report)
-    if a.cells and not rep["review"]["reviewed"]:
-        raise SystemExit(f"error: sample {a.sample} was not reviewed: its cells would carry the model's own labels, "
-                         "which cannot calibrate the model; review it on the page first")
-    if a.json:
-        Path(a.json).write_text(json.dumps(rep, indent=1))
-    if a.coco:
-        from ..data.coco import to_coco
-
-        Path(a.coco).write_text(json.dumps(to_coco(rep), indent=1))
-    if a.report:
-        from ..fields.htmlreport import write_report
-
-        write_report(rep, a.report, picture=db.field_image)
-    if a.cells:
-        from ..data.cutcells import cut_reviewed
-
-        n = cut_reviewed(rep, a.cells, db.field_image)
-        for e in n["errors"]:
-            print(f"warning: {e}", file=sys.stderr)
-        print(f"{n['Parasitized']} parasitized and {n['Uninfected']} uninfected cells of {n['fields']} fields "
-              f"written to {a.cells} (malaria-detect adapt --data {a.cells} --out lab.onnx calibrates on them)")
-    print(f"sample {a.sample} exported" + (" (with its review)" if rep["review"]["reviewed"] else ""))
 
 
 def _report(a, opts, model: str) -> dict:
@@ -230,7 +152,7 @@ def cmd_smear(a):
     for out in (a.json, a.csv, a.coco, a.report):
         if out and not Path(out).resolve().parent.is_dir():
             raise SystemExit(f"error: the folder of {out} does not exist")
-    _check_pdf(a.report)
+    check_pdf(a.report)
     if a.overlays:
         if Path(a.overlays).exists() and not Path(a.overlays).is_dir():
             raise SystemExit(f"error: --overlays {a.overlays} is a file, not a folder")
