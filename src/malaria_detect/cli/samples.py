@@ -133,6 +133,11 @@ def _export_sample(a, db, rep: dict) -> None:
         n = cut_reviewed(rep, a.cells, db.field_image)
         for e in n["errors"]:
             print(f"warning: {e}", file=sys.stderr)
+        from .. import available_models
+
+        names = {m["file"]: name for name, m in available_models().items()}
+        model = names.get(rep["model"]["file"], rep["model"]["file"])
         print(f"{n['Parasitized']} parasitized and {n['Uninfected']} uninfected cells of {n['fields']} fields "
-              f"written to {a.cells} (malaria-detect adapt --data {a.cells} --out lab.onnx calibrates on them)")
+              f"written to {a.cells} (malaria-detect adapt --data {a.cells} --out lab.onnx --model {model} "
+              "calibrates the model that analysed them)")
     print(f"sample {a.sample} exported" + (" (with its review)" if rep["review"]["reviewed"] else ""))
