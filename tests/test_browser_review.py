@@ -71,12 +71,17 @@ def test_review_a_real_field_with_the_keyboard_and_find_it_again(server, browser
     assert browser.find_element(By.ID, "sample-id").get_attribute("readonly")  # one sample on the page
     assert [m.split(" ", 1)[1] for m in _marks(browser)] == ["not reviewed"] * len(called)
 
-    # keyboard only: the first call rejected (N), the next confirmed (Y), the third re-staged (T)
+    # keyboard only: the first call rejected (N), the next confirmed (Y), the third re-staged (T); the
+    # server's first answer held back 1.5 s: the next cell is selected at once, and the decisions are kept
+    # and drawn in the order they were made
+    browser.execute_script("""const orig = window.fetch; let first = true;
+        window.fetch = async (u, o) => { const r = await orig(u, o);
+          if (first && String(u).endsWith('/reviews')) { first = false; await new Promise((ok) => setTimeout(ok, 1500)); }
+          return r; };""")
     _items(browser)[0].send_keys("n")
-    _wait(browser, lambda d: _marks(d)[0] == f"{called[0]} ✗ rejected")
-    assert browser.switch_to.active_element.get_attribute("data-cell") == str(called[1])  # on to the next
+    assert browser.switch_to.active_element.get_attribute("data-cell") == str(called[1])  # on to the next, at once
     browser.switch_to.active_element.send_keys("y")
-    _wait(browser, lambda d: _marks(d)[1] == f"{called[1]} ✓ confirmed")
+    _wait(browser, lambda d: _marks(d)[:2] == [f"{called[0]} ✗ rejected", f"{called[1]} ✓ confirmed"])
     browser.switch_to.active_element.send_keys("t")
     _wait(browser, lambda d: _marks(d)[2] == f"{called[2]} ✓ re-staged")
     _wait(browser, lambda d: "3 of 3 called cells decided" in _text(d, "review-status"))
@@ -98,6 +103,16 @@ def test_review_a_real_field_with_the_keyboard_and_find_it_again(server, browser
                            (c["box"] for c in rec["cells"])))
     view = field.find_element(By.CSS_SELECTOR, ".field-view")
     view.send_keys("0")
+    # a click on a called cell in the field selects it there: outlined, the bar on it, focus kept in the field
+    b = rec["cells"][called[1]]["box"]
+    off = browser.execute_script("""const r = arguments[0].querySelector('.field-stage').getBoundingClientRect(),
+        v = arguments[0].getBoundingClientRect();
+        return [r.left - v.left - v.width / 2 + arguments[1] * r.width / arguments[3],
+                r.top - v.top - v.height / 2 + arguments[2] * r.height / arguments[4]];""",
+                                 view, (b[0] + b[2]) / 2, (b[1] + b[3]) / 2, rec["width"], rec["height"])
+    ActionChains(browser).move_to_element_with_offset(view, round(off[0]), round(off[1])).click().perform()
+    assert f"cell {called[1]}:" in _text(browser, "review-which") and browser.switch_to.active_element == view
+    assert "focus" in field.find_element(By.CSS_SELECTOR, f"rect.cell[data-cell='{called[1]}']").get_attribute("class")
     view.send_keys("a")
     assert "adding" in view.get_attribute("class") and "Click (or tap)" in _text(browser, "fields-status")
     off = browser.execute_script("""const r = arguments[0].querySelector('.field-stage').getBoundingClientRect(),
@@ -144,6 +159,17 @@ def test_review_a_real_field_with_the_keyboard_and_find_it_again(server, browser
           timeout=60)
     _wait(browser, lambda d: json.loads(_get(server, "/samples/" + urllib.request.quote(SAMPLE)))["summary"]["n_fields"]
           == 2)
+
+    # Clear starts a new sample; the cleared one stays on the server
+    browser.find_element(By.ID, "fields-clear").click()
+    new_id = browser.find_element(By.ID, "sample-id").get_attribute("value")
+    assert new_id != SAMPLE and not browser.find_element(By.ID, "sample-id").get_attribute("readonly")
+    assert SAMPLE in _text(browser, "fields-status")
+    browser.find_element(By.ID, "tab-samples").click()
+    _wait(browser, lambda d: SAMPLE in _text(d, "samples-rows"))
+    next(r for r in browser.find_elements(By.CSS_SELECTOR, "#samples-rows tr") if r.text.startswith(SAMPLE)
+         ).find_element(By.TAG_NAME, "button").click()
+    _wait(browser, lambda d: _text(d, "fields-status").startswith(f"Sample {SAMPLE}: 2 stored fields"))
 
     # a phone: nothing wider than the screen, the review bar's buttons on it
     _phone(browser, True)

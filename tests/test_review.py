@@ -132,11 +132,15 @@ def test_a_reviewed_sample_exports_coco_and_cells_that_adapt_reads(report, tmp_p
     with Store(db) as s:
         s.save_report(report)
     cells = tmp_path / "cells"
-    with pytest.raises(SystemExit, match="was not reviewed"):
+    with pytest.raises(SystemExit, match=r"review is not complete \(0 of 3"):
         main(["samples", "export", "slide-9", "--db", str(db), "--cells", str(cells)])
-    rejected = _called(f)[0]
+    rejected, *others = _called(f)
     with Store(db) as s:
         s.add_review("slide-9", f["field_id"], {"cell": str(rejected), "action": "reject"}, WHO)
+        with pytest.raises(SystemExit, match=r"\(1 of 3 called cells decided"):  # half a review is not one
+            main(["samples", "export", "slide-9", "--db", str(db), "--cells", str(cells)])
+        for i in others:
+            s.add_review("slide-9", f["field_id"], {"cell": str(i), "action": "confirm"}, WHO)
     coco, html = tmp_path / "c.json", tmp_path / "r.html"
     assert main(["samples", "export", "slide-9", "--db", str(db), "--cells", str(cells), "--coco", str(coco),
                  "--report", str(html)]) == 0
@@ -234,3 +238,58 @@ def test_annotations_as_a_review_then_the_cells_calibrate_the_model(tmp_path, ca
     assert main(["adapt", "--data", str(cells), "--out", str(out), "--model", "anylab"]) == 0
     adapted = Predictor.load(out).record.extra["adapted"]
     assert adapted["n_parasitized"] == n_inf and adapted["n_uninfected"] >= 400
+
+
+def test_decisions_at_the_edges_count_as_a_person_means_them(report, tmp_path):
+    """Found in review: a reject of a cell the model never called changes nothing (no 'added', no 'rejected');
+    a withdrawn decision leaves a sample unreviewed; '0048' and '48' are one cell; a point on a white cell
+    or on a cell already added is refused; a confirm naming another stage re-stages."""
+    f = report["fields"][0]
+    fid, called = None, _called(f)
+    unin = next(i for i, c in enumerate(f["cells"]) if c.get("label") == "Uninfected" and not c.get("ood"))
+    white = next(c for c in f["cells"] if c["kind"] == "white cell")
+    with Store(tmp_path / "s.sqlite3") as s:
+        s.save_report(report)
+        fid = f["field_id"]
+        b = f["cells"][unin]["box"]
+        s.add_review("slide-9", fid, {"action": "add", "x": (b[0] + b[2]) / 2, "y": (b[1] + b[3]) / 2}, WHO)
+        s.add_review("slide-9", fid, {"cell": str(unin), "action": "reject"}, WHO)  # taken back
+        rep = s.sample("slide-9", reviewed=True)
+        assert rep["reviewed"]["n_parasitized"] == f["n_parasitized"]
+        assert (rep["review"]["n_added"], rep["review"]["n_rejected"]) == (0, 0)
+        assert not any(c.get("review") for c in rep["fields"][0]["cells"])
+        s.add_review("slide-9", fid, {"cell": str(called[0]), "action": "clear"}, WHO)
+        s.add_review("slide-9", fid, {"cell": str(unin), "action": "clear"}, WHO)
+        assert not s.sample("slide-9")["review"]["reviewed"]  # nothing in force: not reviewed
+        s.add_review("slide-9", fid, {"cell": f"00{called[0]}", "action": "reject"}, WHO)
+        s.add_review("slide-9", fid, {"cell": str(called[0]), "action": "confirm"}, WHO)
+        assert s.sample("slide-9")["decisions"][str(fid)][str(called[0])]["action"] == "confirm"
+        for cell in ("²", "-1", "a", "1.0"):
+            with pytest.raises(ReviewError, match="has no object"):
+                s.add_review("slide-9", fid, {"cell": cell, "action": "reject"}, WHO)
+        wb = white["box"]
+        with pytest.raises(ReviewError, match="on a white cell"):
+            s.add_review("slide-9", fid, {"action": "add", "x": (wb[0] + wb[2]) / 2, "y": (wb[1] + wb[3]) / 2}, WHO)
+        x, y = _empty_point(f)
+        s.add_review("slide-9", fid, {"action": "add", "x": x, "y": y}, WHO)
+        with pytest.raises(ReviewError, match="already added there"):
+            s.add_review("slide-9", fid, {"action": "add", "x": x + 1, "y": y}, WHO)
+        other = next(st for st in ("ring", "schizont") if st != f["cells"][called[1]].get("stage"))
+        d = s.add_review("slide-9", fid, {"cell": str(called[1]), "action": "confirm", "stage": other}, WHO)
+        assert (d["action"], d["stage"]) == ("stage", other)
+        assert s.sample("slide-9")["review"]["n_restaged"] == 1
+
+
+@pytest.mark.parametrize("bad", ["MAL/2024/117", "..", "a\\b", "tab\there"])
+def test_a_sample_id_no_route_could_name_is_refused(bundled, tmp_path, bad, capsys):
+    from fastapi.testclient import TestClient
+
+    from malaria_detect.cli import main
+    from malaria_detect.serve.app import create_app
+    from malaria_detect.serve.settings import Settings
+
+    with TestClient(create_app(Settings(model=None, db=str(tmp_path / "s.sqlite3")), bundled)) as c:
+        r = c.post("/smear", params={"sample": bad}, files=[("files", ("f.jpg", FIELD.read_bytes(), "image/jpeg"))])
+        assert r.status_code == 422 and "MAL-2024-117" in r.json()["detail"]
+    with pytest.raises(SystemExit, match="--sample"):
+        main(["smear", str(FIELD), "--sample", bad, "--db", str(tmp_path / "t.sqlite3")])

@@ -17,6 +17,8 @@ counting.field_counts, so the model's counts and the reviewed counts come from o
 
 from __future__ import annotations
 
+import math
+import re
 import statistics
 
 from .counting import field_counts, is_red_cell
@@ -36,10 +38,11 @@ def is_called(cell: dict, positive: str) -> bool:
     return is_red_cell(cell) and cell.get("label") == positive and not cell.get("ood")
 
 
-def check(decision: dict, field: dict) -> dict:
+def check(decision: dict, field: dict, in_force: dict[str, dict] | None = None) -> dict:
     """A decision as it is stored: {"cell", "action", "stage", "box"}; raises ReviewError when it does not
-    fit `field` (the stored record). An `add` at a point is resolved here: into the red cell under it, or
-    a new box centred on it."""
+    fit `field` (the stored record) and the decisions `in_force` on it (latest()). An `add` at a point is
+    resolved here: into the red cell under it, or a new box centred on it. A confirm naming another stage
+    than the cell's is a re-stage; a reject carries no stage."""
     action, stage = decision.get("action"), decision.get("stage") or None
     if action not in ACTIONS:
         raise ReviewError(f"unknown review action {action!r}: one of {', '.join(ACTIONS)}")
@@ -51,31 +54,48 @@ def check(decision: dict, field: dict) -> dict:
         raise ReviewError(f"field {field.get('image')} was not analysed: nothing to review")
     cells = field["cells"]
     if action == "add":
-        return _add(decision, field, stage)
+        return _add(decision, field, stage, in_force or {})
     cell = str(decision.get("cell", ""))
-    if cell.startswith("a") and cell[1:].isdigit():
+    if re.fullmatch(r"a[0-9]{1,12}", cell):
         if action not in ("clear", "reject"):
             raise ReviewError("an added cell can only be withdrawn (clear or reject)")
-        return {"cell": cell, "action": "clear", "stage": None, "box": None}
-    if not cell.isdigit() or int(cell) >= len(cells):
+        return {"cell": f"a{int(cell[1:])}", "action": "clear", "stage": None, "box": None}
+    if not re.fullmatch(r"[0-9]{1,9}", cell) or int(cell) >= len(cells):
         raise ReviewError(f"field {field.get('image')} has no object {cell!r} (it has {len(cells)})")
-    if not is_red_cell(cells[int(cell)]):
-        raise ReviewError(f"object {cell} of {field.get('image')} is a {cells[int(cell)]['kind']}, not a red cell")
-    return {"cell": cell, "action": action, "stage": stage, "box": None}
+    c = cells[int(cell)]
+    if not is_red_cell(c):
+        raise ReviewError(f"object {cell} of {field.get('image')} is a {c['kind']}, not a red cell")
+    if action == "confirm" and stage is not None:
+        action, stage = ("confirm", None) if stage == c.get("stage") else ("stage", stage)
+    if action in ("reject", "clear"):
+        stage = None
+    return {"cell": str(int(cell)), "action": action, "stage": stage, "box": None}
 
 
-def _add(decision: dict, field: dict, stage: str | None) -> dict:
+def _inside(box, x: float, y: float) -> bool:
+    return box[0] <= x <= box[2] and box[1] <= y <= box[3]
+
+
+def _add(decision: dict, field: dict, stage: str | None, in_force: dict[str, dict]) -> dict:
     try:
         x, y = float(decision["x"]), float(decision["y"])
     except (KeyError, TypeError, ValueError):
         raise ReviewError("an 'add' decision needs the point clicked: x and y in field pixels") from None
-    if not (0 <= x < field["width"] and 0 <= y < field["height"]):
+    if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < field["width"] and 0 <= y < field["height"]):
         raise ReviewError(f"({x:.0f}, {y:.0f}) is outside the field ({field['width']} x {field['height']})")
+    for d in in_force.values():
+        if d["action"] == "add" and _inside(d["box"], x, y):
+            raise ReviewError("an infected cell was already added there (undo it to place it again)")
     reds = [(i, c) for i, c in enumerate(field["cells"]) if is_red_cell(c)]
-    under = [(i, c) for i, c in reds if c["box"][0] <= x <= c["box"][2] and c["box"][1] <= y <= c["box"][3]]
+    under = [(i, c) for i, c in reds if _inside(c["box"], x, y)]
     if under:  # the smallest red cell under the point: it was missed (or flagged): call it
-        i, _ = min(under, key=lambda t: (t[1]["box"][2] - t[1]["box"][0]) * (t[1]["box"][3] - t[1]["box"][1]))
-        return {"cell": str(i), "action": "stage" if stage else "confirm", "stage": stage, "box": None}
+        i, c = min(under, key=lambda t: (t[1]["box"][2] - t[1]["box"][0]) * (t[1]["box"][3] - t[1]["box"][1]))
+        return {"cell": str(i), "action": "stage" if stage and stage != c.get("stage") else "confirm",
+                "stage": stage if stage and stage != c.get("stage") else None, "box": None}
+    other = next((c for c in field["cells"] if not is_red_cell(c) and _inside(c["box"], x, y)), None)
+    if other is not None:
+        raise ReviewError(f"({x:.0f}, {y:.0f}) is on a {other['kind']}, not on a red cell: a parasite is added on "
+                          "a red cell")
     sides = [max(c["box"][2] - c["box"][0], c["box"][3] - c["box"][1]) for _, c in reds]
     r = (statistics.median(sides) if sides else min(field["width"], field["height"]) / 12) / 2
     box = [max(0, round(x - r)), max(0, round(y - r)), min(field["width"], round(x + r)),
@@ -107,8 +127,8 @@ def apply(field: dict, decisions: list[dict], positive: str, negative: str) -> d
                           "p_parasitized": None, "stage": d.get("stage"), "key": key, "review": "added"})
             continue
         c = cells[int(key)]
-        if d["action"] == "reject":
-            c.update(label=negative, stage=None, review="rejected")
+        if d["action"] == "reject":  # counted as uninfected; marked only where it undoes the model's call
+            c.update(label=negative, stage=None, ood=False, review="rejected" if is_called(c, positive) else None)
         else:
             stage = d.get("stage") or c.get("stage")
             review = "added" if not is_called(c, positive) else \
@@ -118,22 +138,25 @@ def apply(field: dict, decisions: list[dict], positive: str, negative: str) -> d
 
 
 def status(fields: list[dict], decisions: list[dict], positive: str) -> dict:
-    """Who reviewed, when, and how far: every called cell decided or not."""
+    """Who reviewed, when, and how far: `reviewed` when any decision is in force, `complete` when every
+    cell the model called has one. Tallies by what the decisions in force do to the model's calls:
+    confirmed (as called), rejected, re-staged; added: cells the model did not call, called by the person."""
     by_field: dict[int, list[dict]] = {}
     for d in decisions:
         by_field.setdefault(d["field_id"], []).append(d)
-    n_called = n_decided = 0
+    n_called = n_decided = n_force = 0
     tally = {"confirmed": 0, "rejected": 0, "restaged": 0, "added": 0}
     for f in fields:
         if f.get("error"):
             continue
         now = latest(by_field.get(f.get("field_id"), []))
+        n_force += len(now)
         called = {str(i) for i, c in enumerate(f["cells"]) if is_called(c, positive)}
         n_called += len(called)
         n_decided += len(called & now.keys())
         for key, d in now.items():
-            if d["action"] == "add" or key not in called:
-                tally["added"] += 1
+            if key not in called:
+                tally["added"] += d["action"] != "reject"  # a reject of a cell the model did not call changes nothing
             elif d["action"] == "reject":
                 tally["rejected"] += 1
             elif d["action"] == "stage" and d.get("stage") != f["cells"][int(key)].get("stage"):
@@ -141,7 +164,7 @@ def status(fields: list[dict], decisions: list[dict], positive: str) -> dict:
             else:
                 tally["confirmed"] += 1
     reviewers = sorted({d["reviewer"] for d in decisions})
-    return {"reviewed": bool(decisions), "complete": bool(decisions) and n_decided == n_called,
+    return {"reviewed": n_force > 0, "complete": n_force > 0 and n_decided == n_called,
             "n_called": n_called, "n_decided": n_decided, **{f"n_{k}": v for k, v in tally.items()},
             "reviewers": reviewers, "first": min((d["created"] for d in decisions), default=None),
             "last": max((d["created"] for d in decisions), default=None)}

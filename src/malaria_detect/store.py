@@ -49,6 +49,18 @@ MIGRATIONS = {  # version -> statements that bring the previous version to it
         "CREATE INDEX reviews_field ON reviews(field_id)"],
 }
 UNNAMED = "(unnamed)"  # the sample of fields analysed without one
+MAX_SAMPLE_ID = 200
+
+
+def check_sample_id(sample: str) -> str:
+    """A sample id as every part of the tool can name it (a URL path segment, a file name part): 1 to 200
+    characters, no '/' or '\\', no control character, not '.' or '..'. Raises StoreError saying why."""
+    s = str(sample).strip()
+    if not s or len(s) > MAX_SAMPLE_ID or any(ch in s for ch in "/\\") or s in (".", "..") \
+            or any(ord(ch) < 32 or ord(ch) == 127 for ch in s):
+        raise StoreError(f"sample id {sample!r}: give 1 to {MAX_SAMPLE_ID} characters without '/', '\\' or control "
+                         "characters (e.g. MAL-2024-117 for MAL/2024/117)")
+    return s
 
 
 class StoreError(MalariaDetectError, RuntimeError):
@@ -133,6 +145,8 @@ class Store:
         self.close()
 
     def _migrate(self) -> None:
+        if self.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return  # the usual case: no write lock taken
         self.db.execute("BEGIN IMMEDIATE")
         try:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -160,6 +174,7 @@ class Store:
         # given pictures, no file is read (a server's field names are the uploads', not paths of its own)
         jpegs = [None if f.get("error") else _picture(f) if pictures is None else
                  _picture(f, pictures[i]) if pictures[i] is not None else None for i, f in enumerate(report["fields"])]
+        samples = [check_sample_id(f.get("sample") or UNNAMED) for f in report["fields"]]  # before any write
         try:
             self.db.execute("BEGIN IMMEDIATE")
             run = self.db.execute("INSERT INTO runs (created, source, model_file, model_sha256, field_threshold, "
@@ -167,8 +182,7 @@ class Store:
                                   (now, source, model.get("file"), model.get("weights_sha256"), model.get("threshold"),
                                    json.dumps(model.get("class_names") or ["Uninfected", "Parasitized"])))
             ids = []
-            for f, jpeg in zip(report["fields"], jpegs):
-                sample = f.get("sample") or UNNAMED
+            for f, jpeg, sample in zip(report["fields"], jpegs, samples):
                 self.db.execute("INSERT INTO samples (id, created, updated) VALUES (?, ?, ?) "
                                 "ON CONFLICT(id) DO UPDATE SET updated = excluded.updated", (sample, now, now))
                 rec = {k: v for k, v in f.items() if k not in ("overlay", "field_id")}
@@ -194,13 +208,20 @@ class Store:
                               "AND (? IS NULL OR f.sample = ?)", (field_id, sample, sample)).fetchone()
         return row[0] if row else None
 
-    def field_image(self, field: dict, files: bool = True):
+    def field_image(self, field: dict, files: bool = True, prefer_file: bool = False):
         """A stored field's image (PIL): its picture in the database, else (`files`) its file where still
-        readable."""
+        readable; with `prefer_file` the file first (full size, as analysed), then the picture."""
         import io
 
         from PIL import Image
 
+        if files and prefer_file:
+            from .imaging import FIELD_MAX_PIXELS, ImageError, open_rgb
+
+            try:
+                return open_rgb(field["image"], FIELD_MAX_PIXELS, max_side=None)
+            except (ImageError, OSError, ValueError):
+                pass
         jpeg = self.picture(field["field_id"]) if field.get("field_id") else None
         if jpeg:
             return Image.open(io.BytesIO(jpeg)).convert("RGB")
@@ -216,7 +237,8 @@ class Store:
         row = self.db.execute("SELECT record FROM fields WHERE id = ? AND sample = ?", (field_id, sample)).fetchone()
         if row is None:
             raise StoreError(f"no field {field_id} in sample {sample!r}")
-        d = review.check(decision, json.loads(row[0]))
+        in_force = review.latest([d for d in self.reviews(sample) if d["field_id"] == field_id])
+        d = review.check(decision, json.loads(row[0]), in_force)
         now = _now()
         try:
             self.db.execute("BEGIN IMMEDIATE")

@@ -159,6 +159,13 @@ def cmd_smear(a):
         Path(a.overlays).mkdir(parents=True, exist_ok=True)
     if a.target_cells < 1:
         raise SystemExit("error: --target-cells must be at least 1")
+    if a.sample is not None:
+        from ..store import StoreError, check_sample_id
+
+        try:
+            a.sample = check_sample_id(a.sample)
+        except StoreError as e:
+            raise SystemExit(f"error: --sample: {e}") from None
     opts = SmearOptions(cell_diameter=a.cell_diameter, batch_size=a.batch_size, rbc_per_ul=a.rbc_per_ul,
                         target_cells=a.target_cells, sample=a.sample,
                         max_pixels=a.max_field_pixels, detector=a.detector)

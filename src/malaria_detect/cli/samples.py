@@ -114,9 +114,11 @@ def _export_sample(a, db, rep: dict) -> None:
     if not (a.json or a.coco or a.report or a.cells):
         raise SystemExit("error: samples export needs --json, --coco, --report or --cells")
     check_pdf(a.report)
-    if a.cells and not rep["review"]["reviewed"]:
-        raise SystemExit(f"error: sample {a.sample} was not reviewed: its cells would carry the model's own labels, "
-                         "which cannot calibrate the model; review it on the page first")
+    if a.cells and not rep["review"]["complete"]:
+        r = rep["review"]
+        raise SystemExit(f"error: sample {a.sample}: its review is not complete ({r['n_decided']} of {r['n_called']} "
+                         "called cells decided): cells nobody looked at would carry the model's own labels, which "
+                         "cannot calibrate the model; finish the review on the page (or samples review) first")
     if a.json:
         Path(a.json).write_text(json.dumps(rep, indent=1))
     if a.coco:
@@ -130,7 +132,7 @@ def _export_sample(a, db, rep: dict) -> None:
     if a.cells:
         from ..data.cutcells import cut_reviewed
 
-        n = cut_reviewed(rep, a.cells, db.field_image)
+        n = cut_reviewed(rep, a.cells, lambda f: db.field_image(f, prefer_file=True))
         for e in n["errors"]:
             print(f"warning: {e}", file=sys.stderr)
         from .. import available_models

@@ -62,7 +62,7 @@ def _section(sample: dict, fields: list[dict], report: dict, operator: str | Non
                      f'<div class="gallery">{_gallery(rejected, crops)}</div>') if rejected else ""
     note = f'<p class="note">{escape(sample["note"])}</p>' if sample.get("note") else ""
     shown = f" (the {rc.GALLERY_MAX} most probable shown)" if len(picks) > rc.GALLERY_MAX else ""
-    return (f'<section class="sample"><h1>Malaria thin-smear report: {escape(str(sample.get("sample")))}</h1>'
+    return (f'<section class="sample"><h1>Malaria thin-smear report: {escape(rc.sample_name(sample))}</h1>'
             f'<p class="statement">{escape(STATEMENT)}</p><table>{rows}</table>{table}{note}'
             f"<h2>Parasitized cells ({len(picks)}){shown}</h2>"
             f"<div class=\"gallery\">{_gallery(picks, crops) or '<p>none</p>'}</div>{rejected_html}</section>")

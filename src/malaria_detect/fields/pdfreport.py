@@ -79,7 +79,7 @@ def _gallery(pdf, picks, crops) -> None:
 def _section(pdf, sample: dict, fields: list[dict], report: dict, operator: str | None, when: str, crops) -> None:
     pdf.add_page()
     _font(pdf, 15, True)
-    pdf.multi_cell(0, 7, _t(pdf, f"Malaria thin-smear report: {sample.get('sample')}"), align="L",
+    pdf.multi_cell(0, 7, _t(pdf, f"Malaria thin-smear report: {rc.sample_name(sample)}"), align="L",
                    new_x="LMARGIN", new_y="NEXT")
     pdf.ln(2)
     pdf.set_draw_color(176, 0, 0)

@@ -41,6 +41,10 @@ def open_field(field: dict):
         return None
 
 
+def sample_name(sample: dict) -> str:
+    return str(sample.get("sample") or "(unnamed)")
+
+
 def sections(report: dict) -> list[tuple[dict, list[dict]]]:
     """(the sample's summary, its fields) for each sample of a smear report."""
     if not report.get("samples"):
@@ -68,7 +72,7 @@ def stages_text(s: dict, none: str = "none named") -> str:
 def facts(sample: dict, report: dict, operator: str | None, when: str) -> list[tuple[str, str]]:
     """The report's table of one sample: (label, text); the parasitemia row is labelled 'Parasitemia'."""
     model = report.get("model", {})
-    rows = [("Sample", str(sample.get("sample") or "(unnamed)")), ("Date", when),
+    rows = [("Sample", sample_name(sample)), ("Date", when),
             ("Operator", operator or "(not given)"),
             ("Model", f"{model.get('file')} (weights sha256 {model.get('weights_sha256')})"),
             ("Fields", f"{sample['n_fields']} analysed" + (f", {sample['n_errors']} unreadable" if sample["n_errors"]
@@ -98,11 +102,15 @@ def counts_side_by_side(model: dict, reviewed: dict) -> list[tuple[str, str, str
 
 
 def gallery(fields: list[dict], positive: str, rejected: bool = False) -> list[tuple[dict, dict]]:
-    """(field, cell) of every parasitized cell (or, `rejected`, every call a reviewer rejected), the most
-    probable first (cells a person added, without a score, last)."""
+    """(field, cell) of every parasitized cell (or, `rejected`, every call of the model a reviewer rejected):
+    the cells a person decided on first (so that the shown ones hold every reviewed cell), each group the
+    most probable first (cells a person added have no score)."""
     picks = [(f, c) for f in fields if not f.get("error") for c in f["cells"]
              if (c.get("review") == "rejected" if rejected else c.get("label") == positive and not c.get("ood"))]
-    return sorted(picks, key=lambda t: -(t[1].get("p_parasitized") if t[1].get("p_parasitized") is not None else -1))
+    def key(t):
+        c = t[1]
+        return c.get("review") is None, -(c["p_parasitized"] if c.get("p_parasitized") is not None else -1.0)
+    return sorted(picks, key=key)
 
 
 def caption(field: dict, cell: dict) -> list[str]:

@@ -22,7 +22,7 @@ import io
 import os
 import threading
 
-from fastapi import FastAPI, File, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 
 from ..counting import sample_summaries, summarize
 from ..imaging import ImageError, PixelBudget, open_rgb
@@ -107,6 +107,13 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
                     sample: str | None = Query(None, min_length=1, max_length=200,
                                                description="the sample (slide, patient) these fields belong to: "
                                                            "each field carries it, `samples` pools it")):
+        if sample is not None:
+            from ..store import StoreError, check_sample_id
+
+            try:
+                sample = check_sample_id(sample)
+            except StoreError as e:
+                raise HTTPException(422, str(e)) from None
         n = min(len(files), settings.max_fields)  # more files: read_uploads answers 413
         pool.reserve(n)                            # or 503 with Retry-After: the pool is full
         try:

@@ -42,6 +42,8 @@
     try { localStorage.setItem(REVIEWER_KEY, reviewerInput.value.trim()); } catch (e) { /* storage off */ }
   });
   const sampleId = () => sampleInput.value.trim();
+  // as store.check_sample_id: an id every route and file name can hold
+  const badSampleId = (id) => id.length > 200 || /[\/\\\u0000-\u001f\u007f]/.test(id) || id === "." || id === "..";
   const samplePath = () => "/samples/" + encodeURIComponent(sampleId());
   let decisions = {};   // field_id -> {cell key -> the decision in force}, as the server answered
   let reviewed = null;  // the server's {review, reviewed, model} of this sample
@@ -163,11 +165,12 @@
         const lk = look(f, c, String(i)), r = rects[i];
         r.setAttribute("class", "cell " + lk.cls + (r.classList.contains("focus") ? " focus" : ""));
         r.firstChild.textContent = `object ${i}: ` + (OTHER[c.kind] ? c.kind : c.ood ? "not a cell"
-          : c.label == null ? "not classified"
-          : `${c.label}, p = ${c.p_parasitized.toFixed(3)}` + (c.stage ? `, ${c.stage} (p = ${c.p_stage.toFixed(2)})` : ""))
+          : c.label == null || c.p_parasitized == null ? "not classified"
+          : `${c.label}, p = ${c.p_parasitized.toFixed(3)}` + (c.stage && c.p_stage != null ? `, ${c.stage} (p = ${c.p_stage.toFixed(2)})` : ""))
           + (lk.mark ? ` · ${lk.mark}` : "");
         if (lk.cls.startsWith("pos")) {
-          tag(c.box, c.p_parasitized.toFixed(2) + (lk.stage ? " " + (STAGE_SHORT[lk.stage] || lk.stage) : ""), lk.stage);
+          tag(c.box, (c.p_parasitized == null ? "✓" : c.p_parasitized.toFixed(2))
+            + (lk.stage ? " " + (STAGE_SHORT[lk.stage] || lk.stage) : ""), lk.stage);
         }
       });
       extra.forEach((r) => r.remove());
@@ -225,7 +228,7 @@
         "-": () => v.setZoom(v.zoom / STEP), "0": v.fit, "1": () => v.setZoom(1),
         a: () => setAdding(f, !v.adding), Escape: () => setAdding(f, false) }[e.key];
       if (act) { e.preventDefault(); act(); return; }
-      if (f.focusKey != null && reviewKey(e, f, f.focusKey, false)) e.preventDefault();
+      if (f.focusKey != null && reviewKey(e, f, f.focusKey, "field")) e.preventDefault();
     });
     let drag = null, moved = false; // a mouse drags to pan; touch scrolls natively
     // a click (or tap): in "mark a missed cell" mode, adds one there; else selects the cell under it
@@ -240,7 +243,13 @@
         return x >= bx && y >= by && x <= bx + +rc.getAttribute("width") && y <= by + +rc.getAttribute("height")
           && galleryItem(f, rc.dataset.cell);
       });
-      if (under.length) selectItem(galleryItem(f, under[under.length - 1].dataset.cell), true);
+      if (under.length) {  // the smallest box drawn last is on top: that cell, outlined, its keys in this view
+        const key = under[under.length - 1].dataset.cell;
+        outline(f, key);
+        f.focusKey = key;
+        f.back.hidden = false;
+        selectItem(galleryItem(f, key), false);
+      }
     });
     view.addEventListener("pointerdown", (e) => {
       if (e.pointerType !== "mouse" || e.button !== 0 || v.fitted) return;
@@ -448,6 +457,7 @@
       li.append(b);
       return li;
     });
+    const hadFocus = galleryList.contains(document.activeElement);
     galleryList.replaceChildren(...items);
     const done = fields.some((f) => analysed(f) && f.view);
     gallery.hidden = !done;
@@ -460,21 +470,27 @@
     const reviewable = fields.some((f) => analysed(f) && f.rec.field_id);
     q("#review-keys").hidden = !reviewable || !picks.length;
     if (!reviewable || !picks.length) q("#review-bar").hidden = true;
-    if (selected) {
+    if (selected) {  // the same cell selected again (and focused, when focus was in the gallery)
       const again = galleryItem(fields.find((f) => f.id === selected.field), selected.cell);
-      if (again) selectItem(again, false); else q("#review-bar").hidden = true;
+      if (again) { selectItem(again, false); if (hadFocus) again.focus({ preventScroll: true }); }
+      else q("#review-bar").hidden = true;
     }
   }
 
   const cellOf = (f, key) => (key.startsWith("a") ? additions(f).find((a) => a.key === key) : f.rec.cells[+key]);
 
+  // outline one cell (in yellow) of every field on the page
+  function outline(f, key) {
+    fields.forEach((g) => g.view && [...g.view.rects, ...g.view.extra].forEach((r) => r.classList.remove("focus")));
+    const r = f.view && [...f.view.rects, ...f.view.extra].find((rc) => rc.dataset.cell === key);
+    if (r) r.classList.add("focus");
+  }
+
   function showCell(f, key, from) {
     const v = f.view, c = cellOf(f, key);
     if (!c) return;
     const [x0, y0, x1, y1] = c.box;
-    fields.forEach((g) => g.view && [...g.view.rects, ...g.view.extra].forEach((r) => r.classList.remove("focus")));
-    const r = [...v.rects, ...v.extra].find((rc) => rc.dataset.cell === key);
-    if (r) r.classList.add("focus");
+    outline(f, key);
     // the cell about a third of the view wide: large enough to judge, with its neighbours around it
     v.setZoom((v.view.clientWidth / 3) / Math.max(x1 - x0, y1 - y0));
     v.centerOn((x0 + x1) / 2, (y0 + y1) / 2);
@@ -507,49 +523,69 @@
   }
 
   const STAGE_KEY = { r: "ring", t: "trophozoite", s: "schizont", g: "gametocyte" };
-  // a review key on cell `key` of f: true when it was one; `advance`: then select the next undecided cell
-  function reviewKey(e, f, key, advance) {
+  // a review key on cell `key` of f: true when it was one; from: as decide's
+  function reviewKey(e, f, key, from) {
     if (e.ctrlKey || e.metaKey || e.altKey) return false;
     const k = e.key.toLowerCase();
     const body = k === "y" || k === "c" ? { action: "confirm" } : k === "n" || k === "x" ? { action: "reject" }
       : STAGE_KEY[k] ? { action: "stage", stage: STAGE_KEY[k] }
       : k === "u" || e.key === "Backspace" || e.key === "Delete" ? { action: "clear" } : null;
     if (!body) return false;
-    decide(f, key, body, advance);
+    decide(f, key, body, from);
     return true;
   }
 
-  async function decide(f, key, body, advance) {
+  // Decisions go to the server one at a time, in the order they were made (a later answer never
+  // overwrites a newer one); the next undecided cell is selected at once, so typing can go on.
+  let reviewQueue = Promise.resolve();
+  const pending = new Set(); // "field:cell" of decisions on their way
+
+  function whoReviews() {
     const who = reviewerInput.value.trim();
     if (!who) {
       status.textContent = "Type your name in “Reviewer” first: every decision is kept with who made it and when.";
       reviewerInput.focus();
-      return;
+      return null;
     }
     try { localStorage.setItem(REVIEWER_KEY, who); } catch (e) { /* storage off */ }
-    const answer = await postReview(f, Object.assign({ cell: key }, body));
-    if (!answer) return;
-    const item = galleryItem(f, key);
-    const order = [...galleryList.querySelectorAll(".gallery-item")].map((b) => [b.dataset.field, b.dataset.cell]);
-    const at = item ? order.findIndex(([fid, c]) => +fid === f.id && c === key) : -1;
-    afterReview(f);
-    if (!advance) { selectItem(galleryItem(f, key), true); return; }
-    // the next cell nobody decided on yet, after this one (wrapping round); else this one
-    const items = [...galleryList.querySelectorAll(".gallery-item")];
-    const open = (b) => b.querySelector(".g-mark").textContent === "not reviewed";
-    const next = items.slice(at + 1).find(open) || items.slice(0, Math.max(0, at)).find(open);
-    selectItem(next || galleryItem(f, key), true);
+    return who;
   }
 
-  async function addMissed(f, x, y) {
-    if (!reviewerInput.value.trim()) { decide(f, null, {}, false); return; }
-    const answer = await postReview(f, { action: "add", x, y });
-    if (!answer) return;
-    afterReview(f);
-    const d = answer.decision, key = d.action === "add" ? "a" + d.id : d.cell;
-    status.textContent = d.action === "add" ? `Added an infected cell at (${Math.round(x)}, ${Math.round(y)}) in ${f.name}.`
-      : `Cell ${d.cell} of ${f.name} called ${model.pos} by the reviewer.`;
-    selectItem(galleryItem(f, key), false);
+  // from: "gallery" (then on to the next undecided cell), "bar" or "field" (focus stays where it is)
+  function decide(f, key, body, from) {
+    if (!whoReviews()) return;
+    const tag = f.id + ":" + key;
+    if (from === "gallery") {
+      const items = [...galleryList.querySelectorAll(".gallery-item")];
+      const at = items.findIndex((b) => +b.dataset.field === f.id && b.dataset.cell === key);
+      const open = (b, k) => k !== at && b.querySelector(".g-mark").textContent === "not reviewed"
+        && !pending.has(b.dataset.field + ":" + b.dataset.cell);
+      const next = items.find((b, k) => k > at && open(b, k)) || items.find((b, k) => k < at && open(b, k));
+      if (next) selectItem(next, true);
+    }
+    pending.add(tag);
+    reviewQueue = reviewQueue.then(async () => {
+      const answer = await postReview(f, Object.assign({ cell: key }, body));
+      pending.delete(tag);
+      if (!answer) return;
+      afterReview(f);
+      if (from === "bar") selectItem(galleryItem(f, key), true);
+      if (from === "field") selectItem(galleryItem(f, key), false);
+    });
+  }
+
+  function addMissed(f, x, y) {
+    if (!whoReviews()) return;
+    reviewQueue = reviewQueue.then(async () => {
+      const answer = await postReview(f, { action: "add", x, y });
+      if (!answer) return;
+      afterReview(f);
+      const d = answer.decision, key = d.action === "add" ? "a" + d.id : d.cell;
+      status.textContent = d.action === "add" ? `Added an infected cell at (${Math.round(x)}, ${Math.round(y)}) in ${f.name}.`
+        : `Cell ${d.cell} of ${f.name} called ${model.pos} by the reviewer.`;
+      outline(f, key);
+      selectItem(galleryItem(f, key), false);
+    });
   }
 
   // POST /samples/{id}/reviews; the server's answer, or null (the status line says why)
@@ -576,6 +612,7 @@
   }
 
   function afterReview(f) {
+    if (f.focusKey != null && !cellOf(f, f.focusKey)) f.focusKey = null; // an added cell withdrawn
     f.view.paint();
     renderGallery(totals);
     renderReview();
@@ -633,7 +670,7 @@
     if (!b || !selected) return;
     const f = fields.find((g) => g.id === selected.field);
     const body = b.dataset.stage ? { action: "stage", stage: b.dataset.stage } : { action: b.dataset.act };
-    decide(f, selected.cell, body, false);
+    decide(f, selected.cell, body, "bar");
   });
   galleryList.addEventListener("keydown", (e) => {
     const b = e.target.closest(".gallery-item");
@@ -643,7 +680,7 @@
     if (move) { e.preventDefault(); selectItem(items[Math.max(0, Math.min(items.length - 1, at + move))], true); return; }
     if (e.key === "Home" || e.key === "End") { e.preventDefault(); selectItem(items[e.key === "Home" ? 0 : items.length - 1], true); return; }
     const f = fields.find((g) => g.id === +b.dataset.field);
-    if (f && f.rec.field_id && reviewKey(e, f, b.dataset.cell, true)) e.preventDefault();
+    if (f && f.rec.field_id && reviewKey(e, f, b.dataset.cell, "gallery")) e.preventDefault();
   });
 
   // ---------------------------------------------------------------- summary, status, CSV
@@ -710,6 +747,13 @@
     await modelReady.catch(() => null);
     if (!files.length || gen !== generation) return;
     if (!sampleId()) sampleInput.value = newSampleId();
+    if (badSampleId(sampleId())) {
+      status.textContent = "The sample id cannot hold “/”, “\\” or control characters (e.g. MAL-2024-117 for MAL/2024/117): change it, then drop the fields again.";
+      sampleInput.readOnly = false;
+      sampleInput.focus();
+      return;
+    }
+    sampleInput.readOnly = true; // these fields are this sample's
     const maxBytes = model.limits.max_field_bytes || 20 * 2 ** 20;
     const batch = files.map((file) => {
       const f = { id: ++uid, file, name: file.name, url: null, rec: null, view: null };
@@ -783,9 +827,15 @@
     selected = null;
     list.replaceChildren();
   }
+  // Clear starts a new sample too: fields dropped after it are another slide's (the cleared one stays
+  // on the server, and Samples opens it again)
   q("#fields-clear").addEventListener("click", () => {
+    const was = sampleId();
     clearPage();
-    status.textContent = "Cleared from the page (the server keeps what it analysed: see Samples).";
+    sampleInput.value = newSampleId();
+    sampleInput.readOnly = false;
+    status.textContent = `Cleared from the page; sample ${was} stays kept on the server (Samples opens it again). ` +
+      `New fields go to sample ${sampleId()}.`;
     updateSummary(generation);
   });
   q("#new-sample").addEventListener("click", () => {
@@ -820,7 +870,15 @@
       fields.push(f);
       f.card = rec.error ? errorCard(f) : fieldCard(f);
       list.append(f.card);
-      if (f.view) { f.view.fit(); f.picture = await loadPicture(f); }
+      if (f.view) {
+        f.view.fit();
+        f.picture = await loadPicture(f);
+        if (!f.picture) {  // a field kept before pictures were (schema 1), or a picture that cannot be shown
+          f.view.img.style.visibility = "hidden";
+          f.card.querySelector(".field-tools").after(el("p", "note",
+            "No picture of this field is kept on the server: its boxes and counts only."));
+        }
+      }
       if (gen !== generation) return null;
     }
     await updateSummary(gen);
