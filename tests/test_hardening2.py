@@ -142,6 +142,20 @@ def test_a_count_implausible_for_the_field_says_so(robust, field_rgb):
     assert "implausible" in rec.get("note", "")
 
 
+def test_the_detectors_boxes_are_checked_as_the_segmenters_masks_are(field_rgb):
+    """On the detector path: the real field's detected objects cover its stain (no note); a tenth of them
+    would not (the note)."""
+    from malaria_detect.fields.analysis import _objects, implausible_count
+    from malaria_detect.fields.area import imaged_area
+    from malaria_detect.modelfile import detector_path
+
+    cells, d = _objects(field_rgb, SmearOptions(detector=str(detector_path("bundled"))))
+    area = imaged_area(field_rgb)
+    assert len(cells) > 100 and implausible_count(field_rgb, area, cells, d) is None
+    note = implausible_count(field_rgb, area, cells[::10], d)
+    assert note and "implausible" in note and f"the {len(cells[::10])} cells found" in note
+
+
 # ---------------------------------------------------------------- 6. float TIFFs
 
 def test_a_float_tiff_decodes():

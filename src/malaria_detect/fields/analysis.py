@@ -92,7 +92,7 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
     if rec["imaged_fraction"] < 1:  # a cell cut by the field stop is a border cell, as at the image's edge
         cells = [c if c.border or area[c.box[1]:c.box[3], c.box[0]:c.box[2]].all() else replace(c, border=True)
                  for c in cells]
-    implausible = None if _uses_detector(opts) else implausible_count(rgb, area, cells, diameter)
+    implausible = implausible_count(rgb, area, cells, diameter)  # either path: the detector's masks are its boxes
     if implausible:
         rec["note"] = implausible
     red = [c for c in cells if c.kind == "red cell"]
