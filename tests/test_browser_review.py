@@ -135,6 +135,10 @@ def test_review_a_real_field_with_the_keyboard_and_find_it_again(server, browser
     assert [d["action"] for d in kept["reviews"]] == ["reject", "confirm", "stage", "add", "clear"]
     assert {d["reviewer"] for d in kept["reviews"]} == {WHO}
     assert kept["reviewed"]["n_parasitized"] == len(called) + 1
+    # "nothing more to change" marks the field as looked at
+    browser.find_element(By.ID, "review-seen").click()
+    _wait(browser, lambda d: json.loads(_get(server, "/samples/" + urllib.request.quote(SAMPLE)))["reviews"][-1]["action"]
+          == "seen")
     link = browser.find_element(By.ID, "print-report")
     assert link.is_displayed() and link.get_attribute("target") == "_blank"
     page = _get(server, link.get_attribute("href").removeprefix(server))

@@ -293,3 +293,76 @@ def test_a_sample_id_no_route_could_name_is_refused(bundled, tmp_path, bad, caps
         assert r.status_code == 422 and "MAL-2024-117" in r.json()["detail"]
     with pytest.raises(SystemExit, match="--sample"):
         main(["smear", str(FIELD), "--sample", bad, "--db", str(tmp_path / "t.sqlite3")])
+
+
+def test_a_negative_slide_reviewed_from_its_annotations_is_complete_and_a_second_run_writes_nothing(tmp_path, capsys):
+    """Four malaria-free TXL-PBC fields, no call: each marked seen, the review is complete and the cells
+    export; the same annotations applied again write nothing."""
+    from malaria_detect.cli import main
+
+    txl = FIELD.parents[1] / "txl-pbc"
+    db = tmp_path / "s.sqlite3"
+    assert main(["smear", str(txl / "val"), "--sample", "neg-1", "--db", str(db)]) == 0
+    args = ["samples", "review", "neg-1", "--db", str(db), "--annotations", str(txl / "annotations.json"),
+            "--reviewer", WHO]
+    assert main(args) == 0
+    assert "4 decisions on 4 of 4 fields kept" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "0 decisions on 4 of 4 fields kept (4 already in force)" in capsys.readouterr().out
+    with Store(db) as s:
+        st = s.sample("neg-1")["review"]
+    assert st["complete"] and st["n_called"] == 0
+    assert main(["samples", "export", "neg-1", "--db", str(db), "--cells", str(tmp_path / "cells")]) == 0
+    assert not list((tmp_path / "cells" / "Parasitized").iterdir()) and list((tmp_path / "cells" / "Uninfected").iterdir())
+
+
+def test_generic_parasitized_boxes_and_uncalled_cells(report):
+    from malaria_detect.review import apply, from_annotations, status
+
+    f = report["fields"][0] | {"field_id": 1}
+    called = _called(f)
+    b = f["cells"][called[0]]["box"]
+    ann = {"image_name": "x", "objects": [{"type": "parasitized", "bbox": {"x": b[0], "y": b[1], "w": b[2] - b[0],
+                                                                           "h": b[3] - b[1]}}]}
+    ds = from_annotations(f, ann, "Parasitized")
+    assert {"cell": str(called[0]), "action": "confirm", "stage": None} in ds and ds[-1] == {"action": "seen"}
+    # a reject of a cell the model flagged not-a-cell changes nothing: the counts stay the model's
+    ood = next(i for i, c in enumerate(f["cells"]) if c.get("ood"))
+    d = [{"id": 1, "field_id": 1, "cell": str(ood), "action": "reject", "stage": None, "box": None, "reviewer": WHO,
+          "created": "2026-12-02T00:00:00+00:00"}]
+    r = apply(f, d, "Parasitized", "Uninfected")
+    assert (r["n_classified"], r["n_not_a_cell"]) == (f["n_classified"], f["n_not_a_cell"])
+    assert status([f], d, "Parasitized")["n_added"] == 0
+
+
+def test_cells_are_cut_from_the_file_only_while_it_is_the_one_analysed(tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    import malaria_detect as md
+
+    photo = tmp_path / "IMG_0001.jpg"
+    shutil.copy(FIELD, photo)
+    rep = md.smear([photo])
+    rep["fields"][0]["sample"] = "s"
+    with Store(tmp_path / "s.sqlite3") as s:
+        s.save_report(rep)
+        f = s.sample("s")["fields"][0]
+        assert f["file_sha256"] and s.field_image(f, prefer_file=True).size == (f["width"], f["height"])
+        Image.new("RGB", (f["width"], f["height"]), (0, 255, 0)).save(photo)  # another photo, the same name
+        got = s.field_image(f, prefer_file=True)
+        assert got is not None and got.getpixel((10, 10)) != (0, 255, 0)  # the stored picture, not the new file
+
+
+def test_a_pdf_of_a_sample_named_in_another_script(bundled, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from malaria_detect.serve.app import create_app
+    from malaria_detect.serve.settings import Settings
+
+    with TestClient(create_app(Settings(model=None, db=str(tmp_path / "s.sqlite3")), bundled)) as c:
+        c.post("/smear", params={"sample": "患者 7"}, files=[("files", ("f.jpg", FIELD.read_bytes(), "image/jpeg"))])
+        r = c.get("/samples/患者 7/report.pdf")
+        assert r.status_code == 200 and r.content.startswith(b"%PDF")
+        assert "filename*=UTF-8''%E6%82%A3%E8%80%85%207-report.pdf" in r.headers["content-disposition"]

@@ -9,6 +9,8 @@ index in the field record, as a string, or "a<id>" for an infected cell the pers
     add       a missed infected cell: at a point inside a red cell the model called uninfected, that cell
               is called parasitized; elsewhere a new red cell (a box of the field's red-cell size) is added
     clear     withdraw the decision on this cell (an added cell is removed)
+    seen      (the whole field, cell "field") the person looked at it: a field with no call, or whose calls
+              are as the other decisions leave them, is reviewed (what makes a negative slide reviewed)
 
 The latest decision on a cell wins; every decision is kept with who made it and when (store.py). The
 reviewed records are the model's with the decisions applied and their counts made again by
@@ -24,7 +26,7 @@ import statistics
 from .counting import field_counts, is_red_cell
 from .errors import MalariaDetectError
 
-ACTIONS = ("confirm", "reject", "stage", "add", "clear")
+ACTIONS = ("confirm", "reject", "stage", "add", "clear", "seen")
 STAGES = ("ring", "trophozoite", "schizont", "gametocyte")
 MAX_REVIEWER = 80
 
@@ -55,6 +57,8 @@ def check(decision: dict, field: dict, in_force: dict[str, dict] | None = None) 
     cells = field["cells"]
     if action == "add":
         return _add(decision, field, stage, in_force or {})
+    if action == "seen":
+        return {"cell": "field", "action": "seen", "stage": None, "box": None}
     cell = str(decision.get("cell", ""))
     if re.fullmatch(r"a[0-9]{1,12}", cell):
         if action not in ("clear", "reject"):
@@ -83,15 +87,15 @@ def _add(decision: dict, field: dict, stage: str | None, in_force: dict[str, dic
         raise ReviewError("an 'add' decision needs the point clicked: x and y in field pixels") from None
     if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < field["width"] and 0 <= y < field["height"]):
         raise ReviewError(f"({x:.0f}, {y:.0f}) is outside the field ({field['width']} x {field['height']})")
-    for d in in_force.values():
-        if d["action"] == "add" and _inside(d["box"], x, y):
-            raise ReviewError("an infected cell was already added there (undo it to place it again)")
     reds = [(i, c) for i, c in enumerate(field["cells"]) if is_red_cell(c)]
     under = [(i, c) for i, c in reds if _inside(c["box"], x, y)]
     if under:  # the smallest red cell under the point: it was missed (or flagged): call it
         i, c = min(under, key=lambda t: (t[1]["box"][2] - t[1]["box"][0]) * (t[1]["box"][3] - t[1]["box"][1]))
         return {"cell": str(i), "action": "stage" if stage and stage != c.get("stage") else "confirm",
                 "stage": stage if stage and stage != c.get("stage") else None, "box": None}
+    for d in in_force.values():
+        if d["action"] == "add" and _inside(d["box"], x, y):
+            raise ReviewError("an infected cell was already added there (undo it to place it again)")
     other = next((c for c in field["cells"] if not is_red_cell(c) and _inside(c["box"], x, y)), None)
     if other is not None:
         raise ReviewError(f"({x:.0f}, {y:.0f}) is on a {other['kind']}, not on a red cell: a parasite is added on "
@@ -108,7 +112,9 @@ def latest(decisions: list[dict]) -> dict[str, dict]:
     oldest first; each with its `id`). An added cell's key is "a<id>"; cleared cells are left out."""
     out: dict[str, dict] = {}
     for d in decisions:
-        key = f"a{d['id']}" if d["action"] == "add" else d["cell"]
+        key = f"a{d['id']}" if d["action"] == "add" else str(d["cell"])
+        if re.fullmatch(r"[0-9]+", key):  # decisions kept before cell keys were normalised ("0048" is 48)
+            key = str(int(key))
         if d["action"] == "clear":
             out.pop(key, None)
         else:
@@ -122,13 +128,16 @@ def apply(field: dict, decisions: list[dict], positive: str, negative: str) -> d
         return field
     cells = [dict(c) for c in field["cells"]]
     for key, d in latest(decisions).items():
+        if d["action"] == "seen":
+            continue
         if d["action"] == "add":
             cells.append({"box": d["box"], "kind": "red cell", "label": positive, "ood": False,
                           "p_parasitized": None, "stage": d.get("stage"), "key": key, "review": "added"})
             continue
         c = cells[int(key)]
-        if d["action"] == "reject":  # counted as uninfected; marked only where it undoes the model's call
-            c.update(label=negative, stage=None, ood=False, review="rejected" if is_called(c, positive) else None)
+        if d["action"] == "reject":  # the model's call undone: uninfected; a cell it did not call stays as it was
+            if is_called(c, positive):
+                c.update(label=negative, stage=None, review="rejected")
         else:
             stage = d.get("stage") or c.get("stage")
             review = "added" if not is_called(c, positive) else \
@@ -138,9 +147,10 @@ def apply(field: dict, decisions: list[dict], positive: str, negative: str) -> d
 
 
 def status(fields: list[dict], decisions: list[dict], positive: str) -> dict:
-    """Who reviewed, when, and how far: `reviewed` when any decision is in force, `complete` when every
-    cell the model called has one. Tallies by what the decisions in force do to the model's calls:
-    confirmed (as called), rejected, re-staged; added: cells the model did not call, called by the person."""
+    """Who reviewed, when, and how far: `reviewed` when any decision is in force (a field marked seen
+    included), `complete` when, besides, every cell the model called has one. Tallies by what the
+    decisions in force do to the model's calls: confirmed (as called), rejected, re-staged; added: cells
+    the model did not call, called by the person."""
     by_field: dict[int, list[dict]] = {}
     for d in decisions:
         by_field.setdefault(d["field_id"], []).append(d)
@@ -155,11 +165,13 @@ def status(fields: list[dict], decisions: list[dict], positive: str) -> dict:
         n_called += len(called)
         n_decided += len(called & now.keys())
         for key, d in now.items():
+            if d["action"] == "seen":
+                continue
             if key not in called:
                 tally["added"] += d["action"] != "reject"  # a reject of a cell the model did not call changes nothing
             elif d["action"] == "reject":
                 tally["rejected"] += 1
-            elif d["action"] == "stage" and d.get("stage") != f["cells"][int(key)].get("stage"):
+            elif d.get("stage") not in (None, f["cells"][int(key)].get("stage")):  # confirm or stage
                 tally["restaged"] += 1
             else:
                 tally["confirmed"] += 1
@@ -181,14 +193,16 @@ def status_text(s: dict) -> str:
 
 def from_annotations(field: dict, annotated: dict, positive: str) -> list[dict]:
     """The decisions a person holding these annotations would make on a field record (an annotated field
-    of the IML / TXL-PBC format, data.annotations): every call matched to an infected box confirmed (at
-    its annotated stage), every other call rejected, every infected box the model did not call added at
-    its centre. Boxes are matched as data.annotations.match_cells matches them (IoU >= 0.5, >= 0.3 for
-    an infected box)."""
+    of the IML / TXL-PBC format or COCO, data.annotations): every red cell matched to an infected box
+    called parasitized at its annotated stage (a generic "parasitized" box keeps the model's stage), every
+    other call rejected, every infected box matched to no red cell added at its centre, and the field
+    marked seen. Boxes are matched as data.annotations.match_cells matches them (IoU >= 0.5, >= 0.3 for
+    an infected box); a call on a box marked "difficult" is matched to nothing, so rejected."""
     from .data.annotations import INFECTED_TYPES, UNINFECTED_TYPES, box_of, match_cells
 
-    objs = [o for o in annotated.get("objects", []) if o.get("type") in INFECTED_TYPES | UNINFECTED_TYPES]
-    boxes, infected = [box_of(o) for o in objs], [o["type"] in INFECTED_TYPES for o in objs]
+    infected_types = INFECTED_TYPES | {"parasitized"}
+    objs = [o for o in annotated.get("objects", []) if o.get("type") in infected_types | UNINFECTED_TYPES]
+    boxes, infected = [box_of(o) for o in objs], [o["type"] in infected_types for o in objs]
     reds = [i for i, c in enumerate(field["cells"]) if is_red_cell(c)]
     pairs = match_cells([tuple(map(float, field["cells"][i]["box"])) for i in reds], boxes, infected)
     truth = {reds[k]: j for k, j in pairs.items()}
@@ -197,15 +211,13 @@ def from_annotations(field: dict, annotated: dict, positive: str) -> list[dict]:
         c, j = field["cells"][i], truth.get(i)
         if j is not None and infected[j]:
             found.add(j)
-            stage = objs[j]["type"]
-            out.append({"cell": str(i), "action": "stage" if stage != c.get("stage") else "confirm", "stage": stage}
-                       if is_called(c, positive) else
-                       {"action": "add", "x": (c["box"][0] + c["box"][2]) / 2, "y": (c["box"][1] + c["box"][3]) / 2,
-                        "stage": stage})
+            stage = objs[j]["type"] if objs[j]["type"] in STAGES else None
+            out.append({"cell": str(i), "action": "stage" if stage else "confirm", "stage": stage})
         elif is_called(c, positive):
             out.append({"cell": str(i), "action": "reject"})
     for j, (b, inf) in enumerate(zip(boxes, infected)):
         if inf and j not in found:
             x, y = min(field["width"] - 1, (b[0] + b[2]) / 2), min(field["height"] - 1, (b[1] + b[3]) / 2)
-            out.append({"action": "add", "x": x, "y": y, "stage": objs[j]["type"]})
-    return out
+            stage = objs[j]["type"] if objs[j]["type"] in STAGES else None
+            out.append({"action": "add", "x": x, "y": y, "stage": stage})
+    return out + [{"action": "seen"}]

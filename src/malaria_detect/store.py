@@ -9,7 +9,7 @@
     db.add_review("slide-7", field_id, {"cell": "12", "action": "reject"}, reviewer="A. Technician")
     db.picture(field_id)              # the field as analysed (JPEG, at most 1600 px a side)
 
-Each field is kept with its picture (a JPEG of at most PICTURE_MAX_SIDE pixels a side), so that a
+Each field is kept with its picture (pictures.py: a JPEG of at most 1,600 pixels a side), so that a
 sample can be reviewed and its report printed after the original files are gone. Reviews (review.py)
 are kept as every decision made, with who made it and when; the latest on a cell wins.
 
@@ -32,9 +32,9 @@ from pathlib import Path
 from . import review
 from .counting import TARGET_CELLS, Summary, sample_summaries
 from .errors import MalariaDetectError
+from .pictures import file_sha256, open_field_file, picture_of
 
 SCHEMA_VERSION = 2
-PICTURE_MAX_SIDE = 1600
 MIGRATIONS = {  # version -> statements that bring the previous version to it
     1: ["CREATE TABLE samples (id TEXT PRIMARY KEY, created TEXT NOT NULL, updated TEXT NOT NULL)",
         "CREATE TABLE runs (id INTEGER PRIMARY KEY, created TEXT NOT NULL, source TEXT NOT NULL, model_file TEXT, "
@@ -81,43 +81,6 @@ def default_db_path() -> Path:
     return base / "malaria-detect" / "samples.sqlite3"
 
 
-def picture_entry(img) -> tuple[bytes, int, int]:
-    """A field's picture as save_report takes it: (JPEG, width, height)."""
-    return _picture({}, img)
-
-
-def field_picture(img) -> bytes:
-    """A field's picture as the database keeps it: JPEG (quality 85), at most PICTURE_MAX_SIDE a side."""
-    import io
-
-    from PIL import Image
-
-    img = img.convert("RGB")
-    if max(img.size) > PICTURE_MAX_SIDE:
-        k = PICTURE_MAX_SIDE / max(img.size)
-        img = img.resize((max(1, round(img.width * k)), max(1, round(img.height * k))), Image.BILINEAR)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
-
-
-def _picture(field: dict, img=None) -> tuple[bytes, int, int] | None:
-    """(JPEG, width, height) of a field's picture: of `img` (PIL; a tuple is already one), else of its image
-    file when that is readable."""
-    if isinstance(img, tuple):
-        return img
-    if img is None:
-        from .imaging import FIELD_MAX_PIXELS, ImageError, open_rgb
-
-        try:
-            img = open_rgb(field["image"], FIELD_MAX_PIXELS, max_side=None)
-        except (ImageError, OSError, ValueError):
-            return None
-    jpeg = field_picture(img)
-    k = min(1.0, PICTURE_MAX_SIDE / max(img.size))
-    return jpeg, max(1, round(img.width * k)), max(1, round(img.height * k))
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -129,11 +92,26 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
             self.db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            self.db.execute("PRAGMA journal_mode = WAL")
+            self._wal(timeout)
             self.db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: cannot open the samples database ({e})") from None
+
+    def _wal(self, timeout: float) -> None:
+        """Switch to the write-ahead log; the switch does not wait for another process's lock (as writes
+        do), so it is retried until `timeout` (two processes opening a new database at once)."""
+        import time
+
+        t0 = time.monotonic()
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() - t0 > timeout:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self.db.close()
@@ -172,8 +150,9 @@ class Store:
         the field's image (PIL) or None; by default each field's image file is read, where it can be."""
         model, now = report.get("model", {}), _now()
         # given pictures, no file is read (a server's field names are the uploads', not paths of its own)
-        jpegs = [None if f.get("error") else _picture(f) if pictures is None else
-                 _picture(f, pictures[i]) if pictures[i] is not None else None for i, f in enumerate(report["fields"])]
+        jpegs = [None if f.get("error") else picture_of(f) if pictures is None else
+                 picture_of(f, pictures[i]) if pictures[i] is not None else None
+                 for i, f in enumerate(report["fields"])]
         samples = [check_sample_id(f.get("sample") or UNNAMED) for f in report["fields"]]  # before any write
         try:
             self.db.execute("BEGIN IMMEDIATE")
@@ -186,6 +165,9 @@ class Store:
                 self.db.execute("INSERT INTO samples (id, created, updated) VALUES (?, ?, ?) "
                                 "ON CONFLICT(id) DO UPDATE SET updated = excluded.updated", (sample, now, now))
                 rec = {k: v for k, v in f.items() if k not in ("overlay", "field_id")}
+                if pictures is None and not f.get("error"):  # the command line's fields are files: which ones
+                    rec["image"] = str(Path(f["image"]).resolve())
+                    rec["file_sha256"] = file_sha256(f["image"])
                 row = self.db.execute("INSERT INTO fields (run_id, sample, image, error, record) "
                                       "VALUES (?, ?, ?, ?, ?)",
                                       (run.lastrowid, sample, str(f["image"]), f.get("error"), json.dumps(rec)))
@@ -215,44 +197,72 @@ class Store:
 
         from PIL import Image
 
-        if files and prefer_file:
-            from .imaging import FIELD_MAX_PIXELS, ImageError, open_rgb
-
-            try:
-                return open_rgb(field["image"], FIELD_MAX_PIXELS, max_side=None)
-            except (ImageError, OSError, ValueError):
-                pass
+        if files and prefer_file and field.get("file_sha256"):  # only a file known to be the one analysed
+            img = open_field_file(field)
+            if img is not None:
+                return img
         jpeg = self.picture(field["field_id"]) if field.get("field_id") else None
         if jpeg:
             return Image.open(io.BytesIO(jpeg)).convert("RGB")
-        got = _picture(field) if files else None
+        got = picture_of(field) if files else None
         return Image.open(io.BytesIO(got[0])).convert("RGB") if got else None
 
     def add_review(self, sample: str, field_id: int, decision: dict, reviewer: str) -> dict:
         """Keep one decision (review.py) on an object of a field of `sample`, made by `reviewer` now;
         returns it as stored. Raises review.ReviewError when it does not fit the field."""
+        kept, skipped = self.add_reviews(sample, [(field_id, decision)], reviewer, skip_misfits=False)
+        return kept[0]
+
+    def add_reviews(self, sample: str, items: list[tuple[int, dict]], reviewer: str,
+                    skip_misfits: bool = True) -> tuple[list[dict], list[str]]:
+        """Keep many decisions [(field_id, decision)] in one transaction: all or none. A decision that does
+        not fit its field is skipped with why (`skip_misfits`) or refused (ReviewError, nothing written); one
+        that changes nothing (the same as the decision in force on its cell) is skipped, so applying the
+        same annotations twice writes nothing the second time. -> (kept, why each skipped)."""
         reviewer = " ".join(str(reviewer or "").split())
         if not reviewer or len(reviewer) > review.MAX_REVIEWER:
             raise review.ReviewError(f"a review needs the reviewer's name (1 to {review.MAX_REVIEWER} characters)")
-        row = self.db.execute("SELECT record FROM fields WHERE id = ? AND sample = ?", (field_id, sample)).fetchone()
-        if row is None:
-            raise StoreError(f"no field {field_id} in sample {sample!r}")
-        in_force = review.latest([d for d in self.reviews(sample) if d["field_id"] == field_id])
-        d = review.check(decision, json.loads(row[0]), in_force)
+        records, force, kept, skipped = {}, {}, [], []
+        history = self.reviews(sample)
         now = _now()
         try:
             self.db.execute("BEGIN IMMEDIATE")
-            cur = self.db.execute("INSERT INTO reviews (field_id, cell, action, stage, box, reviewer, created) "
-                                  "VALUES (?, ?, ?, ?, ?, ?, ?)", (field_id, d["cell"], d["action"], d["stage"],
-                                                                   json.dumps(d["box"]) if d["box"] else None,
-                                                                   reviewer, now))
+            for field_id, decision in items:
+                if field_id not in records:
+                    row = self.db.execute("SELECT record FROM fields WHERE id = ? AND sample = ?",
+                                          (field_id, sample)).fetchone()
+                    if row is None:
+                        raise StoreError(f"no field {field_id} in sample {sample!r}")
+                    records[field_id] = json.loads(row[0])
+                    force[field_id] = [d for d in history if d["field_id"] == field_id]
+                now_in_force = review.latest(force[field_id])
+                try:
+                    d = review.check(decision, records[field_id], now_in_force)
+                except review.ReviewError as e:
+                    if not skip_misfits:
+                        raise
+                    skipped.append(f"field {field_id} ({records[field_id].get('image')}): {e}")
+                    continue
+                same = now_in_force.get(d["cell"]) if d["action"] != "add" else None
+                if skip_misfits and same and (same["action"], same.get("stage")) == (d["action"], d["stage"]):
+                    continue  # already so
+                cur = self.db.execute("INSERT INTO reviews (field_id, cell, action, stage, box, reviewer, created) "
+                                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                      (field_id, d["cell"], d["action"], d["stage"],
+                                       json.dumps(d["box"]) if d["box"] else None, reviewer, now))
+                d = d | {"id": cur.lastrowid, "field_id": field_id, "reviewer": reviewer, "created": now}
+                force[field_id].append(d)
+                kept.append(d)
             self.db.execute("UPDATE samples SET updated = ? WHERE id = ?", (now, sample))
             self.db.execute("COMMIT")
-        except sqlite3.Error as e:
+        except BaseException as e:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: the review could not be saved ({e})") from None
-        return d | {"id": cur.lastrowid, "field_id": field_id, "reviewer": reviewer, "created": now}
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"{self.path}: the review could not be saved ({e}); nothing of it was written") \
+                    from None
+            raise
+        return kept, skipped
 
     def reviews(self, sample: str) -> list[dict]:
         """Every decision on the fields of `sample`, oldest first."""
@@ -282,7 +292,7 @@ class Store:
             decisions, revised = self._reviewed(sid, fields)
             st = review.status(fields, decisions, self._class_names(sid)[1])
             out.append({"sample": sid, "created": created, "updated": updated} | Summary.of(fields).to_dict()
-                       | {"review": st, "reviewed": Summary.of(revised).to_dict() if decisions else None})
+                       | {"review": st, "reviewed": Summary.of(revised).to_dict() if st["reviewed"] else None})
         return out
 
     def _reviewed(self, sample: str, fields: list[dict]) -> tuple[list[dict], list[dict]]:

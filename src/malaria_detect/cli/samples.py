@@ -93,18 +93,21 @@ def _review_sample(a, db) -> int:
         raise SystemExit("error: samples review needs --annotations ANN.json and --reviewer NAME")
     rep = db.sample(a.sample)
     by_name = {Path(r["image_name"]).name: r for r in load_annotations(a.annotations)}
-    n_fields = n = 0
+    items, n_fields = [], 0
     for f in rep["fields"]:
         ann = by_name.get(Path(f["image"]).name)
         if f.get("error") or ann is None:
             continue
         n_fields += 1
-        for d in from_annotations(f, ann, rep["model"]["class_names"][1]):
-            db.add_review(a.sample, f["field_id"], d, a.reviewer)
-            n += 1
+        items += [(f["field_id"], d) for d in from_annotations(f, ann, rep["model"]["class_names"][1])]
     if not n_fields:
         raise SystemExit(f"error: no field of sample {a.sample} is annotated in {a.annotations} (matched by file name)")
-    print(f"{n} decisions on {n_fields} of {len(rep['fields'])} fields kept")
+    kept, skipped = db.add_reviews(a.sample, items, a.reviewer)  # one transaction; a second run writes nothing new
+    for why in skipped:
+        print(f"warning: skipped: {why}", file=sys.stderr)
+    print(f"{len(kept)} decisions on {n_fields} of {len(rep['fields'])} fields kept"
+          + (f" ({len(items) - len(kept) - len(skipped)} already in force)" if len(kept) + len(skipped) < len(items)
+             else ""))
     print(status_text(db.sample(a.sample)["review"]))
     return 0
 

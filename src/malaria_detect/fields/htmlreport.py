@@ -61,7 +61,7 @@ def _section(sample: dict, fields: list[dict], report: dict, operator: str | Non
     rejected_html = (f"<h2>Called by the model, rejected by the reviewer ({len(rejected)})</h2>"
                      f'<div class="gallery">{_gallery(rejected, crops)}</div>') if rejected else ""
     note = f'<p class="note">{escape(sample["note"])}</p>' if sample.get("note") else ""
-    shown = f" (the {rc.GALLERY_MAX} most probable shown)" if len(picks) > rc.GALLERY_MAX else ""
+    shown = f" ({rc.GALLERY_MAX} shown: those reviewed, then the most probable)" if len(picks) > rc.GALLERY_MAX else ""
     return (f'<section class="sample"><h1>Malaria thin-smear report: {escape(rc.sample_name(sample))}</h1>'
             f'<p class="statement">{escape(STATEMENT)}</p><table>{rows}</table>{table}{note}'
             f"<h2>Parasitized cells ({len(picks)}){shown}</h2>"

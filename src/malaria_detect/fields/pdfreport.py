@@ -3,8 +3,10 @@ fields.reportcontent says, laid out by fpdf2 (pure Python, the [pdf] extra; no b
 library). One page (or more) per sample: the statement, the facts, the model's and the reviewed counts,
 the gallery of parasitized cells with their captions, the rejected calls apart.
 
-Text is set in DejaVu Sans when the system has it (every character of the report); else in the PDF's
-own Helvetica, with the few characters outside Latin-1 spelled out (– as -, ✓ as "ok", ✗ as "x").
+Text is set in DejaVu Sans when the system has it; else in the PDF's own Helvetica, with the report's own
+few characters outside Latin-1 spelled out (– as -, ✓ as "ok", ✗ as "x"). Any other character the font
+cannot show (a sample id in another script) is printed as its code, \\u60a3, so that two ids never read
+the same. Gallery captions are cut to the crop's width, one line each.
 """
 
 from __future__ import annotations
@@ -36,44 +38,65 @@ def new_pdf():
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(True, margin=14)
     font = next((p for p in FONT_PATHS if Path(p).exists()), None)
+    pdf.glyphs = None
     if font:
         pdf.add_font("body", "", font)
         bold = Path(font).with_name("DejaVuSans-Bold.ttf")
         pdf.add_font("body", "B", str(bold) if bold.exists() else font)
-        pdf.unicode = True
-    else:
-        pdf.unicode = False
+        pdf.glyphs = set(pdf.fonts["body"].cmap) if hasattr(pdf.fonts["body"], "cmap") else None
+    pdf.unicode = font is not None
     return pdf
 
 
 def _t(pdf, text: str) -> str:
-    return text if pdf.unicode else text.translate(LATIN1).encode("latin-1", "replace").decode("latin-1")
+    """Text as the document's font can show it; other characters as their code (\\u60a3)."""
+    if not pdf.unicode:
+        text = text.translate(LATIN1)
+        return "".join(ch if ord(ch) < 256 else f"\\u{ord(ch):04x}" for ch in text)
+    if pdf.glyphs is None:
+        return text
+    return "".join(ch if ord(ch) in pdf.glyphs or ch in "\n\t" else f"\\u{ord(ch):04x}" for ch in text)
+
+
+def _fit(pdf, text: str, width: float) -> str:
+    """`text` cut (with an ellipsis) to fit `width` mm in the current font."""
+    text = _t(pdf, text)
+    if pdf.get_string_width(text) <= width:
+        return text
+    dots = "..." if not pdf.unicode else "…"
+    while text and pdf.get_string_width(text + dots) > width:
+        text = text[:-1]
+    return text + dots
 
 
 def _font(pdf, size: float, bold: bool = False) -> None:
     pdf.set_font("body" if pdf.unicode else "helvetica", "B" if bold else "", size)
 
 
+CAPTION_LINES, LINE_MM = 4, 2.8   # a caption: file, p, stage, the review's mark; one line each
+
+
 def _gallery(pdf, picks, crops) -> None:
     x0 = pdf.l_margin
     gap = (pdf.w - pdf.l_margin - pdf.r_margin - PER_ROW * CROP_MM) / (PER_ROW - 1)
+    row_h = CROP_MM + 1 + CAPTION_LINES * LINE_MM + 2
     row_top = pdf.get_y()
     for i, (f, c) in enumerate(picks[:rc.GALLERY_MAX]):
         if i % PER_ROW == 0:
             if i:
-                pdf.set_y(row_top + CROP_MM + 12)
-            if pdf.get_y() + CROP_MM + 12 > pdf.h - pdf.b_margin:
+                row_top += row_h
+            if row_top + row_h > pdf.h - pdf.b_margin:
                 pdf.add_page()
-            row_top = pdf.get_y()
+                row_top = pdf.get_y()
         x = x0 + (i % PER_ROW) * (CROP_MM + gap)
         im = crops(f, c, 160)
         if im is not None:
             pdf.image(im, x=x, y=row_top, w=CROP_MM, h=CROP_MM)
         _font(pdf, 6.5)
-        pdf.set_xy(x, row_top + CROP_MM + 0.5)
-        pdf.multi_cell(CROP_MM, 2.8, _t(pdf, "\n".join(rc.caption(f, c))), align="L", new_x="LEFT")
-    if picks:
-        pdf.set_y(row_top + CROP_MM + 13)
+        for k, line in enumerate(rc.caption(f, c)[:CAPTION_LINES]):
+            pdf.set_xy(x, row_top + CROP_MM + 1 + k * LINE_MM)
+            pdf.cell(CROP_MM, LINE_MM, _fit(pdf, line, CROP_MM))
+    pdf.set_xy(pdf.l_margin, row_top + row_h if picks else row_top)
 
 
 def _section(pdf, sample: dict, fields: list[dict], report: dict, operator: str | None, when: str, crops) -> None:
@@ -109,7 +132,7 @@ def _section(pdf, sample: dict, fields: list[dict], report: dict, operator: str 
         _font(pdf, 9)
         pdf.multi_cell(0, 4.5, _t(pdf, sample["note"]), align="L", new_x="LMARGIN", new_y="NEXT")
     picks = rc.gallery(fields, rc.positive(report))
-    shown = f" (the {rc.GALLERY_MAX} most probable shown)" if len(picks) > rc.GALLERY_MAX else ""
+    shown = f" ({rc.GALLERY_MAX} shown: those reviewed, then the most probable)" if len(picks) > rc.GALLERY_MAX else ""
     pdf.ln(3)
     _font(pdf, 11.5, True)
     pdf.cell(0, 7, _t(pdf, f"Parasitized cells ({len(picks)}){shown}"), new_x="LMARGIN", new_y="NEXT")

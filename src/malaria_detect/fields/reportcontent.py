@@ -114,9 +114,9 @@ def gallery(fields: list[dict], positive: str, rejected: bool = False) -> list[t
 
 
 def caption(field: dict, cell: dict) -> list[str]:
-    """The lines under a gallery crop: its field, p and stage, the review's mark."""
+    """The lines under a gallery crop: its field, p, its stage, the review's mark."""
     prob = f"p = {cell['p_parasitized']:.2f}" if cell.get("p_parasitized") is not None else "no model score"
-    lines = [Path(field["image"]).name, prob + (f", {cell['stage']}" if cell.get("stage") else "")]
+    lines = [Path(field["image"]).name, prob] + ([cell["stage"]] if cell.get("stage") else [])
     return lines + ([MARK[cell["review"]]] if cell.get("review") in MARK else [])
 
 

@@ -71,7 +71,7 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
     def analyze(names: list[str], blobs: list[bytes], overlay: bool, cell_diameter: float | None) -> list[dict]:
         # OpenCV and scikit-image load with the first field, not with the server (~64 MB)
         from ..fields.analysis import SmearOptions, analyze_field, failed_field
-        from ..store import picture_entry
+        from ..pictures import picture_entry
 
         pred = field_predictor()
         budget = PixelBudget(settings.max_request_pixels)

@@ -138,6 +138,9 @@ def add_sample_routes(app: FastAPI, settings) -> None:
                                  picture=lambda f: db.field_image(f, files=False))
             except PdfError as e:
                 raise HTTPException(501, str(e)) from None
-        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in sample)[:80] or "sample"
-        return Response(pdf, media_type="application/pdf",
-                        headers={"content-disposition": f'inline; filename="{name}-report.pdf"'})
+        from urllib.parse import quote
+
+        name = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_." else "_" for ch in sample)[:80]
+        return Response(pdf, media_type="application/pdf", headers={  # an ASCII name, and the id itself (RFC 6266)
+            "content-disposition": f'inline; filename="{name or "sample"}-report.pdf"; '
+                                   f"filename*=UTF-8''{quote(sample[:80] + '-report.pdf', safe='')}"})

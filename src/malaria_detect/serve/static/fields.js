@@ -59,8 +59,9 @@
   const decisionOn = (f, key) => (decisions[f.rec.field_id] || {})[key];
   function look(f, c, key) {
     const d = decisionOn(f, key), k = kind(c);
-    if (!d || OTHER[c.kind]) return { cls: k, stage: c.stage, mark: "" };
-    if (d.action === "reject") return { cls: "neg rejected", stage: null, mark: "✗ rejected" };
+    if (!d || OTHER[c.kind] || d.action === "seen") return { cls: k, stage: c.stage, mark: "" };
+    if (d.action === "reject") return k === "pos" ? { cls: "neg rejected", stage: null, mark: "✗ rejected" }
+      : { cls: k, stage: c.stage, mark: "" }; // a cell the model did not call stays as it was
     const stage = d.stage || c.stage;
     return { cls: "pos reviewed", stage, mark: k !== "pos" ? "+ called by the reviewer"
       : stage !== c.stage ? "✓ re-staged" : "✓ confirmed" };
@@ -564,32 +565,54 @@
       if (next) selectItem(next, true);
     }
     pending.add(tag);
-    reviewQueue = reviewQueue.then(async () => {
-      const answer = await postReview(f, Object.assign({ cell: key }, body));
-      pending.delete(tag);
-      if (!answer) return;
-      afterReview(f);
-      if (from === "bar") selectItem(galleryItem(f, key), true);
-      if (from === "field") selectItem(galleryItem(f, key), false);
+    const gen = generation;
+    queueReview(async () => {
+      try {
+        const answer = await postReview(f, Object.assign({ cell: key }, body), `cell ${key} of ${f.name}`, gen);
+        if (!answer) return;
+        afterReview(f);
+        const still = selected && selected.field === f.id && selected.cell === key;
+        // after a tap on the bar, the bar stays on this cell, and focus on it only if it is still in the bar
+        if (from === "bar" && still) selectItem(galleryItem(f, key), bar.contains(document.activeElement));
+        if (from === "field" && still) selectItem(galleryItem(f, key), false);
+      } finally {
+        pending.delete(tag);
+      }
     });
   }
 
+  // one review request after another; a failure of one never stops the next
+  const queueReview = (job) => { reviewQueue = reviewQueue.then(job).catch(() => null); return reviewQueue; };
+
   function addMissed(f, x, y) {
     if (!whoReviews()) return;
-    reviewQueue = reviewQueue.then(async () => {
-      const answer = await postReview(f, { action: "add", x, y });
+    const gen = generation;
+    queueReview(async () => {
+      const answer = await postReview(f, { action: "add", x, y }, `the cell marked in ${f.name}`, gen);
       if (!answer) return;
       afterReview(f);
       const d = answer.decision, key = d.action === "add" ? "a" + d.id : d.cell;
       status.textContent = d.action === "add" ? `Added an infected cell at (${Math.round(x)}, ${Math.round(y)}) in ${f.name}.`
         : `Cell ${d.cell} of ${f.name} called ${model.pos} by the reviewer.`;
       outline(f, key);
+      f.focusKey = key; // the field's keys (U to undo) act on the cell just marked
+      f.back.hidden = false;
       selectItem(galleryItem(f, key), false);
     });
   }
 
+  // "Nothing more to change": every field on the page marked seen (what makes a slide without a call reviewed)
+  function markSeen() {
+    if (!whoReviews()) return;
+    const gen = generation;
+    fields.filter((f) => analysed(f) && f.rec.field_id).forEach((f) => queueReview(async () => {
+      if (await postReview(f, { action: "seen" }, f.name, gen)) renderReview();
+    }));
+  }
+
   // POST /samples/{id}/reviews; the server's answer, or null (the status line says why)
-  async function postReview(f, body) {
+  let reviewSeq = 0; // answers counted, so that an older GET /review never overwrites a newer decision
+  async function postReview(f, body, what, gen) {
     const sample = f.rec.sample || sampleId();
     try {
       const resp = await fetch("/samples/" + encodeURIComponent(sample) + "/reviews", {
@@ -599,14 +622,16 @@
       if (!resp.ok) {
         let detail = answer.detail || resp.statusText;
         if (typeof detail !== "string") detail = (detail[0] && detail[0].msg) || JSON.stringify(detail);
-        status.textContent = `The decision was not kept: ${detail} (HTTP ${resp.status}).`;
+        if (gen === generation) status.textContent = `The decision on ${what} was not kept: ${detail} (HTTP ${resp.status}).`;
         return null;
       }
+      if (gen !== generation) return null; // the page was cleared meanwhile: the server kept it, the page moves on
+      reviewSeq++;
       decisions[f.rec.field_id] = answer.decisions;
       reviewed = answer;
       return answer;
     } catch (e) {
-      status.textContent = "The decision was not kept: could not reach the server (" + e.message + ").";
+      if (gen === generation) status.textContent = `The decision on ${what} was not kept: could not reach the server (${e.message}).`;
       return null;
     }
   }
@@ -655,16 +680,19 @@
   // GET /samples/{id}/review: the server's counts and the decisions in force
   async function refreshReview(gen) {
     if (!fields.some((f) => analysed(f) && f.rec.field_id)) { reviewed = null; renderReview(); return; }
+    const seq = reviewSeq;
     try {
       const resp = await fetch(samplePath() + "/review");
       if (!resp.ok || gen !== generation) return;
       const answer = await resp.json();
+      if (seq !== reviewSeq) return; // a decision was answered meanwhile: its answer is newer than this one
       decisions = answer.decisions || {};
       reviewed = answer;
     } catch (e) { return; }
     renderReview();
   }
 
+  q("#review-seen").addEventListener("click", markSeen);
   bar.addEventListener("click", (e) => {
     const b = e.target.closest("button");
     if (!b || !selected) return;
