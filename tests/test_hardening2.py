@@ -108,6 +108,26 @@ def test_a_round_field_stop_keeps_the_cells_inside_it(robust, field_rgb, unmaske
     assert abs(rec["n_parasitized"] - sum(c["label"] == "Parasitized" for c in want)) <= 1
 
 
+def test_a_cell_mostly_hidden_by_the_field_stop_is_not_counted(field_rgb):
+    """The counting-frame rule (analysis._inside_stop), on the default whole-field path: every object cut
+    by the stop shows more than half a red cell's box; the red cells counted are those the unmasked field
+    has with their centre inside the stop, give or take a few."""
+    H, W = field_rgb.shape[:2]
+    radius = 0.55 * H
+    rec = analyze_field(md.load("anylab"), _stop(field_rgb, radius), FIELDS[0].name,
+                        SmearOptions(detector="bundled"))
+    area = imaged_area(_stop(field_rgb, radius))
+    reds = [c for c in rec["cells"] if c["kind"] == "red cell"]
+    med = np.median([(c["box"][2] - c["box"][0]) * (c["box"][3] - c["box"][1]) for c in reds])
+    cut = [c for c in rec["cells"] if not area[c["box"][1]:c["box"][3], c["box"][0]:c["box"][2]].all()]
+    assert cut and all(c["border"] and (c["box"][2] - c["box"][0]) * (c["box"][3] - c["box"][1]) > 0.5 * med
+                       for c in cut)
+    plain = analyze_field(md.load("anylab"), field_rgb, FIELDS[0].name, SmearOptions(detector="bundled"))
+    inside = [c for c in plain["cells"] if c["kind"] == "red cell"
+              and np.hypot((c["box"][0] + c["box"][2]) / 2 - W / 2, (c["box"][1] + c["box"][3]) / 2 - H / 2) < radius]
+    assert abs(len(reds) - len(inside)) <= 0.06 * len(inside), (len(reds), len(inside))  # the cells behind the stop
+
+
 def test_the_imaged_area_finds_black_corners_white_bands_and_transparency(field_rgb, robust):
     H, W = field_rgb.shape[:2]
     assert imaged_area(field_rgb).all()  # a plain field: all of it
