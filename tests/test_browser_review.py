@@ -194,5 +194,8 @@ def test_review_a_real_field_with_the_keyboard_and_find_it_again(server, browser
         browser.find_element(By.ID, "tab-samples").click()
         _wait(browser, lambda d: SAMPLE in _text(d, "samples-rows"))
         _shot(browser, "review-phone-samples")
+        opener = browser.find_element(By.CSS_SELECTOR, "#samples-rows button")  # a card: Open on the screen
+        right = browser.execute_script("return arguments[0].getBoundingClientRect().right", opener)
+        assert right <= width + 1 and browser.execute_script("return document.documentElement.scrollWidth") <= width + 1
     finally:
         _phone(browser, False)

@@ -19,8 +19,10 @@
     const pmOf = (t) => (t.parasitemia == null ? "–" : pc(t.parasitemia));
     const pm = pmOf(s) + (s.reviewed ? ` · reviewed ${pmOf(s.reviewed)}` : "");
     const review = !r.reviewed ? "not reviewed" : `${r.complete ? "reviewed" : `${r.n_decided} of ${r.n_called} decided`} by ${r.reviewers.join(", ")}`;
-    tr.append(id, el("td", null, s.updated.replace("T", " ").slice(0, 16)), el("td", null, String(s.n_fields)),
-      el("td", null, s.n_cells.toLocaleString("en")), el("td", null, pm), el("td", null, review));
+    // each cell names its column, so that a phone can show a row as a card (style.css)
+    const td = (label, text) => { const c = el("td", null, text); c.dataset.label = label; return c; };
+    tr.append(id, td("Updated", s.updated.replace("T", " ").slice(0, 16)), td("Fields", String(s.n_fields)),
+      td("Red cells", s.n_cells.toLocaleString("en")), td("Parasitemia", pm), td("Review", review));
     const act = el("td", "actions");
     const open = el("button", null, "Open");
     open.type = "button";
