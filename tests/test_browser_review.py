@@ -139,6 +139,7 @@ def test_review_a_real_field_with_the_keyboard_and_find_it_again(server, browser
     browser.find_element(By.ID, "review-seen").click()
     _wait(browser, lambda d: json.loads(_get(server, "/samples/" + urllib.request.quote(SAMPLE)))["reviews"][-1]["action"]
           == "seen")
+    _wait(browser, lambda d: _text(d, "fields-status") == f"1 field marked as looked at by {WHO}.")
     link = browser.find_element(By.ID, "print-report")
     assert link.is_displayed() and link.get_attribute("target") == "_blank"
     page = _get(server, link.get_attribute("href").removeprefix(server))

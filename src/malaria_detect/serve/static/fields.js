@@ -605,9 +605,14 @@
   function markSeen() {
     if (!whoReviews()) return;
     const gen = generation;
-    fields.filter((f) => analysed(f) && f.rec.field_id).forEach((f) => queueReview(async () => {
-      if (await postReview(f, { action: "seen" }, f.name, gen)) renderReview();
+    const todo = fields.filter((f) => analysed(f) && f.rec.field_id);
+    let done = 0;
+    todo.forEach((f) => queueReview(async () => {
+      if (await postReview(f, { action: "seen" }, f.name, gen)) { done++; renderReview(); }
     }));
+    queueReview(async () => {
+      if (gen === generation && done) status.textContent = `${plural(done, "field")} marked as looked at by ${reviewerInput.value.trim()}.`;
+    });
   }
 
   // POST /samples/{id}/reviews; the server's answer, or null (the status line says why)
