@@ -289,20 +289,21 @@ class Store:
         out = []
         for sid, created, updated in self.db.execute(q + " ORDER BY updated DESC, id", args).fetchall():
             fields = self._records(sid)
-            decisions, revised = self._reviewed(sid, fields)
+            decisions, _, revised = self._reviewed(sid, fields)
             st = review.status(fields, decisions, self._class_names(sid)[1])
             out.append({"sample": sid, "created": created, "updated": updated} | Summary.of(fields).to_dict()
                        | {"review": st, "reviewed": Summary.of(revised).to_dict() if st["reviewed"] else None})
         return out
 
-    def _reviewed(self, sample: str, fields: list[dict]) -> tuple[list[dict], list[dict]]:
-        """Every decision on `sample`, and its field records with the decisions in force applied."""
+    def _reviewed(self, sample: str, fields: list[dict]) -> tuple[list[dict], dict[int, list[dict]], list[dict]]:
+        """Every decision on `sample`, the same by field, and its field records with the decisions in force
+        applied."""
         neg, pos = self._class_names(sample)
         decisions = self.reviews(sample)
         by_field: dict[int, list[dict]] = {}
         for d in decisions:
             by_field.setdefault(d["field_id"], []).append(d)
-        return decisions, [review.apply(f, by_field.get(f["field_id"], []), pos, neg) for f in fields]
+        return decisions, by_field, [review.apply(f, by_field.get(f["field_id"], []), pos, neg) for f in fields]
 
     def _class_names(self, sample: str) -> list[str]:
         row = self.db.execute("SELECT r.class_names FROM runs r JOIN fields f ON f.run_id = r.id WHERE f.sample = ? "
@@ -322,10 +323,7 @@ class Store:
                                "FROM runs r JOIN fields f ON f.run_id = r.id WHERE f.sample = ? ORDER BY r.id",
                                (sample,)).fetchall()
         names = json.loads(runs[-1][4])
-        decisions, revised = self._reviewed(sample, fields)
-        by_field: dict[int, list[dict]] = {}
-        for d in decisions:
-            by_field.setdefault(d["field_id"], []).append(d)
+        decisions, by_field, revised = self._reviewed(sample, fields)
         shown = revised if reviewed else fields
         return {"fields": shown, "summary": Summary.of(shown, target_cells=target_cells).to_dict(),
                 "samples": sample_summaries(shown, target_cells=target_cells),

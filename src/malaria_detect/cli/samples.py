@@ -40,12 +40,13 @@ def add_parsers(sub) -> dict:
                    help="export: its printable report (reviewed counts beside the model's; .pdf: a PDF)")
     p.add_argument("--annotations", default=None, metavar="ANN.json",
                    help="review: a person's annotations of the sample's fields (IML / TXL-PBC format or COCO, "
-                        "matched by file name), applied as their review: calls on an infected box confirmed at its "
-                        "stage, other calls rejected, infected boxes the model missed added")
+                        "matched by file name), applied as their review: red cells on an infected box called "
+                        "parasitized at its stage, other calls rejected, infected boxes the model missed added, each "
+                        "field marked looked at (one transaction; a second run writes nothing new)")
     p.add_argument("--reviewer", default=None, metavar="NAME", help="review: whose annotations these are")
     p.add_argument("--cells", default=None, metavar="DIR",
                    help="export: its red cells as a labelled cell folder (Parasitized/, Uninfected/, patients.csv) "
-                        "with the review's labels, for adapt and train (a reviewed sample only)")
+                        "with the review's labels, for adapt and train (a completely reviewed sample only)")
     return {"samples": cmd_samples}
 
 

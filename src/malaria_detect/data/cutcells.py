@@ -33,19 +33,46 @@ from .annotations import match_cells, read_annotations
 from .folders import NEGATIVE, POSITIVE, DataError
 
 
+class CellFolder:
+    """A labelled cell folder being written: Parasitized/, Uninfected/ (the class folders find_images reads)
+    and, on close(), patients.csv (file, patient); `n` counts the cells of each class, the fields and the
+    errors."""
+
+    def __init__(self, out: str | Path):
+        self.out, self.rows = Path(out), []
+        for d in (POSITIVE, NEGATIVE):
+            (self.out / d).mkdir(parents=True, exist_ok=True)
+        self.n = {POSITIVE: 0, NEGATIVE: 0, "fields": 0, "errors": []}
+
+    def add(self, im: Image.Image, infected: bool, name: str, patient: str) -> None:
+        """One crop (too small ones, under 4 pixels a side, are left out)."""
+        if im.width < 4 or im.height < 4:
+            return
+        cls = POSITIVE if infected else NEGATIVE
+        im.save(self.out / cls / name, compress_level=1)
+        self.rows.append((f"{cls}/{name}", patient))
+        self.n[cls] += 1
+
+    def close(self) -> dict:
+        with open(self.out / "patients.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "patient"])
+            w.writerows(self.rows)
+        return self.n
+
+
 def cut_cells(fields_dir: str | Path, annotations: str | Path, out: str | Path, only: list[str] | None = None,
               modes=("box", "mask"), max_uninfected_per_field: int = 0, seed: int = 0, progress=None) -> dict:
     """Write labelled cell crops of the annotated fields whose name starts with one of `only`."""
-    fields_dir, out = Path(fields_dir), Path(out)
+    fields_dir = Path(fields_dir)
     recs = read_annotations(annotations)
     if only:
         recs = [r for r in recs if any(r["image_name"].startswith(p) for p in only)]
     if not recs:
         raise DataError(f"no annotated field matches {only}")
-    for d in (POSITIVE, NEGATIVE):  # the class folders that find_images reads
-        (out / d).mkdir(parents=True, exist_ok=True)
+    folder = CellFolder(out)
+    n = folder.n
     rng = np.random.default_rng(seed)
-    rows, n = [], {POSITIVE: 0, NEGATIVE: 0, "fields": 0, "errors": []}
     for r in recs:
         stem = Path(r["image_name"]).stem
         try:
@@ -80,20 +107,10 @@ def cut_cells(fields_dir: str | Path, annotations: str | Path, out: str | Path, 
                     if crop is not None:
                         crops.append((Image.fromarray(crop), r["infected"][j], f"{j:03d}_mask"))
         for im, inf, tag in crops:
-            if im.width < 4 or im.height < 4:
-                continue
-            cls = POSITIVE if inf else NEGATIVE
-            name = f"{stem}_{tag}.png"
-            im.save(out / cls / name, compress_level=1)
-            rows.append((f"{cls}/{name}", stem))
-            n[cls] += 1
+            folder.add(im, inf, f"{stem}_{tag}.png", stem)
         if progress is not None:
             progress.update(1)
-    with open(out / "patients.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "patient"])
-        w.writerows(rows)
-    return n
+    return folder.close()
 
 
 def cut_reviewed(report: dict, out: str | Path, picture, progress=None) -> dict:
@@ -102,11 +119,9 @@ def cut_reviewed(report: dict, out: str | Path, picture, progress=None) -> dict:
     review left it (cells nobody changed keep the model's call), and patients.csv (file, sample), so
     that `adapt` and `train` take a lab's review as its labelled cells. `picture(field)`: the field's
     image (PIL, any scale) or None; fields without one are counted in `errors`."""
-    out = Path(out)
     positive, negative = report["model"]["class_names"][1], report["model"]["class_names"][0]
-    for d in (POSITIVE, NEGATIVE):
-        (out / d).mkdir(parents=True, exist_ok=True)
-    rows, n = [], {POSITIVE: 0, NEGATIVE: 0, "fields": 0, "errors": []}
+    folder = CellFolder(out)
+    n = folder.n
     for f in report["fields"]:
         if f.get("error"):
             continue
@@ -120,18 +135,8 @@ def cut_reviewed(report: dict, out: str | Path, picture, progress=None) -> dict:
         for j, c in enumerate(f["cells"]):
             if c.get("kind", "red cell") != "red cell" or c.get("ood") or c.get("label") not in (positive, negative):
                 continue
-            im = box_crop(img, [v * k for v in c["box"]])
-            if im.width < 4 or im.height < 4:
-                continue
-            cls = POSITIVE if c["label"] == positive else NEGATIVE
-            name = f"{stem}_{c.get('key', j)}.png"
-            im.save(out / cls / name, compress_level=1)
-            rows.append((f"{cls}/{name}", f.get("sample") or report.get("sample") or "sample"))
-            n[cls] += 1
+            folder.add(box_crop(img, [v * k for v in c["box"]]), c["label"] == positive,
+                       f"{stem}_{c.get('key', j)}.png", f.get("sample") or report.get("sample") or "sample")
         if progress is not None:
             progress.update(1)
-    with open(out / "patients.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["file", "patient"])
-        w.writerows(rows)
-    return n
+    return folder.close()
