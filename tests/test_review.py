@@ -242,8 +242,9 @@ def test_annotations_as_a_review_then_the_cells_calibrate_the_model(tmp_path, ca
 
 def test_decisions_at_the_edges_count_as_a_person_means_them(report, tmp_path):
     """Found in review: a reject of a cell the model never called changes nothing (no 'added', no 'rejected');
-    a withdrawn decision leaves a sample unreviewed; '0048' and '48' are one cell; a point on a white cell
-    or on a cell already added is refused; a confirm naming another stage re-stages."""
+    a withdrawn decision leaves a sample unreviewed; '0048' and '48' are one cell; a white cell cannot be
+    rejected but can be called an infected red cell; a point on a cell already added is refused; a confirm
+    naming another stage re-stages."""
     f = report["fields"][0]
     fid, called = None, _called(f)
     unin = next(i for i, c in enumerate(f["cells"]) if c.get("label") == "Uninfected" and not c.get("ood"))
@@ -267,9 +268,14 @@ def test_decisions_at_the_edges_count_as_a_person_means_them(report, tmp_path):
         for cell in ("²", "-1", "a", "1.0"):
             with pytest.raises(ReviewError, match="has no object"):
                 s.add_review("slide-9", fid, {"cell": cell, "action": "reject"}, WHO)
-        wb = white["box"]
-        with pytest.raises(ReviewError, match="on a white cell"):
-            s.add_review("slide-9", fid, {"action": "add", "x": (wb[0] + wb[2]) / 2, "y": (wb[1] + wb[3]) / 2}, WHO)
+        wb, wi = white["box"], f["cells"].index(white)
+        with pytest.raises(ReviewError, match="not a red cell: it can be called an infected red cell"):
+            s.add_review("slide-9", fid, {"cell": str(wi), "action": "reject"}, WHO)
+        # found on real fields: an infected cell the model took for a white cell; a click on it calls it one
+        d = s.add_review("slide-9", fid, {"action": "add", "x": (wb[0] + wb[2]) / 2, "y": (wb[1] + wb[3]) / 2}, WHO)
+        assert (d["cell"], d["action"]) == (str(wi), "confirm")
+        rev = s.sample("slide-9")["reviewed"]
+        assert rev["n_white_cells"] == f["n_white_cells"] - 1 and rev["n_cells"] == f["n_cells"] + 1
         x, y = _empty_point(f)
         s.add_review("slide-9", fid, {"action": "add", "x": x, "y": y}, WHO)
         with pytest.raises(ReviewError, match="already added there"):

@@ -7,7 +7,8 @@ index in the field record, as a string, or "a<id>" for an infected cell the pers
     reject    the cell is not parasitized: counted as uninfected
     stage     the cell is parasitized, at this stage (re-staged; also calls an uninfected cell)
     add       a missed infected cell: at a point inside a red cell the model called uninfected, that cell
-              is called parasitized; elsewhere a new red cell (a box of the field's red-cell size) is added
+              is called parasitized; on an object it took for a white cell or platelet, that object is an
+              infected red cell; elsewhere a new red cell (a box of the field's red-cell size) is added
     clear     withdraw the decision on this cell (an added cell is removed)
     seen      (the whole field, cell "field") the person looked at it: a field with no call, or whose calls
               are as the other decisions leave them, is reviewed (what makes a negative slide reviewed)
@@ -67,8 +68,9 @@ def check(decision: dict, field: dict, in_force: dict[str, dict] | None = None) 
     if not re.fullmatch(r"[0-9]{1,9}", cell) or int(cell) >= len(cells):
         raise ReviewError(f"field {field.get('image')} has no object {cell!r} (it has {len(cells)})")
     c = cells[int(cell)]
-    if not is_red_cell(c):
-        raise ReviewError(f"object {cell} of {field.get('image')} is a {c['kind']}, not a red cell")
+    if not is_red_cell(c) and action not in ("confirm", "stage"):  # a person may call it an infected red cell
+        raise ReviewError(f"object {cell} of {field.get('image')} is a {c['kind']}, not a red cell: it can be "
+                          "called an infected red cell (confirm, stage), not rejected")
     if action == "confirm" and stage is not None:
         action, stage = ("confirm", None) if stage == c.get("stage") else ("stage", stage)
     if action in ("reject", "clear"):
@@ -96,10 +98,9 @@ def _add(decision: dict, field: dict, stage: str | None, in_force: dict[str, dic
     for d in in_force.values():
         if d["action"] == "add" and _inside(d["box"], x, y):
             raise ReviewError("an infected cell was already added there (undo it to place it again)")
-    other = next((c for c in field["cells"] if not is_red_cell(c) and _inside(c["box"], x, y)), None)
-    if other is not None:
-        raise ReviewError(f"({x:.0f}, {y:.0f}) is on a {other['kind']}, not on a red cell: a parasite is added on "
-                          "a red cell")
+    other = next((i for i, c in enumerate(field["cells"]) if not is_red_cell(c) and _inside(c["box"], x, y)), None)
+    if other is not None:  # the model took it for a white cell or a platelet: the person calls it an infected red cell
+        return {"cell": str(other), "action": "stage" if stage else "confirm", "stage": stage, "box": None}
     sides = [max(c["box"][2] - c["box"][0], c["box"][3] - c["box"][1]) for _, c in reds]
     r = (statistics.median(sides) if sides else min(field["width"], field["height"]) / 12) / 2
     box = [max(0, round(x - r)), max(0, round(y - r)), min(field["width"], round(x + r)),
@@ -138,11 +139,11 @@ def apply(field: dict, decisions: list[dict], positive: str, negative: str) -> d
         if d["action"] == "reject":  # the model's call undone: uninfected; a cell it did not call stays as it was
             if is_called(c, positive):
                 c.update(label=negative, stage=None, review="rejected")
-        else:
+        else:  # parasitized; an object the model took for another kind becomes a red cell
             stage = d.get("stage") or c.get("stage")
             review = "added" if not is_called(c, positive) else \
                 "restaged" if stage != c.get("stage") else "confirmed"
-            c.update(label=positive, ood=False, review=review, stage=stage)
+            c.update(kind="red cell", label=positive, ood=False, review=review, stage=stage)
     return field | {"cells": cells} | field_counts(cells, positive)
 
 

@@ -59,7 +59,7 @@
   const decisionOn = (f, key) => (decisions[f.rec.field_id] || {})[key];
   function look(f, c, key) {
     const d = decisionOn(f, key), k = kind(c);
-    if (!d || OTHER[c.kind] || d.action === "seen") return { cls: k, stage: c.stage, mark: "" };
+    if (!d || d.action === "seen" || (OTHER[c.kind] && d.action === "reject")) return { cls: k, stage: c.stage, mark: "" };
     if (d.action === "reject") return k === "pos" ? { cls: "neg rejected", stage: null, mark: "✗ rejected" }
       : { cls: k, stage: c.stage, mark: "" }; // a cell the model did not call stays as it was
     const stage = d.stage || c.stage;
@@ -431,7 +431,8 @@
     fields.forEach((f) => {
       if (!analysed(f) || !f.view) return;
       f.rec.cells.forEach((c, i) => {
-        if (kind(c) === "pos" || (decisionOn(f, String(i)) && !OTHER[c.kind])) picks.push({ f, c, key: String(i) });
+        // the model's calls, and every object a person decided on (a white cell called an infected red cell too)
+        if (kind(c) === "pos" || decisionOn(f, String(i))) picks.push({ f, c, key: String(i) });
       });
       additions(f).forEach((a) => picks.push({ f, c: { box: a.box, stage: a.stage, p_parasitized: null }, key: a.key }));
     });
