@@ -1,7 +1,7 @@
 """The samples database over HTTP: POST /smear saves what it analysed (store.py), GET /samples lists
 the samples (search by id, updated since a date) and GET /samples/{id} gives one sample's report, its
 fields pooled again by the counting rule, with its review. A person's review: POST
-/samples/{id}/reviews (one decision: confirm, reject, stage, add, clear; review.py), answered with the
+/samples/{id}/reviews (one decision: confirm, reject, stage, add, clear, seen; review.py), answered with the
 sample's model and reviewed counts. GET /samples/{id}/fields/{field_id}/picture is a field as stored
 (JPEG), GET /samples/{id}/report.html the printable report (reviewed counts beside the model's).
 The database is the server's `db` setting (MALARIA_DETECT_DB), else the user's data directory;
@@ -30,7 +30,8 @@ class Decision(BaseModel):
 
     field_id: int = Field(..., ge=1, description="the field, as /smear or /samples/{id} numbered it")
     action: Literal[ACTIONS] = Field(..., description="confirm, reject, stage (re-stage), add (a missed infected "
-                                                      "cell at x, y) or clear (withdraw)")
+                                                      "cell at x, y), clear (withdraw) or seen (the whole field "
+                                                      "looked at)")
     cell: str | None = Field(None, max_length=12, description="the object: its index in the field's cells, or "
                                                               "'a<id>' for an added cell (not for add)")
     stage: Literal[STAGES] | None = None
