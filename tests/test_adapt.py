@@ -73,15 +73,24 @@ def test_adapt_cli_and_use_with_model(tmp_path, samples, capsys):
 
 def test_adapt_keeps_the_field_operating_point(tmp_path, samples):
     """The whole-field threshold stays where it was in raw-logit units (a few dozen cells cannot set
-    an operating point for 1-2 % prevalence); only its expression under the new temperature changes."""
+    an operating point for 1-2 % prevalence); only its expression under the new temperature changes.
+    A model with a whole-field head of its own (the bundled default) keeps that head's temperature,
+    threshold and field threshold as they are: adapt refits the cell head."""
     import math
 
     from malaria_detect.modelfile import bundled_field_model_path
 
-    base = Predictor.load(bundled_field_model_path()).record
-    adapt(_lab(tmp_path, samples, 30, 30), tmp_path / "f.onnx", bundled_field_model_path())
+    base = Predictor.load("robust").record
+    adapt(_lab(tmp_path, samples, 30, 30), tmp_path / "f.onnx", "robust")
     new = Predictor.load(tmp_path / "f.onnx").record
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     assert new.temperature != base.temperature
     assert abs(new.temperature * logit(new.extra["field_threshold"])
                - base.temperature * logit(base.extra["field_threshold"])) < 1e-6
+    base = Predictor.load(bundled_field_model_path()).record
+    adapt(tmp_path / "lab_30_30", tmp_path / "g.onnx", bundled_field_model_path())
+    new = Predictor.load(tmp_path / "g.onnx").record
+    assert new.temperature != base.temperature and new.threshold != base.threshold
+    assert new.extra["object_head"] == base.extra["object_head"]
+    assert new.extra["field_threshold"] == base.extra["field_threshold"]
+    assert new.field_temperature == base.field_temperature

@@ -86,7 +86,7 @@ def test_available_models_list_the_bundled_models_with_their_records():
     for name, m in models.items():
         assert Path(m["path"]).is_file() and m["record"].class_names == ("Uninfected", "Parasitized")
         assert md.load(name).record == m["record"]  # the same record ONNX Runtime's metadata gives
-    assert models["nih"]["default_for"] == ["single cells"] and models["anylab"]["default_for"] == ["whole fields"]
+    assert models["anylab"]["default_for"] == ["single cells", "whole fields"] and models["nih"]["default_for"] == []
     assert models["robust"]["default_for"] == [] and models["anylab"]["record"].kind_names[0] == "red cell"
 
 

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, serve
+from PIL import Image
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 PICKS = ["Parasitized/C118P79ThinF_IMG_20151002_105735_cell_153.webp",
          "Uninfected/C83P44ThinF_IMG_20150817_134820_cell_100.webp"]
-NOT_A_CELL = "Parasitized/C77P38ThinF_IMG_20150601_155642_cell_149.webp"  # flagged, though its p is 0.99
+# a window of a whole field holding several cells: flagged not a cell, though its p is 0.95
+NOT_A_CELL = ("fields/PA171771.JPG", (0, 0, 300, 300))
 SHOTS = os.environ.get("MALARIA_DETECT_SHOTS")  # a folder: the tests save desktop and phone screenshots there
 
 
@@ -159,8 +161,10 @@ def test_upload_two_cells_shows_results_and_heatmaps(server, browser, samples):
         window.__blobs.filter((b) => b.type.startsWith('text/csv')).pop().text().then(done);""")
     lines = csv.strip().split("\n")
     columns = browser.execute_script("return malariaDetect.model.record.csv_columns.cells")
-    assert lines[0] == "path,label,p_parasitized,ood,error" == ",".join(columns) and len(lines) == 3
-    assert lines[1].startswith(Path(PICKS[0]).name + ",Parasitized,0.") and lines[1].endswith(",false,")
+    # the default model has object heads: each cell's kind and stage are columns too
+    assert lines[0] == "path,label,p_parasitized,ood,kind,stage,p_stage,error" == ",".join(columns)
+    assert len(lines) == 3 and lines[1].startswith(Path(PICKS[0]).name + ",Parasitized,0.")
+    assert ",false,red cell," in lines[1] and lines[1].endswith(",")
     browser.find_element(By.ID, "show-heatmaps").click()
     assert not any(h.is_displayed() for h in heat)
 
@@ -180,10 +184,12 @@ def test_examples_errors_not_a_cell_sort_filter_and_larger_view(server, browser,
     examples[-1].click()  # four cells in one image
     field = _wait_cards(browser, 2)[1]
     assert field.find_element(By.CSS_SELECTOR, ".label").text == "Not a cell"
+    window = tmp_path / "several-cells.png"
+    Image.open(samples / NOT_A_CELL[0]).crop(NOT_A_CELL[1]).save(window)
     bad = tmp_path / "=broken.png"  # a name a spreadsheet would take for a formula
     bad.write_bytes(b"this is not an image")
     browser.find_element(By.ID, "file-input").send_keys(
-        "\n".join([str(samples / PICKS[1]), str(bad), str(samples / NOT_A_CELL)]))
+        "\n".join([str(samples / PICKS[1]), str(bad), str(window)]))
     cards = _wait_cards(browser, 5)
     assert browser.find_element(By.ID, "status").text == (
         "Screened 3 images: 1 cell (0 Parasitized), 1 not a cell, 1 unreadable. 5 images on the page in all.")
@@ -207,7 +213,7 @@ def test_examples_errors_not_a_cell_sort_filter_and_larger_view(server, browser,
         return [c.find_element(By.CSS_SELECTOR, ".name").text for c in _cards(browser) if c.is_displayed()]
 
     Select(browser.find_element(By.ID, "sort")).select_by_value("p-desc")  # unreadable files last
-    assert probs() == ["parasitized-1.webp", NOT_A_CELL.split("/")[1], "smear-field.webp", Path(PICKS[1]).name,
+    assert probs() == ["parasitized-1.webp", window.name, "smear-field.webp", Path(PICKS[1]).name,
                        "=broken.png"]
     Select(browser.find_element(By.ID, "sort")).select_by_value("upload")
     assert probs()[:2] == ["parasitized-1.webp", "smear-field.webp"]
@@ -247,8 +253,9 @@ def test_examples_errors_not_a_cell_sort_filter_and_larger_view(server, browser,
     csv = browser.execute_async_script("""const done = arguments[0];
         window.__blobs.filter((b) => b.type.startsWith('text/csv')).pop().text().then(done);""")
     rows = list(csv_module.reader(io.StringIO(csv)))[1:]
-    assert [r[0] for r in rows][2:] == [Path(PICKS[1]).name, "'=broken.png", Path(NOT_A_CELL).name]  # upload order
-    assert rows[1][1:4] == ["Parasitized", rows[1][2], "true"] and rows[3][4].startswith("not an image")
+    assert [r[0] for r in rows][2:] == [Path(PICKS[1]).name, "'=broken.png", window.name]  # upload order
+    assert rows[1][1] in ("Parasitized", "Uninfected") and rows[1][3] == "true"  # the four-cell example: flagged
+    assert rows[3][-1].startswith("not an image")
     browser.find_element(By.ID, "clear").click()
     assert not _cards(browser) and not browser.find_element(By.ID, "summary").is_displayed()
 
@@ -275,7 +282,8 @@ def test_keyboard_one_tab_stop_to_upload_and_model_details(server, browser):
     link.click()
     panel = browser.find_element(By.ID, "model-panel")
     WebDriverWait(browser, 5).until(lambda d: panel.is_displayed() and "Decision" in panel.text)
-    assert "Parasitized when p(Parasitized) ≥ 0.5" in panel.text and "Specificity" in panel.text
+    thr = browser.execute_script("return malariaDetect.model.record.threshold")
+    assert f"Parasitized when p(Parasitized) ≥ {thr:.3f}" in panel.text and "Specificity" in panel.text
     assert "fields per request" in panel.text  # the whole-field limits too
     assert "{" not in panel.text
     _shot(browser, "desktop-model-details")

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from malaria_detect import data as D
 from malaria_detect.cells.heatmaps import cam_peak_xy, cam_to_map, heatmap_overlay
+from malaria_detect.cells.predictor import Predictor
 from malaria_detect.cli import main
 from malaria_detect.evaluation.noncells import non_cell_images
 
@@ -62,7 +64,12 @@ def test_evaluate_writes_plots(tmp_path, samples):
     assert Image.open(tmp_path / "roc_curve.png").size[0] > 300
 
 
-def test_heatmap_peak_lies_on_the_cell(bundled, samples):
+@pytest.mark.parametrize("name, share", [("nih", 0.95), (None, 0.85)])
+def test_heatmap_peak_lies_on_the_cell(name, share, samples):
+    """Where the network looked: the heatmap's peak on the cell, not on the black surround. The NIH
+    model's lies on the cell for 87 of its 89 parasitized sample cells; the default's cell head (the
+    robust model's, trained also on box crops with their background) for 82 of 91 (MODEL_CARD)."""
+    bundled = Predictor.load(name)
     paths = sorted((samples / "Parasitized").iterdir())
     res = bundled.predict(paths, heatmaps=True)
     on_cell, n = 0, 0
@@ -74,7 +81,7 @@ def test_heatmap_peak_lies_on_the_cell(bundled, samples):
         cell = img.mean(2) > 15  # NIH crops: the cell on a black surround
         n += 1
         on_cell += bool(cell[y, x])
-    assert n >= 60 and on_cell / n >= 0.95, (on_cell, n)
+    assert n >= 60 and on_cell / n >= share, (on_cell, n)
     # the rendered overlay is the cell's size and keeps the black surround uncoloured
     over = np.asarray(heatmap_overlay(Image.open(paths[0]).convert("RGB"), res[0].cam, bundled.record.temperature))
     assert over.shape[0] >= 192 and over[0, 0].max() < 15

@@ -140,7 +140,8 @@ def test_bundled_models_by_name(samples, tmp_path, monkeypatch):
     from malaria_detect.modelfile import bundled_field_model_path, bundled_model_path
 
     assert Predictor.load("anylab").path == bundled_field_model_path()
-    assert Predictor.load("nih").path == bundled_model_path()
+    assert Predictor.load("anylab").path == bundled_model_path()  # one default everywhere
+    assert Predictor.load("nih").path.name == "malaria_lite0.onnx"
     assert Predictor.load("robust").path.name == "malaria_lite0_robust.onnx"
     assert Scorer("anylab").path == bundled_field_model_path()
     cell = sorted((samples / "Parasitized").iterdir())[0]
@@ -149,5 +150,5 @@ def test_bundled_models_by_name(samples, tmp_path, monkeypatch):
     (tmp_path / "robust").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a valid ONNX model"):
         Predictor.load("robust")
-    with pytest.raises(MissingFileError, match="'nih'.*'robust'"):
+    with pytest.raises(MissingFileError, match="'anylab'.*'robust'.*'nih'"):
         Predictor.load("robst")

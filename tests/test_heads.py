@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from malaria_detect.errors import ModelError, UsageError
 from malaria_detect.imaging import resize_uint8
 from malaria_detect.record import KIND_MIN_P
 
@@ -57,14 +58,21 @@ def test_written_heads_compute_what_was_fitted(samples, tmp_path):
 
     record.kind_names, record.stage_names = heads.KIND_NAMES, heads.STAGE_NAMES
     write_model_record(out, record)
+    with pytest.raises(ModelError, match="disagree on a whole-field head"):  # object_logits without its record
+        Predictor.load(out)
+    record.extra["object_head"] = {"temperature": 0.8, "threshold": 0.3}
+    write_model_record(out, record)
     pred = Predictor.load(out)
-    z, cam, ood, zk, zs = pred.run_all(x)
+    z, cam, ood, zk, zs = pred.run_fields(x)
     want = heads.apply_heads(f, fitted)
     assert np.allclose(z, want[0], atol=1e-3) and np.allclose(zk, want[1], atol=1e-3)
     assert np.allclose(zs, want[2], atol=1e-3)
-    assert np.allclose(cam.mean((1, 2)), z, atol=1e-3)  # the CAM is the new head's, exactly
+    zc, camc, _, _, _ = pred.run_all(x)  # single cells: the base's own head and CAM, as they were
+    assert np.allclose(zc, z_base, atol=1e-4) and np.allclose(camc.mean((1, 2)), z_base, atol=1e-3)
     assert not np.allclose(z, z_base, atol=0.1)
     assert np.allclose(ood, Predictor.load(base).run(x)[2], atol=1e-4)  # the not-a-cell score is kept
+    with pytest.raises(UsageError, match="already has whole-field heads"):
+        heads.write_heads(out, fitted, tmp_path / "again.onnx")
     kinds, p = pred.record.kinds(zk)
     soft = np.exp(zk - zk.max(1, keepdims=True))
     soft /= soft.sum(1, keepdims=True)

@@ -325,7 +325,11 @@ def test_summary_is_in_the_openapi_schema_and_the_model_names_the_csv_columns(cl
         schemas["FieldCounts"]["properties"])
     assert schemas["SummaryIn"]["properties"]["cells"]["anyOf"][0]["maxItems"] > 0
     m = client.get("/model").json()
-    assert m["csv_columns"]["cells"] == ["path", "label", "p_parasitized", "ood", "error"]
+    from malaria_detect.cells.predictor import OBJECT_CSV_FIELDS
+
+    # the default model has object heads: a cell's kind and stage are columns too
+    assert m["csv_columns"]["cells"] == OBJECT_CSV_FIELDS
+    assert OBJECT_CSV_FIELDS[:4] == ["path", "label", "p_parasitized", "ood"] and "stage" in OBJECT_CSV_FIELDS
     from malaria_detect.fields.report import CSV_FIELDS
 
     assert m["csv_columns"]["fields"] == CSV_FIELDS

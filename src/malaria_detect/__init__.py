@@ -30,7 +30,7 @@ __all__ = ["Prediction", "Predictor", "__version__", "available_models", "load",
 
 def load(model=None, threads: int | None = None) -> Predictor:
     """The model at `model` (an ONNX file written by `malaria-detect export` or `adapt`, or a bundled
-    model's name: "nih", "anylab", "robust"), or the bundled single-cell default, ready to predict. Raises
+    model's name: "anylab", "robust", "nih"), or the bundled default (anylab), ready to predict. Raises
     `errors.ModelError` for a file that must not be used."""
     return Predictor.load(model, threads)
 

@@ -15,14 +15,16 @@ from .record import Record
 # the bundled models by name, wherever `--model` (or `model=`) takes a model file (model_path)
 BUNDLED_NAMES = {"nih": "malaria_lite0.onnx", "robust": "malaria_lite0_robust.onnx", "anylab": "malaria_anylab.onnx"}
 
-NAMES_HELP = ("or a bundled model by name: 'nih' (NIH cells; the single-cell default), 'anylab' (every object of a "
-              "field: red cell with stage, white cell, platelet, other; taught look-alikes; the whole-field default) "
-              "or 'robust' (cells of two labs, stain-augmented; anylab's backbone)")
-BUNDLED_MODEL = BUNDLED_NAMES["nih"]
+NAMES_HELP = ("or a bundled model by name: 'anylab' (the default everywhere: single cells by its cell head; "
+              "every object of a field, red cell with stage, white cell, platelet, other, by its whole-field "
+              "heads), 'robust' (its backbone and cell head alone) or 'nih' (NIH cells only; the single-cell "
+              "default before anylab)")
 
-# the default of whole-field analysis (smear, POST /smear): the robust model's backbone with heads for
-# every object of a field (training/heads.py), its field threshold chosen so that malaria-free smears of
-# other labs stay negative; see MODEL_CARD.md for why it is not the single-cell default as well
+# the default everywhere (predict, evaluate, adapt, serve, smear, POST /smear, Ray): the robust model's
+# backbone, not-a-cell flag and cell head, with heads for every object of a field beside them
+# (training/heads.py; its field threshold chosen so that malaria-free smears of other labs stay negative).
+# 'nih' and 'robust' stay bundled as the baselines it is measured against (MODEL_CARD.md).
+BUNDLED_MODEL = BUNDLED_NAMES["anylab"]
 FIELD_MODEL = BUNDLED_NAMES["anylab"]
 
 # ONNX metadata key holding onnx_weights_sha256() of the file, written by export; checked at load.
@@ -61,7 +63,7 @@ def model_path(model: str | Path | None) -> Path:
 
 def bundled_sha256_path(model: Path | None = None) -> Path:
     """A bundled model's expected sha256, checked at every load. After replacing a bundled model,
-    refresh it: cd src/malaria_detect/assets && sha256sum malaria_lite0.onnx > malaria_lite0.onnx.sha256"""
+    refresh it: cd src/malaria_detect/assets && sha256sum malaria_anylab.onnx > malaria_anylab.onnx.sha256"""
     model = model or bundled_model_path()
     return model.with_name(model.name + ".sha256")
 
@@ -206,6 +208,6 @@ def available_models() -> dict[str, dict]:
         path = bundled_model_path().with_name(file)
         record = Record.from_json(read_metadata(path)["malaria_detect_record"])
         out[name] = {"file": file, "path": str(path), "record": record,
-                     "default_for": ["single cells"] if file == BUNDLED_MODEL else
-                     ["whole fields"] if file == FIELD_MODEL else []}
+                     "default_for": [what for what, default in (("single cells", BUNDLED_MODEL),
+                                                                ("whole fields", FIELD_MODEL)) if file == default]}
     return out

@@ -21,6 +21,8 @@ RED_CELL = "red cell"  # the object kind that is classified and counted
 KIND_MIN_P = 0.9       # an object is another kind than a red cell only at this probability or more (chosen on
                        # validation objects: at 0.5, 2.5 % of red cells were lost, at 0.9 0.4 %)
 
+STAIN_MAP = "od-diagonal-1"  # the one stain map a record may ask the whole-field path for (fields/stain.py)
+
 
 class RecordError(MalariaDetectError, ValueError):
     """A model's preprocessing record is missing a value or has one that cannot be right."""
@@ -127,6 +129,13 @@ class Record:
             bad(f"ood_threshold must be a finite number or null, got {self.ood_threshold!r}")
         if not isinstance(self.extra, dict):
             bad(f"extra must be an object, got {type(self.extra).__name__}")
+        h = self.extra.get("object_head")
+        if h is not None and not (isinstance(h, dict) and _finite(h.get("temperature")) and h["temperature"] > 0
+                                  and _finite(h.get("threshold")) and 0 < h["threshold"] < 1):
+            bad(f"extra.object_head must hold a temperature > 0 and a threshold between 0 and 1, got {h!r}")
+        if self.extra.get("stain_norm") not in (None, STAIN_MAP):
+            bad(f"extra.stain_norm names a stain map this version does not have ({self.extra['stain_norm']!r}; "
+                f"it has {STAIN_MAP!r}): use the version of malaria-detect the model was made with")
         return self
 
     # ------------------------------------------------------------ the decision rule
@@ -140,9 +149,23 @@ class Record:
     def negative(self) -> str:
         return self.class_names[0]
 
-    def probability(self, logits) -> np.ndarray:
-        """Calibrated p(positive) = sigmoid(logit / temperature), float64."""
-        return sigmoid(np.asarray(logits, np.float64) / self.temperature)
+    def probability(self, logits, temperature: float | None = None) -> np.ndarray:
+        """Calibrated p(positive) = sigmoid(logit / temperature), float64 (the record's temperature, or
+        another head's such as `field_temperature`)."""
+        return sigmoid(np.asarray(logits, np.float64) / (self.temperature if temperature is None else temperature))
+
+    @property
+    def object_head(self) -> dict | None:
+        """The whole-field head of a model that has one beside its cell head (graph output
+        `object_logits`, fitted on the objects of fields: `train-heads`): its temperature and cell
+        threshold; None for a model with one parasitized head."""
+        h = self.extra.get("object_head")
+        return h if isinstance(h, dict) else None
+
+    @property
+    def field_temperature(self) -> float:
+        """The temperature of the logits whole fields are decided on (the object head's, when there is one)."""
+        return float(self.object_head["temperature"]) if self.object_head else self.temperature
 
     def is_ood(self, ood_scores) -> np.ndarray:
         """True where the not-a-cell score is above the record's threshold (never, without one)."""
@@ -172,10 +195,10 @@ class Record:
         k = p.argmax(1)
         return np.array(self.stage_names, object)[k], p[np.arange(len(k)), k]
 
-    def decide(self, logits, ood_scores=None, threshold: float | None = None):
+    def decide(self, logits, ood_scores=None, threshold: float | None = None, temperature: float | None = None):
         """Logits (and not-a-cell scores) -> (p, labels, ood): p = sigmoid(z / T), `labels(p, threshold)`,
         ood from `is_ood` (all False without scores)."""
-        p = self.probability(logits)
+        p = self.probability(logits, temperature)
         labels = self.labels(p, threshold)
         ood = self.is_ood(ood_scores) if ood_scores is not None else np.zeros(p.shape, bool)
         return p, labels, ood

@@ -155,6 +155,9 @@ class Predictor:
             if names and (out is None or (isinstance(width, int) and width != len(names))):
                 raise ModelError(f"{path}: its record names {len(names)} {name.split('_')[0]}s but the graph's "
                                  f"{name} output {'is missing' if out is None else f'has {width}'}")
+        if (record.object_head is not None) != any(o.name == "object_logits" for o in session.get_outputs()):
+            raise ModelError(f"{path}: its record and graph disagree on a whole-field head (extra.object_head "
+                             "and the object_logits output come together)")
         return cls(session, record, path)
 
     @property
@@ -175,10 +178,11 @@ class Predictor:
         extra = [n for n in ("kind_logits", "stage_logits") if n in names]
         return names[:3] + extra
 
-    def run_all(self, x_uint8: np.ndarray, batch_size: int = 64):
+    def run_all(self, x_uint8: np.ndarray, batch_size: int = 64, names: list[str] | None = None):
         """(N,S,S,3) uint8 -> (logits, cams, ood_scores, kind_logits, stage_logits); the last two are None
-        for a model without object heads (record.kind_names empty)."""
-        names = self.outputs
+        for a model without object heads (record.kind_names empty). `names` replaces the first output
+        (`run_fields`: the whole-field head's logits)."""
+        names = names or self.outputs
         outs = [self.session.run(names, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
                 for i in range(0, len(x_uint8), batch_size)]
         if not outs:
@@ -190,6 +194,14 @@ class Predictor:
         kinds = empty[3] if "kind_logits" in names and self.record.kind_names else None
         stages = empty[4] if "stage_logits" in names and self.record.stage_names else None
         return empty[0], empty[1], empty[2], kinds, stages
+
+    def run_fields(self, x_uint8: np.ndarray, batch_size: int = 64):
+        """Objects cut from whole fields -> (logits, cams, ood_scores, kind_logits, stage_logits), the logits
+        of the whole-field head (`object_logits`) when the model has one beside its cell head, to be
+        decided with `record.field_temperature`; else `run_all`'s."""
+        if self.record.object_head is None:
+            return self.run_all(x_uint8, batch_size)
+        return self.run_all(x_uint8, batch_size, ["object_logits", *self.outputs[1:]])
 
     def cam_shape(self) -> tuple[int, int]:
         """(h, w) of one image's CAM: from the graph's declared output shape, else by running one image."""

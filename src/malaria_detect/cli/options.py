@@ -31,7 +31,7 @@ def fraction(text: str) -> float:
     return x
 
 
-def add_model(p, what: str = "ONNX model file", default: str = "nih", checkpoints: bool = False) -> None:
+def add_model(p, what: str = "ONNX model file", default: str = "anylab", checkpoints: bool = False) -> None:
     """--model: a file, or a bundled model by name (modelfile.BUNDLED_NAMES)."""
     if checkpoints:
         text = "model file (.onnx, or a training checkpoint .safetensors / run folder), " + NAMES_HELP + \

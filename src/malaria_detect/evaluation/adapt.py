@@ -118,7 +118,8 @@ def adapt(data_dir: str | Path, out: str | Path, model: str | Path | None = None
         ood_thr = max(float(ood_thr), float(np.quantile(s, OOD_PASS)) * OOD_MARGIN)
 
     record.threshold, record.ood_threshold = float(thr), ood_thr
-    if "field_threshold" in record.extra:  # the field decision stays where it was (see field_threshold_under)
+    if "field_threshold" in record.extra and record.object_head is None:  # the field decision stays where it
+        # was (see field_threshold_under); a whole-field head of its own keeps its temperature and threshold
         record.extra["field_threshold"] = field_threshold_under(old, record)
     after = M.binary_metrics(y, p, thr)
     record.extra["adapted"] = {

@@ -55,6 +55,17 @@ class Scorer:
         return z, s
 
 
+TEST_KEYS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "mcc", "roc_auc",
+             "pr_auc", "ece", "confusion_matrix", "n_images", "n_patients", "ci95")
+
+
+def test_metrics(model: str | Path, data_dir: str | Path) -> dict:
+    """A model file's figures on its record's held-out test patients (1,000 patient bootstraps), as its
+    record keeps them (`extra.test_metrics`, shown at /model); never used to choose anything."""
+    r = evaluate(model, data_dir, split="test", n_boot=1000, progress=False)
+    return {k: r[k] for k in TEST_KEYS if k in r}
+
+
 def evaluate(model: str | Path | None, data_dir: str | Path, split: str = "test", out: str | Path | None = None,
              patients_csv=None, n_boot: int = 1000, tta: bool = False, progress: bool = True,
              scorer: Scorer | None = None, patients: list[str] | None = None) -> dict:

@@ -35,6 +35,7 @@ from ..record import RED_CELL
 from .area import fill_outside, imaged_area
 from .crops import box_crops, cell_crops
 from .segment import Cell, SegmentationError, foreground, segment_cells
+from .stain import stained_like_reference
 
 MIN_FIELD_SIDE = 256  # a field photo is larger; smaller images are single cells or thumbnails
 MIN_IMAGED = 0.05     # a photo of which less than this share shows the smear is not counted
@@ -57,8 +58,9 @@ class SmearOptions:
 def field_threshold(record) -> float:
     """The threshold for cells of whole fields: `extra.field_threshold` when the model has one (chosen
     on validation fields, where only 1-2 % of cells are infected: `malaria-detect field-threshold`),
-    else the cell threshold."""
-    return float(record.extra.get("field_threshold", record.threshold))
+    else the cell threshold (of the whole-field head, when the model has one: record.object_head)."""
+    h = record.object_head
+    return float(record.extra.get("field_threshold", h["threshold"] if h else record.threshold))
 
 
 def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOptions | None = None) -> dict:
@@ -97,10 +99,13 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
         rec["note"] = implausible
     red = [c for c in cells if c.kind == "red cell"]
     if red:
+        if pred.record.extra.get("stain_norm"):  # the model learnt its crops with each field's stain mapped
+            rgb = stained_like_reference(pred.record, rgb, [c.box for c in red], area)
         x = box_crops(rgb, red, pred.record.input_size) if _uses_detector(opts) else \
             cell_crops(rgb, red, diameter, pred.record.input_size)
-        z, _, s, zk, zs = pred.run_all(x, opts.batch_size)
-        p, labels, ood = pred.record.decide(z, s, threshold=field_threshold(pred.record))
+        z, _, s, zk, zs = pred.run_fields(x, opts.batch_size)
+        p, labels, ood = pred.record.decide(z, s, threshold=field_threshold(pred.record),
+                                            temperature=pred.record.field_temperature)
         # the classifier's kinds and stages are trusted on box crops (what it learnt from), not on masks
         boxes = _uses_detector(opts)
         kinds = pred.record.kinds(zk)[0] if zk is not None and boxes else [RED_CELL] * len(red)

@@ -107,4 +107,7 @@ class HeadsConfig:
     anchor: float = _opt(0.3, "pull of the parasitized head towards the base model's own, which it starts from "
                               "(0: no pull)")
     hidden: int = _opt(64, "hidden units of the stage head (0: linear; the others are linear)")
+    stain_norm: bool = _opt(False, "bring each IML and TXL-PBC field's stain and lamp to the reference before "
+                                   "cutting its crops (fields/stain.py); the model's record then asks the "
+                                   "whole-field path to do the same")
     seed: int = _opt(0, "seed of the sampling and the look-alikes")

@@ -147,12 +147,9 @@ def export(checkpoint: str | Path, out: str | Path, int8: bool = False, target_s
     if data_dir and record.extra.get("split", {}).get("test"):
         # Measure the exported model itself on its held-out test patients and keep the figures in
         # its record (shown by `serve` at /model); they are never used to choose anything.
-        from ..evaluation.evaluate import evaluate
+        from ..evaluation.evaluate import test_metrics
 
-        r = evaluate(out, data_dir, split="test", n_boot=1000, progress=False)
-        keys = ["accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "mcc", "roc_auc",
-                "pr_auc", "ece", "confusion_matrix", "n_images", "n_patients", "ci95"]
-        record.extra["test_metrics"] = {k: r[k] for k in keys if k in r}
+        record.extra["test_metrics"] = test_metrics(out, data_dir)
         write_metadata(out, record)
         report["test_metrics"] = record.extra["test_metrics"]
     report["out"] = str(out)

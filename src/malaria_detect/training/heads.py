@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..record import Record
+from ..record import STAIN_MAP, Record
 from .config import HeadsConfig
 from .objectcrops import KIND_NAMES, RED, SOURCES, STAGE_NAMES, Crops, build_crops
 
@@ -203,40 +203,37 @@ def apply_heads(f: np.ndarray, heads: dict) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def write_heads(base: Path, heads: dict, out: Path) -> None:
-    """The base graph with the new parasitized head (Gemm and CAM) and the kind and stage heads added as
-    outputs `kind_logits` and `stage_logits`."""
+    """The base graph, its cell head (`logits`, `cam`) and not-a-cell flag as they are, with the heads
+    added as outputs: the whole-field parasitized head `object_logits`, `kind_logits` and
+    `stage_logits`."""
     import onnx
     from onnx import helper, numpy_helper
 
     m = onnx.load(str(base))
     g = m.graph
-    gemm, ein, add = _head_nodes(m)
-    inits = {i.name: i for i in g.initializer}
-    (w, b), = heads["parasitized"]
-    w = w[0]
-    new = {gemm.input[1]: w[None, :], gemm.input[2]: b, ein.input[1]: w,
-           next(x for x in add.input if x != ein.output[0]): b.reshape(numpy_helper.to_array(
-               inits[next(x for x in add.input if x != ein.output[0])]).shape)}
-    for name, arr in new.items():
-        if name not in inits:
-            raise UsageError(f"the base model's head weight {name} is not an initializer")
-        inits[name].CopyFrom(numpy_helper.from_array(np.asarray(arr, np.float32), name))
+    if any(o.name == "object_logits" for o in g.output):
+        raise UsageError(f"{base} already has whole-field heads: give the model it was made from as --base")
+    gemm, _, _ = _head_nodes(m)
     feat = gemm.input[0]
-    for head in ("kind", "stage"):
+    g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "object_head.shape"))
+    for head, layers in (("object", heads["parasitized"]), ("kind", heads["kind"]), ("stage", heads["stage"])):
         x = feat
-        for i, (W, bias) in enumerate(heads[head]):
+        for i, (W, bias) in enumerate(layers):
             name = f"{head}_head.{i}"
             g.initializer.extend([numpy_helper.from_array(W.T.astype(np.float32), f"{name}.weight"),
                                   numpy_helper.from_array(bias.astype(np.float32), f"{name}.bias")])
-            last = i == len(heads[head]) - 1
-            y = f"{head}_logits" if last else f"/{name}/Gemm_output_0"
+            last = i == len(layers) - 1
+            y = f"{head}_logits" if last and head != "object" else f"/{name}/Gemm_output_0"
             g.node.append(helper.make_node("Gemm", [x, f"{name}.weight", f"{name}.bias"], [y], name=f"/{name}/Gemm"))
             if not last:
                 g.node.append(helper.make_node("Relu", [y], [f"/{name}/Relu_output_0"], name=f"/{name}/Relu"))
                 y = f"/{name}/Relu_output_0"
             x = y
+        if head == "object":  # one logit a crop, as the cell head's `logits`
+            g.node.append(helper.make_node("Reshape", [x, "object_head.shape"], ["object_logits"],
+                                           name="/object_head/Reshape"))
         g.output.append(helper.make_tensor_value_info(f"{head}_logits", onnx.TensorProto.FLOAT,
-                                                      ["batch", len(heads[head][-1][1])]))
+                                                      ["batch"] if head == "object" else ["batch", len(layers[-1][1])]))
     del m.metadata_props[:]
     onnx.checker.check_model(m)
     tmp = out.with_name(out.name + ".tmp")
@@ -248,23 +245,24 @@ def write_heads(base: Path, heads: dict, out: Path) -> None:
 
 
 def _metrics(f, c: Crops, heads, record: Record, m) -> dict:
-    """Validation figures of the heads, per source (the model's threshold on NIH; kinds; stages)."""
+    """Validation figures of the heads, per source (the whole-field head's cell threshold; kinds; stages)."""
     from ..evaluation import metrics as M
 
     zp, zk, zs = apply_heads(f[m], heads)
-    p = record.probability(zp)
+    p = record.probability(zp, record.field_temperature)
+    thr = record.object_head["threshold"]
     out = {}
     src, kind, par, stage = c.source[m], c.kind[m], c.parasitized[m], c.stage[m]
     for s, name in enumerate(SOURCES):
         sm = (src == s) & (kind == RED) & (par >= 0)
         if sm.any() and len(set(par[sm])) == 2:
-            out[f"{name} red cells"] = M.binary_metrics(par[sm], p[sm], record.threshold)
+            out[f"{name} red cells"] = M.binary_metrics(par[sm], p[sm], thr)
         elif sm.any():
-            out[f"{name} red cells called parasitized"] = float((p[sm] >= record.threshold).mean())
+            out[f"{name} red cells called parasitized"] = float((p[sm] >= thr).mean())
     k = np.array([KIND_NAMES.index(n) for n in record.kinds(zk)[0]])  # the shipped rule (KIND_MIN_P)
     out["kind_recall"] = {KIND_NAMES[i]: float((k[kind == i] == i).mean()) for i in range(len(KIND_NAMES))
                           if (kind == i).any()}
-    out["non_red_called_parasitized"] = {KIND_NAMES[i]: int((p[kind == i] >= record.threshold).sum())
+    out["non_red_called_parasitized"] = {KIND_NAMES[i]: int((p[kind == i] >= thr).sum())
                                          for i in range(1, len(KIND_NAMES)) if (kind == i).any()}
     st = stage >= 0
     if st.any():
@@ -310,32 +308,42 @@ def train_heads(cfg: HeadsConfig, resume: bool = False, progress: bool = True, s
     nih_va = va & (c.source == SOURCES.index("NIH"))
     zp, _, _ = apply_heads(f[nih_va], heads)
     y = c.parasitized[nih_va]
-    record = Record.from_json(base_record.to_json())
-    record.temperature = M.fit_temperature(zp, y)
-    record.threshold = M.threshold_max_balanced_accuracy(y, record.probability(zp))
+    record = Record.from_json(base_record.to_json())  # single cells: the base's head and operating point
     record.kind_names, record.stage_names = KIND_NAMES, STAGE_NAMES
-    keep = ("split", "split_sha256", "not_a_cell")  # the base's split (its test patients) and flag still hold
-    record.extra = {k: v for k, v in base_record.extra.items() if k in keep} | {
-        "backbone": {k: v for k, v in base_record.extra.items() if k not in keep}}
+    T = M.fit_temperature(zp, y)
+    object_head = {"temperature": T, "threshold": M.threshold_max_balanced_accuracy(y, M.sigmoid(zp / T)),
+                   "rule": "max balanced accuracy on the 16 NIH validation patients (temperature: min NLL there)"}
+    # the base's provenance, operating point and figures hold for the cell head, which is the base's own;
+    # its whole-field threshold was of that head: the whole-field head gets its own (field-threshold)
+    record.extra = {k: v for k, v in base_record.extra.items() if not k.startswith("field_threshold")} | {
+        "object_head": object_head}
     record.extra["heads"] = {
         "base": f"{base.name} (sha256 of its weights in its metadata: backbone and not-a-cell flag kept as they are)",
         "config": asdict(cfg), "n_train": int((~va).sum()), "n_val": int(va.sum()),
         "n_train_by_source": {s: int(((c.source == i) & ~va).sum()) for i, s in enumerate(SOURCES)},
         "seconds": round(time.time() - t0, 1)}
-    record.extra["threshold_rule"] = ("max balanced accuracy on the 16 NIH validation patients "
-                                      "(temperature: min NLL there)")
+    if cfg.stain_norm:  # the whole-field path maps each field's stain as the crops were (fields/stain.py)
+        record.extra["stain_norm"] = STAIN_MAP
     record.extra["val_metrics_heads"] = _metrics(f, c, heads, record, va)
     path = out / "model.onnx"
     write_heads(base, heads, path)
     write_model_record(path, record)
     check = Predictor.load(path)
-    got = check.run_all(c.x[:64])
+    got = check.run_fields(c.x[:64])
     want = apply_heads(f[:64], heads)
     err = max(float(np.abs(got[0] - want[0]).max()), float(np.abs(got[3] - want[1]).max()),
               float(np.abs(got[4] - want[2]).max()))
     if err > 1e-2:
         raise RuntimeError(f"the written graph disagrees with the fitted heads (max |diff| {err:.3g})")
+    if record.extra.get("split", {}).get("test"):
+        # single cells: the cell head on the base's held-out NIH test patients, kept in the record (shown
+        # at /model), as export does; never used to choose anything
+        from ..evaluation.evaluate import test_metrics
+
+        record.extra["test_metrics"] = test_metrics(path, Path(cfg.data) / "nih-cells")
+        write_model_record(path, record)
     (out / "metrics.json").write_text(json.dumps(record.extra["val_metrics_heads"], indent=1))
     say(json.dumps(record.extra["val_metrics_heads"], indent=1))
-    say(f"wrote {path} (threshold {record.threshold:.3f}, temperature {record.temperature:.3f})")
+    say(f"wrote {path} (whole-field head: threshold {object_head['threshold']:.3f}, temperature {T:.3f}; "
+        f"cell head: the base's, threshold {record.threshold:.3f})")
     return path

@@ -22,6 +22,7 @@ from ..data.annotations import INFECTED_TYPES
 from ..data.objects import LabelledField, labelled_fields
 from ..errors import UsageError
 from ..fields.crops import box_crop
+from ..fields.stain import normalize_stain
 from .config import HeadsConfig
 
 KIND_NAMES = ("red cell", "white cell", "platelet", "other")
@@ -161,6 +162,9 @@ def build_crops(cfg: HeadsConfig, size: int, say=print) -> Crops:
     for i, f in enumerate(fields):
         split = 0 if f.split == "train" else 1
         img = Image.open(f.path).convert("RGB")
+        if cfg.stain_norm:
+            img = Image.fromarray(normalize_stain(np.asarray(img), [b for b, k in zip(f.boxes, f.kinds)
+                                                                    if k == "red cell"]))
         side = _field_scale(f)
         if f.lab == "IML":
             inf = [j for j, s in enumerate(f.stages) if s in INFECTED_TYPES]
