@@ -1,6 +1,7 @@
 """Cells from another lab: per-domain accuracy, not-a-cell flag and site calibration (`adapt`).
 
     .venv/bin/python benchmarks/other_labs.py --models OLD.onnx NEW.onnx [--adapt-model NEW.onnx] [--draws 5]
+                                              [--fields-head]   # whole-field heads, where a model has one
 
 Needs the IML cells of the held-out block cut by `malaria-detect cut-cells` (recipes/robust/robust_training_set.py):
     runs/data/iml_test  block PA1718xx, held out from training and every choice. It is split by
@@ -43,11 +44,14 @@ def crops(folder: Path, tag: str) -> list:
     return [it for it in D.find_images(folder, folder / "patients.csv") if it.path.stem.endswith("_" + tag)]
 
 
-def scores(pred: Predictor, items) -> dict:
+def scores(pred: Predictor, items, fields_head: bool = False) -> dict:
+    """Figures of a model on cell crops: its cell head (what `predict` uses), or with `fields_head` the
+    whole-field head of a model that has one (object_logits, its temperature and cell threshold)."""
     x, y, _, _ = D.load_arrays(items, pred.record.input_size, progress=False)
-    z, _, s = pred.run(x)
-    p = pred.probability(z)
-    m = M.binary_metrics(y, p, pred.record.threshold)
+    head = pred.record.object_head if fields_head else None
+    z, _, s = (pred.run_fields(x) if head else pred.run(x))[:3]
+    p = pred.record.probability(z, pred.record.field_temperature if head else None)
+    m = M.binary_metrics(y, p, head["threshold"] if head else pred.record.threshold)
     m["ece"] = M.ece(y, p)
     m["ood_rate"] = float(np.mean(s > pred.record.ood_threshold))
     m["n"] = len(y)
@@ -63,6 +67,8 @@ def main():
     ap.add_argument("--iml-fields", default=str(ROOT.parent / "shared/data/iml-fields"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200])
     ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--fields-head", action="store_true",
+                    help="score a model's whole-field head (object_logits) where it has one, instead of its cell head")
     a = ap.parse_args()
     preds = {Path(m).name: Predictor.load(m) for m in a.models}
     first = next(iter(preds.values()))
@@ -104,7 +110,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for dname, items in domains.items():
         for mname, pred in {**preds, **adapted}.items():
-            m = scores(pred, items)
+            m = scores(pred, items, a.fields_head)
             print(f"| {dname} | {mname} | {m['n']} | {m['accuracy']:.4f} | {m['recall']:.4f} | "
                   f"{m['specificity']:.4f} | {m['roc_auc']:.4f} | {m['ece']:.3f} | {100 * m['ood_rate']:.1f}% |")
     imgs = non_cell_images(ROOT / "samples", ROOT / "samples" / "fields")

@@ -66,7 +66,10 @@ def tail(model: Path):
     conv.weight.data.copy_(w[conv_node.input[1]])
     conv.bias.data.copy_(w[conv_node.input[2]])
     lin = {}
-    for name, src, n_in, n_out, t in (("p", "model.head.fc", 1280, 1, False), ("k", "kind_head.0", 1280, 4, True),
+    # "p": the whole-field parasitized head (object_head.0 since the cell head was kept beside it; in the
+    # single-head graph this study ran on, the head's weights were model.head.fc's)
+    p_src, p_t = ("object_head.0", True) if "object_head.0.weight" in w else ("model.head.fc", False)
+    for name, src, n_in, n_out, t in (("p", p_src, 1280, 1, p_t), ("k", "kind_head.0", 1280, 4, True),
                                       ("s0", "stage_head.0", 1280, 64, True), ("s1", "stage_head.1", 64, 4, True)):
         lin[name] = torch.nn.Linear(n_in, n_out)
         lin[name].weight.data.copy_(w[src + ".weight"].T if t else w[src + ".weight"].reshape(n_out, n_in))
@@ -97,10 +100,11 @@ def main(run: str = "runs/anylab", lr_conv: float = 3e-4, epochs: int = 4):
         with torch.no_grad():
             outs = [forward(va[i:i + 1024]) for i in range(0, len(va), 1024)]
         zp, zs = (torch.cat([o[j] for o in outs]).numpy() for j in (0, 2))
-        p = 1 / (1 + np.exp(-zp / record.temperature))
+        p = 1 / (1 + np.exp(-zp / record.field_temperature))
+        thr = record.object_head["threshold"] if record.object_head else record.threshold
         s, y, st = c.source[va], c.parasitized[va], c.stage[va]
         pos, neg, txl = (s == 1) & (y == 1), (s == 1) & (y == 0), s == 2
-        row = [np.mean(p[(s == 0) & (y == 1)] >= record.threshold), np.mean(p[(s == 0) & (y == 0)] < record.threshold)]
+        row = [np.mean(p[(s == 0) & (y == 1)] >= thr), np.mean(p[(s == 0) & (y == 0)] < thr)]
         row += [np.mean(p[pos] > np.quantile(p[txl], 1 - r)) for r in (0.0005, 0.001)]
         row.append(roc_auc_score(np.r_[np.ones(pos.sum()), np.zeros(neg.sum() + txl.sum())],
                                  np.r_[zp[pos], zp[neg], zp[txl]]))

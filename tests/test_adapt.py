@@ -91,6 +91,6 @@ def test_adapt_keeps_the_field_operating_point(tmp_path, samples):
     adapt(tmp_path / "lab_30_30", tmp_path / "g.onnx", bundled_field_model_path())
     new = Predictor.load(tmp_path / "g.onnx").record
     assert new.temperature != base.temperature and new.threshold != base.threshold
-    assert new.extra["object_head"] == base.extra["object_head"]
+    assert new.object_head == base.object_head
     assert new.extra["field_threshold"] == base.extra["field_threshold"]
     assert new.field_temperature == base.field_temperature

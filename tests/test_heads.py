@@ -60,7 +60,7 @@ def test_written_heads_compute_what_was_fitted(samples, tmp_path):
     write_model_record(out, record)
     with pytest.raises(ModelError, match="disagree on a whole-field head"):  # object_logits without its record
         Predictor.load(out)
-    record.extra["object_head"] = {"temperature": 0.8, "threshold": 0.3}
+    record.object_head = {"temperature": 0.8, "threshold": 0.3}
     write_model_record(out, record)
     pred = Predictor.load(out)
     z, cam, ood, zk, zs = pred.run_fields(x)

@@ -56,12 +56,12 @@ def test_a_record_asking_for_an_unknown_stain_map_is_refused(tmp_path):
 
     pred = Predictor.load()
     rec = Record.from_json(pred.record.to_json())
-    rec.extra["stain_norm"] = "some-other-map-9"
+    rec.stain_norm = "some-other-map-9"
     with pytest.raises(RecordError, match="stain map this version does not have"):
         rec.validate()
     # a model trained on mapped crops: the whole-field path maps each field before cutting its cells,
     # and finds the same objects (the detector sees the photo as it is)
-    rec.extra["stain_norm"] = STAIN_MAP
+    rec.stain_norm = STAIN_MAP
     model = tmp_path / "mapped.onnx"
     shutil.copy(bundled_model_path(), model)
     write_model_record(model, rec)

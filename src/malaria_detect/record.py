@@ -62,10 +62,22 @@ class Record:
     ood_threshold: float | None = None  # feature-space distance above which an input is "not a cell"
     kind_names: tuple[str, ...] = ()   # the object kinds of the `kind_logits` output (empty: no such output)
     stage_names: tuple[str, ...] = ()  # the life stages of the `stage_logits` output (empty: none)
+    # the whole-field head of a model that has one beside its cell head (graph output `object_logits`,
+    # fitted on the objects of fields by train-heads): {"temperature", "threshold", ...}; None: one head
+    object_head: dict | None = None
+    stain_norm: str | None = None   # the stain map (STAIN_MAP) whole fields get before their cells are cut
     extra: dict = field(default_factory=dict)  # provenance: split, data hash, config, metrics, git
 
+    # written only when set, so that a model without them keeps its record as it was, and a release
+    # that does not know them refuses such a model ("unknown record keys") instead of misusing it
+    OPTIONAL = ("object_head", "stain_norm")
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        for k in self.OPTIONAL:
+            if d[k] is None:
+                del d[k]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Record:
@@ -129,13 +141,13 @@ class Record:
             bad(f"ood_threshold must be a finite number or null, got {self.ood_threshold!r}")
         if not isinstance(self.extra, dict):
             bad(f"extra must be an object, got {type(self.extra).__name__}")
-        h = self.extra.get("object_head")
+        h = self.object_head
         if h is not None and not (isinstance(h, dict) and _finite(h.get("temperature")) and h["temperature"] > 0
                                   and _finite(h.get("threshold")) and 0 < h["threshold"] < 1):
-            bad(f"extra.object_head must hold a temperature > 0 and a threshold between 0 and 1, got {h!r}")
-        if self.extra.get("stain_norm") not in (None, STAIN_MAP):
-            bad(f"extra.stain_norm names a stain map this version does not have ({self.extra['stain_norm']!r}; "
-                f"it has {STAIN_MAP!r}): use the version of malaria-detect the model was made with")
+            bad(f"object_head must hold a temperature > 0 and a threshold between 0 and 1, got {h!r}")
+        if self.stain_norm not in (None, STAIN_MAP):
+            bad(f"stain_norm names a stain map this version does not have ({self.stain_norm!r}; it has "
+                f"{STAIN_MAP!r}): use the version of malaria-detect the model was made with")
         return self
 
     # ------------------------------------------------------------ the decision rule
@@ -153,14 +165,6 @@ class Record:
         """Calibrated p(positive) = sigmoid(logit / temperature), float64 (the record's temperature, or
         another head's such as `field_temperature`)."""
         return sigmoid(np.asarray(logits, np.float64) / (self.temperature if temperature is None else temperature))
-
-    @property
-    def object_head(self) -> dict | None:
-        """The whole-field head of a model that has one beside its cell head (graph output
-        `object_logits`, fitted on the objects of fields: `train-heads`): its temperature and cell
-        threshold; None for a model with one parasitized head."""
-        h = self.extra.get("object_head")
-        return h if isinstance(h, dict) else None
 
     @property
     def field_temperature(self) -> float:

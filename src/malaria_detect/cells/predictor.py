@@ -156,8 +156,8 @@ class Predictor:
                 raise ModelError(f"{path}: its record names {len(names)} {name.split('_')[0]}s but the graph's "
                                  f"{name} output {'is missing' if out is None else f'has {width}'}")
         if (record.object_head is not None) != any(o.name == "object_logits" for o in session.get_outputs()):
-            raise ModelError(f"{path}: its record and graph disagree on a whole-field head (extra.object_head "
-                             "and the object_logits output come together)")
+            raise ModelError(f"{path}: its record and graph disagree on a whole-field head (the record's "
+                             "object_head and the graph's object_logits output come together)")
         return cls(session, record, path)
 
     @property
@@ -180,8 +180,8 @@ class Predictor:
 
     def run_all(self, x_uint8: np.ndarray, batch_size: int = 64, names: list[str] | None = None):
         """(N,S,S,3) uint8 -> (logits, cams, ood_scores, kind_logits, stage_logits); the last two are None
-        for a model without object heads (record.kind_names empty). `names` replaces the first output
-        (`run_fields`: the whole-field head's logits)."""
+        for a model without object heads (record.kind_names empty). `names`: the graph outputs to read
+        in that order instead of `outputs` (`run_fields`: the whole-field head's logits first)."""
         names = names or self.outputs
         outs = [self.session.run(names, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
                 for i in range(0, len(x_uint8), batch_size)]

@@ -17,7 +17,9 @@ PREDICT_HELP = ("Classify cell images (files, and folders recursively). Every in
 ADAPT_HELP = ("Write a copy of a model calibrated on a small labelled folder of your lab's own cells (Parasitized/ "
               "and Uninfected/ subfolders, at least 20 cells and 5 of each class): temperature, threshold and "
               "not-a-cell threshold are refitted; the network is unchanged. Use the result with --model in "
-              "predict, smear and serve.")
+              "predict, smear and serve. For a model with a whole-field head of its own (the bundled default), "
+              "single cells take the refitted values and whole fields keep that head's operating point (only "
+              "the not-a-cell threshold is shared).")
 
 
 def add_parsers(sub) -> dict:
@@ -26,7 +28,8 @@ def add_parsers(sub) -> dict:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     O.add_model(p)
     p.add_argument("--csv", default=None, help="write one row per image: path,label,p_parasitized,ood,error "
-                                               "(+ heatmap with --heatmaps)")
+                                               "(a model with object heads, as the default, adds kind,stage,"
+                                               "p_stage before error; + heatmap with --heatmaps)")
     p.add_argument("--heatmaps", default=None, metavar="DIR",
                    help="write a heatmap overlay PNG per image here; its path goes in the CSV's heatmap column")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations (8x slower)")

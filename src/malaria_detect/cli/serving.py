@@ -7,7 +7,7 @@ from . import options as O
 
 def add_parsers(sub) -> dict:
     p = sub.add_parser("serve", help="web app + REST API (default http://127.0.0.1:8000)")
-    O.add_model(p, "ONNX model for single cells")
+    O.add_model(p, "ONNX model for single cells and, when given, for /smear too")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allowed-hosts", default=None, metavar="HOSTS",

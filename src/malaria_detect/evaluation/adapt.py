@@ -145,7 +145,8 @@ def adapt(data_dir: str | Path, out: str | Path, model: str | Path | None = None
     tmp.replace(out)
     Predictor.load(out)  # the new file loads and verifies
     return {"out": str(out), **record.extra["adapted"], "after": {"temperature": T, "threshold": thr,
-                                                                  "ood_threshold": ood_thr}}
+                                                                  "ood_threshold": ood_thr},
+            "whole_field_head": record.object_head is not None}
 
 
 def format_adapt(r: dict) -> str:
@@ -158,4 +159,6 @@ def format_adapt(r: dict) -> str:
             f"  on these cells (in-sample, optimistic): sensitivity {b['sensitivity']:.3f} -> "
             f"{s['sensitivity']:.3f}, specificity {b['specificity']:.3f} -> {s['specificity']:.3f}; flagged "
             f"not-a-cell {r['ood_flagged_before']:.1%} -> {r['ood_flagged_after']:.1%}\n"
-            f"model written to {r['out']}: use it with --model (predict, smear, serve, evaluate)")
+            f"model written to {r['out']}: use it with --model (predict, smear, serve, evaluate)"
+            + ("\n  whole fields keep the model's whole-field head and its operating point (only the not-a-cell "
+               "threshold changes for them)" if r.get("whole_field_head") else ""))

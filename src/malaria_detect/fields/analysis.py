@@ -8,9 +8,11 @@ Each field takes the one path of a cell, for each of its cells:
 
     field ─► the imaged area (fields/area.py) ─► the objects: the learned detector (fields/detect.py:
           red cells, white cells, platelets; the default) or the classical segmenter (fields/segment.py:
-          boxes + masks; with a given cell diameter) ─► each red cell's box crop (the segmenter's: its
-          mask, black outside) ─► the Predictor, in batches (same record, temperature, field threshold,
-          not-a-cell score; with object heads, its kind and stage) ─► counts, parasitemia + 95 % Wilson
+          boxes + masks; with a given cell diameter) ─► (a record's stain map: fields/stain.py) ─► each
+          red cell's box crop (the segmenter's: its mask, black outside) ─► the Predictor, in batches
+          (Predictor.run_fields: the whole-field head when the model has one, with its temperature;
+          the field threshold; the not-a-cell score; with object heads, kind and stage) ─► counts,
+          parasitemia + 95 % Wilson
           interval, white cells, platelets and parasitized cells by stage beside
 
 Cells flagged "not a cell" and cells whose score is not finite are counted apart and left out of
@@ -99,7 +101,7 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
         rec["note"] = implausible
     red = [c for c in cells if c.kind == "red cell"]
     if red:
-        if pred.record.extra.get("stain_norm"):  # the model learnt its crops with each field's stain mapped
+        if pred.record.stain_norm:  # the model learnt its crops with each field's stain mapped
             rgb = stained_like_reference(pred.record, rgb, [c.box for c in red], area)
         x = box_crops(rgb, red, pred.record.input_size) if _uses_detector(opts) else \
             cell_crops(rgb, red, diameter, pred.record.input_size)

@@ -1,25 +1,26 @@
 """A field's stain and lamp, brought to one reference before its cells are classified.
 
-    bg, od = stain_of(rgb, area)              # the field's background colour and its cells' optical density
-    rgb2 = normalize_stain(rgb, bg, od)       # the same field as the reference lab would have stained and lit it
+    stain = stain_of(rgb, red_boxes, area)          # (background RGB, red cells' optical density) or None
+    rgb2 = normalize_stain(rgb, red_boxes, area)    # the field as the reference lab would have stained and lit it
 
 Labs differ most in colour: the lamp (the background's colour) and the stain (how strongly, and in
-which hue, the cells absorb). Both are measured on the field itself, from its many cells, so one
+which hue, the cells absorb). Both are measured on the field itself, from its red cells, so one
 field of a new lab needs no labelled cell. How:
 
-- **background**: the median colour of the brightest 30 % of the imaged pixels (plasma between cells);
-- **optical density** of each channel, OD = -ln((I + 1) / (background + 1)); the cells' OD is the
-  per-channel median over the stained pixels (total OD above Otsu's threshold: mostly red cells);
-- **the map** is per channel (a lookup table): OD scaled so that the cells' median OD becomes the
+- **background**: the median colour of the imaged pixels outside every red cell's box (grown by a tenth);
+- **optical density** of each channel, OD = -ln((I + 1) / (background + 1)); the red cells' OD is the
+  per-channel median over the inner half of each red cell's box (pallor and rim alike);
+- **the map** is per channel (a lookup table): OD scaled so that the red cells' median OD becomes the
   reference's, then lit by the reference background. Red cells of any stain thus look like the
   reference's; what absorbs differently from a red cell (chromatin, a white cell's nucleus, a
   platelet) keeps its difference, scaled with them.
 
-The reference is the IML development fields' (PA171690-769: the stain most of the training crops
-carry; measured by `reference_of`, see REFERENCE). A factor is bounded (FACTOR_RANGE) so a field
-with almost no cells is not stretched. The map is what a model's record names in
-`extra.stain_norm` (record.STAIN_MAP); the whole-field path applies it after finding the objects (the detector sees
-the photo as it is). NumPy.
+The reference is the IML development fields' (PA171690-769, measured by `reference_of` on their
+annotated red cells: REFERENCE). A factor is bounded (FACTOR_RANGE: a faint channel is not stretched
+more than 2 x, which amplifies JPEG noise); a field with fewer than MIN_CELLS red cells is left as it
+is. A model trained on mapped crops (`train-heads --stain-norm`) names the map in its record
+(`stain_norm`, record.STAIN_MAP); the whole-field path then applies it after finding the objects (the
+detector sees the photo as it is). Tried, not in the bundled model (research/README.md). NumPy.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def reference_of(fields) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def stained_like_reference(record, rgb: np.ndarray, red_boxes, area: np.ndarray | None = None) -> np.ndarray:
-    """The field mapped as the record's `extra.stain_norm` asks (a model trained on mapped crops;
+    """The field mapped as the record's `stain_norm` asks (a model trained on mapped crops;
     Record.validate refuses a map this version does not have)."""
-    assert record.extra.get("stain_norm") == METHOD
+    if record.stain_norm != METHOD:
+        raise ValueError(f"the record asks for the stain map {record.stain_norm!r}, not {METHOD!r}")
     return normalize_stain(rgb, red_boxes, area)

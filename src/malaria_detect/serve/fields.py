@@ -51,7 +51,9 @@ def add_smear_routes(app: FastAPI, settings) -> FieldPool:
 
     def field_predictor():
         """The model of /smear: the server's --model when one was given, else the bundled whole-field
-        model ('anylab': every object, the stage), loaded with the first field."""
+        model ('anylab': every object, the stage), loaded with the first field: a session of its own
+        even when /predict's is the same file, since the field workers share the cores (threads) and
+        may run without the memory arena."""
         if settings.model:
             return app.state.predictor
         with loading:

@@ -211,7 +211,7 @@ def write_heads(base: Path, heads: dict, out: Path) -> None:
 
     m = onnx.load(str(base))
     g = m.graph
-    if any(o.name == "object_logits" for o in g.output):
+    if any(o.name in ("object_logits", "kind_logits", "stage_logits") for o in g.output):
         raise UsageError(f"{base} already has whole-field heads: give the model it was made from as --base")
     gemm, _, _ = _head_nodes(m)
     feat = gemm.input[0]
@@ -242,6 +242,10 @@ def write_heads(base: Path, heads: dict, out: Path) -> None:
 
 
 # ------------------------------------------------------------------ the run
+
+# the options the cached crops (crops.npz) and features (features.npz) of a run folder depend on
+CACHED_BY = ("base", "data", "nih_split", "nih_per_class", "iml_uninfected", "infected_views", "txl_red_per_field",
+             "lookalikes", "background", "seed", "stain_norm")
 
 
 def _metrics(f, c: Crops, heads, record: Record, m) -> dict:
@@ -286,6 +290,12 @@ def train_heads(cfg: HeadsConfig, resume: bool = False, progress: bool = True, s
     if out.exists() and any(out.iterdir()) and not resume:
         raise UsageError(f"{out} already holds a run: give --resume to continue it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if resume and (out / "config.json").is_file():  # the cached crops and features must be of these options
+        old = json.loads((out / "config.json").read_text())
+        differ = [k for k in CACHED_BY if old.get(k, getattr(HeadsConfig(), k)) != getattr(cfg, k)]  # older runs
+        if differ and ((out / "crops.npz").exists() or (out / "features.npz").exists()):
+            raise UsageError(f"{out} holds crops and features made with other {', '.join(differ)}: --resume "
+                             "would mix them; give another --out")
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     base = base_model_path(cfg.base)
     base_record = Predictor.load(base).record
@@ -315,15 +325,15 @@ def train_heads(cfg: HeadsConfig, resume: bool = False, progress: bool = True, s
                    "rule": "max balanced accuracy on the 16 NIH validation patients (temperature: min NLL there)"}
     # the base's provenance, operating point and figures hold for the cell head, which is the base's own;
     # its whole-field threshold was of that head: the whole-field head gets its own (field-threshold)
-    record.extra = {k: v for k, v in base_record.extra.items() if not k.startswith("field_threshold")} | {
-        "object_head": object_head}
+    record.extra = {k: v for k, v in base_record.extra.items() if not k.startswith("field_threshold")}
+    record.object_head = object_head
     record.extra["heads"] = {
         "base": f"{base.name} (sha256 of its weights in its metadata: backbone and not-a-cell flag kept as they are)",
         "config": asdict(cfg), "n_train": int((~va).sum()), "n_val": int(va.sum()),
         "n_train_by_source": {s: int(((c.source == i) & ~va).sum()) for i, s in enumerate(SOURCES)},
         "seconds": round(time.time() - t0, 1)}
     if cfg.stain_norm:  # the whole-field path maps each field's stain as the crops were (fields/stain.py)
-        record.extra["stain_norm"] = STAIN_MAP
+        record.stain_norm = STAIN_MAP
     record.extra["val_metrics_heads"] = _metrics(f, c, heads, record, va)
     path = out / "model.onnx"
     write_heads(base, heads, path)

@@ -21,6 +21,7 @@ from PIL import Image
 from ..data.annotations import INFECTED_TYPES
 from ..data.objects import LabelledField, labelled_fields
 from ..errors import UsageError
+from ..fields.area import fill_outside, imaged_area
 from ..fields.crops import box_crop
 from ..fields.stain import normalize_stain
 from .config import HeadsConfig
@@ -162,9 +163,11 @@ def build_crops(cfg: HeadsConfig, size: int, say=print) -> Crops:
     for i, f in enumerate(fields):
         split = 0 if f.split == "train" else 1
         img = Image.open(f.path).convert("RGB")
-        if cfg.stain_norm:
-            img = Image.fromarray(normalize_stain(np.asarray(img), [b for b, k in zip(f.boxes, f.kinds)
-                                                                    if k == "red cell"]))
+        if cfg.stain_norm:  # as the whole-field path maps it: measured inside the imaged area
+            rgb = np.asarray(img)
+            area = imaged_area(rgb)
+            img = Image.fromarray(normalize_stain(fill_outside(rgb, area) if not area.all() else rgb,
+                                                  [b for b, k in zip(f.boxes, f.kinds) if k == "red cell"], area))
         side = _field_scale(f)
         if f.lab == "IML":
             inf = [j for j, s in enumerate(f.stages) if s in INFECTED_TYPES]
