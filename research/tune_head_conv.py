@@ -101,7 +101,7 @@ def main(run: str = "runs/anylab", lr_conv: float = 3e-4, epochs: int = 4):
             outs = [forward(va[i:i + 1024]) for i in range(0, len(va), 1024)]
         zp, zs = (torch.cat([o[j] for o in outs]).numpy() for j in (0, 2))
         p = 1 / (1 + np.exp(-zp / record.field_temperature))
-        thr = record.object_head["threshold"] if record.object_head else record.threshold
+        thr = record.field_cell_threshold
         s, y, st = c.source[va], c.parasitized[va], c.stage[va]
         pos, neg, txl = (s == 1) & (y == 1), (s == 1) & (y == 0), s == 2
         row = [np.mean(p[(s == 0) & (y == 1)] >= thr), np.mean(p[(s == 0) & (y == 0)] < thr)]

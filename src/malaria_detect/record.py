@@ -171,6 +171,12 @@ class Record:
         """The temperature of the logits whole fields are decided on (the object head's, when there is one)."""
         return float(self.object_head["temperature"]) if self.object_head else self.temperature
 
+    @property
+    def field_cell_threshold(self) -> float:
+        """The cell threshold of the head whole fields are decided on (the object head's, when there is
+        one); a field threshold of its own, where chosen, is `extra.field_threshold`."""
+        return float(self.object_head["threshold"]) if self.object_head else self.threshold
+
     def is_ood(self, ood_scores) -> np.ndarray:
         """True where the not-a-cell score is above the record's threshold (never, without one)."""
         s = np.asarray(ood_scores, np.float64)

@@ -71,8 +71,7 @@ def choose_field_threshold(model: str | Path, data: str | Path, detector: str | 
                                    for p, r in tqdm(pairs, desc=f"{name} validation fields", unit="field",
                                                     disable=not progress)]})
     table = []
-    cell = (pred.record.object_head or {}).get("threshold", pred.record.threshold)  # the whole-field head's
-    for thr in np.unique(np.r_[cell, GRID]):
+    for thr in np.unique(np.r_[pred.record.field_cell_threshold, GRID]):
         si = score_fields(relabel(reports[0], float(thr), pred.record), [r for _, r in iml])
         st = score_fields(relabel(reports[1], float(thr), pred.record), [r for _, r in txl])
         rec, prec = si["inf_recall"], si["inf_precision"]

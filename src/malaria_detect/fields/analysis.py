@@ -61,8 +61,7 @@ def field_threshold(record) -> float:
     """The threshold for cells of whole fields: `extra.field_threshold` when the model has one (chosen
     on validation fields, where only 1-2 % of cells are infected: `malaria-detect field-threshold`),
     else the cell threshold (of the whole-field head, when the model has one: record.object_head)."""
-    h = record.object_head
-    return float(record.extra.get("field_threshold", h["threshold"] if h else record.threshold))
+    return float(record.extra.get("field_threshold", record.field_cell_threshold))
 
 
 def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOptions | None = None) -> dict:

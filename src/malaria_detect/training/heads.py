@@ -254,7 +254,7 @@ def _metrics(f, c: Crops, heads, record: Record, m) -> dict:
 
     zp, zk, zs = apply_heads(f[m], heads)
     p = record.probability(zp, record.field_temperature)
-    thr = record.object_head["threshold"]
+    thr = record.field_cell_threshold
     out = {}
     src, kind, par, stage = c.source[m], c.kind[m], c.parasitized[m], c.stage[m]
     for s, name in enumerate(SOURCES):
@@ -321,7 +321,7 @@ def train_heads(cfg: HeadsConfig, resume: bool = False, progress: bool = True, s
     record = Record.from_json(base_record.to_json())  # single cells: the base's head and operating point
     record.kind_names, record.stage_names = KIND_NAMES, STAGE_NAMES
     T = M.fit_temperature(zp, y)
-    object_head = {"temperature": T, "threshold": M.threshold_max_balanced_accuracy(y, M.sigmoid(zp / T)),
+    object_head = {"temperature": T, "threshold": M.threshold_max_balanced_accuracy(y, record.probability(zp, T)),
                    "rule": "max balanced accuracy on the 16 NIH validation patients (temperature: min NLL there)"}
     # the base's provenance, operating point and figures hold for the cell head, which is the base's own;
     # its whole-field threshold was of that head: the whole-field head gets its own (field-threshold)
