@@ -132,12 +132,14 @@ def test_a_reviewed_sample_exports_coco_and_cells_that_adapt_reads(report, tmp_p
     with Store(db) as s:
         s.save_report(report)
     cells = tmp_path / "cells"
-    with pytest.raises(SystemExit, match=r"review is not complete \(0 of 3"):
-        main(["samples", "export", "slide-9", "--db", str(db), "--cells", str(cells)])
     rejected, *others = _called(f)
+    n = len(others) + 1
+    assert n >= 2  # the sample field has called cells to review
+    with pytest.raises(SystemExit, match=rf"review is not complete \(0 of {n}"):
+        main(["samples", "export", "slide-9", "--db", str(db), "--cells", str(cells)])
     with Store(db) as s:
         s.add_review("slide-9", f["field_id"], {"cell": str(rejected), "action": "reject"}, WHO)
-        with pytest.raises(SystemExit, match=r"\(1 of 3 called cells decided"):  # half a review is not one
+        with pytest.raises(SystemExit, match=rf"\(1 of {n} called cells decided"):  # half a review is not one
             main(["samples", "export", "slide-9", "--db", str(db), "--cells", str(cells)])
         for i in others:
             s.add_review("slide-9", f["field_id"], {"cell": str(i), "action": "confirm"}, WHO)

@@ -127,10 +127,13 @@ def add_detector_parsers(sub) -> dict:
                        description="Fit the parasitized, kind and stage heads on the features of a cell model "
                                    "(default: the robust one), from NIH cells, IML cells, TXL-PBC objects and "
                                    "look-alikes made on purpose (platelets on red cells, precipitate, dust, "
-                                   "white-cell fragments); writes OUT/model.onnx with its record (needs the [train] "
-                                   "extra). Choices are made on validation data only.")
+                                   "white-cell fragments); with --finetune-epochs, the heads then train end to end "
+                                   "with a copy of the model's last stages for the whole-field path (single cells "
+                                   "keep the model's own head). Writes OUT/model.onnx with its record (needs the "
+                                   "[train] extra). Choices are made on validation data only.")
     O.add_config_options(p, config=HeadsConfig)
-    p.add_argument("--resume", action="store_true", help="reuse the crops and features already in --out")
+    p.add_argument("--resume", action="store_true", help="reuse the crops, features and fine-tuning epochs already "
+                                                         "in --out")
     p = sub.add_parser("field-threshold", help="choose a model's whole-field operating point on validation fields "
                                                "of two labs and store it in the model",
                        description="Analyse the IML validation block (PA171770-799) and the malaria-free TXL-PBC val "
@@ -210,7 +213,7 @@ def cmd_field_threshold(a):
 
 
 def cmd_train_heads(a):
-    from ..training.heads import train_heads
+    from ..training.headsrun import train_heads
 
     cfg = HeadsConfig(**{f.name: getattr(a, f.name) for f in fields(HeadsConfig)})
     print(f"model written to {train_heads(cfg, resume=a.resume)}")

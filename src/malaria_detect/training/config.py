@@ -111,3 +111,7 @@ class HeadsConfig:
                                    "cutting its crops (fields/stain.py); the model's record then asks the "
                                    "whole-field path to do the same")
     seed: int = _opt(0, "seed of the sampling and the look-alikes")
+    finetune_epochs: int = _opt(0, "epochs of fine-tuning a copy of the base's last stages (blocks 8-15) with the "
+                                   "heads, end to end on augmented crops, for the whole-field path (0: heads on "
+                                   "the frozen features only); checkpointed every epoch in OUT/finetune/")
+    finetune_lr: float = _opt(1e-4, "learning rate of the fine-tuned stages (the heads: 10 x)")

@@ -25,19 +25,16 @@ written (model.onnx) is the base graph with the new head weights and two more ou
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UsageError
-from ..record import STAIN_MAP, Record
+from ..record import Record
 from .config import HeadsConfig
-from .objectcrops import KIND_NAMES, RED, SOURCES, STAGE_NAMES, Crops, build_crops
+from .objectcrops import KIND_NAMES, RED, SOURCES, STAGE_NAMES, Crops, build_crops, loss_weights
 
-__all__ = ["KIND_NAMES", "STAGE_NAMES", "Crops", "build_crops", "train_heads", "fit_heads", "apply_heads",
+__all__ = ["KIND_NAMES", "STAGE_NAMES", "RED", "SOURCES", "Crops", "build_crops", "fit_heads", "apply_heads",
            "write_heads", "compute_features", "base_head", "base_model_path"]
 
 
@@ -131,22 +128,11 @@ def fit_heads(f: np.ndarray, c: Crops, cfg: HeadsConfig, base_head=None, say=pri
     kind = torch.from_numpy(c.kind[tr].astype(np.int64))
     par = torch.from_numpy(c.parasitized[tr].astype(np.float32))
     stage = torch.from_numpy(c.stage[tr].astype(np.int64))
-    src = c.source[tr]
-    # parasitized: each source weighs the same in total, its two classes half each (TXL-PBC and the
-    # look-alikes hold negatives only); look-alikes and non-red objects weigh `lookalike_weight` times more
+    wt = loss_weights(c, tr, cfg.lookalike_weight)
     labelled = c.parasitized[tr] >= 0
-    w_par = np.zeros(tr.sum(), np.float32)
-    for s in range(len(SOURCES)):
-        classes = [y for y in (0, 1) if ((src == s) & (c.parasitized[tr] == y)).any()]
-        for y in classes:
-            m = (src == s) & (c.parasitized[tr] == y)
-            w_par[m] = 1.0 / (len(classes) * m.sum())
-    w_par[(src == SOURCES.index("look-alike")) | (c.kind[tr] != RED)] *= cfg.lookalike_weight
-    w_par = torch.from_numpy(w_par / w_par[labelled].sum())
-    kind_w = torch.tensor([1.0 / max(1, int((c.kind[tr] == k).sum())) for k in range(len(KIND_NAMES))])
+    w_par = torch.from_numpy(wt["w_par"][tr])
+    kind_w, st_w = torch.from_numpy(wt["kind_w"]), torch.from_numpy(wt["st_w"])
     st_m = stage >= 0
-    st_counts = np.bincount(c.stage[tr][c.stage[tr] >= 0], minlength=len(STAGE_NAMES))
-    st_w = torch.tensor([1.0 / max(1, n) for n in st_counts], dtype=torch.float32)
     C = f.shape[1]
     heads = {"parasitized": torch.nn.Linear(C, 1), "kind": torch.nn.Linear(C, len(KIND_NAMES)),
              "stage": _mlp(C, len(STAGE_NAMES), cfg.hidden)}
@@ -168,8 +154,8 @@ def fit_heads(f: np.ndarray, c: Crops, cfg: HeadsConfig, base_head=None, say=pri
         l_par = (F.binary_cross_entropy_with_logits(zp[lab], par[lab], reduction="none") * w_par[lab]).sum()
         if anchor is not None:
             l_par = l_par + cfg.anchor * ((heads["parasitized"].weight - anchor) ** 2).sum()
-        l_kind = F.cross_entropy(heads["kind"](z), kind, weight=kind_w / kind_w.mean())
-        l_st = F.cross_entropy(heads["stage"](z[st_m]), stage[st_m], weight=st_w / st_w.mean()) \
+        l_kind = F.cross_entropy(heads["kind"](z), kind, weight=kind_w)
+        l_st = F.cross_entropy(heads["stage"](z[st_m]), stage[st_m], weight=st_w) \
             if st_m.any() else torch.zeros(())
         decay = sum((p ** 2).sum() for n in ("kind", "stage") for p in heads[n].parameters() if p.ndim == 2)
         loss = l_par + l_kind + l_st + (cfg.weight_decay * decay if anchor is not None else 0.0)
@@ -239,121 +225,3 @@ def write_heads(base: Path, heads: dict, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     onnx.save(m, str(tmp))
     tmp.replace(out)
-
-
-# ------------------------------------------------------------------ the run
-
-# the options the cached crops (crops.npz) and features (features.npz) of a run folder depend on
-CACHED_BY = ("base", "data", "nih_split", "nih_per_class", "iml_uninfected", "infected_views", "txl_red_per_field",
-             "lookalikes", "background", "seed", "stain_norm")
-
-
-def _metrics(f, c: Crops, heads, record: Record, m) -> dict:
-    """Validation figures of the heads, per source (the whole-field head's cell threshold; kinds; stages)."""
-    from ..evaluation import metrics as M
-
-    zp, zk, zs = apply_heads(f[m], heads)
-    p = record.probability(zp, record.field_temperature)
-    thr = record.field_cell_threshold
-    out = {}
-    src, kind, par, stage = c.source[m], c.kind[m], c.parasitized[m], c.stage[m]
-    for s, name in enumerate(SOURCES):
-        sm = (src == s) & (kind == RED) & (par >= 0)
-        if sm.any() and len(set(par[sm])) == 2:
-            out[f"{name} red cells"] = M.binary_metrics(par[sm], p[sm], thr)
-        elif sm.any():
-            out[f"{name} red cells called parasitized"] = float((p[sm] >= thr).mean())
-    k = np.array([KIND_NAMES.index(n) for n in record.kinds(zk)[0]])  # the shipped rule (KIND_MIN_P)
-    out["kind_recall"] = {KIND_NAMES[i]: float((k[kind == i] == i).mean()) for i in range(len(KIND_NAMES))
-                          if (kind == i).any()}
-    out["non_red_called_parasitized"] = {KIND_NAMES[i]: int((p[kind == i] >= thr).sum())
-                                         for i in range(1, len(KIND_NAMES)) if (kind == i).any()}
-    st = stage >= 0
-    if st.any():
-        pred = zs[st].argmax(1)
-        rec = {STAGE_NAMES[i]: float((pred[stage[st] == i] == i).mean()) for i in range(len(STAGE_NAMES))
-               if (stage[st] == i).any()}
-        out["stage_recall"] = rec
-        out["stage_balanced_accuracy"] = float(np.mean(list(rec.values())))
-        out["stage_counts"] = {STAGE_NAMES[i]: int((stage[st] == i).sum()) for i in range(len(STAGE_NAMES))}
-    return out
-
-
-def train_heads(cfg: HeadsConfig, resume: bool = False, progress: bool = True, say=print) -> Path:
-    """Crops -> features -> heads -> runs/NAME/model.onnx with its record (temperature and threshold on
-    the NIH validation patients). Returns the model's path."""
-    from ..cells.predictor import Predictor
-    from ..evaluation import metrics as M
-    from ..modelfile import write_model_record
-
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise UsageError(f"{out} already holds a run: give --resume to continue it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and (out / "config.json").is_file():  # the cached crops and features must be of these options
-        old = json.loads((out / "config.json").read_text())
-        differ = [k for k in CACHED_BY if old.get(k, getattr(HeadsConfig(), k)) != getattr(cfg, k)]  # older runs
-        if differ and ((out / "crops.npz").exists() or (out / "features.npz").exists()):
-            raise UsageError(f"{out} holds crops and features made with other {', '.join(differ)}: --resume "
-                             "would mix them; give another --out")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    base = base_model_path(cfg.base)
-    base_record = Predictor.load(base).record
-    t0 = time.time()
-    cpath, fpath = out / "crops.npz", out / "features.npz"
-    if resume and cpath.exists():
-        c = Crops.load(cpath)
-        say(f"crops: {len(c.x)} (from {cpath})")
-    else:
-        c = build_crops(cfg, base_record.input_size, say)
-        c.save(cpath)
-    if resume and fpath.exists():
-        z = np.load(fpath)
-        f, ood = z["f"], z["ood"]
-    else:
-        f, ood = compute_features(base, base_record, c.x, progress=progress)
-        np.savez(fpath, f=f, ood=ood)
-    heads = fit_heads(f, c, cfg, base_head(base), say)
-    va = c.split == 1
-    nih_va = va & (c.source == SOURCES.index("NIH"))
-    zp, _, _ = apply_heads(f[nih_va], heads)
-    y = c.parasitized[nih_va]
-    record = Record.from_json(base_record.to_json())  # single cells: the base's head and operating point
-    record.kind_names, record.stage_names = KIND_NAMES, STAGE_NAMES
-    T = M.fit_temperature(zp, y)
-    object_head = {"temperature": T, "threshold": M.threshold_max_balanced_accuracy(y, record.probability(zp, T)),
-                   "rule": "max balanced accuracy on the 16 NIH validation patients (temperature: min NLL there)"}
-    # the base's provenance, operating point and figures hold for the cell head, which is the base's own;
-    # its whole-field threshold was of that head: the whole-field head gets its own (field-threshold)
-    record.extra = {k: v for k, v in base_record.extra.items() if not k.startswith("field_threshold")}
-    record.object_head = object_head
-    record.extra["heads"] = {
-        "base": f"{base.name} (sha256 of its weights in its metadata: backbone and not-a-cell flag kept as they are)",
-        "config": asdict(cfg), "n_train": int((~va).sum()), "n_val": int(va.sum()),
-        "n_train_by_source": {s: int(((c.source == i) & ~va).sum()) for i, s in enumerate(SOURCES)},
-        "seconds": round(time.time() - t0, 1)}
-    if cfg.stain_norm:  # the whole-field path maps each field's stain as the crops were (fields/stain.py)
-        record.stain_norm = STAIN_MAP
-    record.extra["val_metrics_heads"] = _metrics(f, c, heads, record, va)
-    path = out / "model.onnx"
-    write_heads(base, heads, path)
-    write_model_record(path, record)
-    check = Predictor.load(path)
-    got = check.run_fields(c.x[:64])
-    want = apply_heads(f[:64], heads)
-    err = max(float(np.abs(got[0] - want[0]).max()), float(np.abs(got[3] - want[1]).max()),
-              float(np.abs(got[4] - want[2]).max()))
-    if err > 1e-2:
-        raise RuntimeError(f"the written graph disagrees with the fitted heads (max |diff| {err:.3g})")
-    if record.extra.get("split", {}).get("test"):
-        # single cells: the cell head on the base's held-out NIH test patients, kept in the record (shown
-        # at /model), as export does; never used to choose anything
-        from ..evaluation.evaluate import test_metrics
-
-        record.extra["test_metrics"] = test_metrics(path, Path(cfg.data) / "nih-cells")
-        write_model_record(path, record)
-    (out / "metrics.json").write_text(json.dumps(record.extra["val_metrics_heads"], indent=1))
-    say(json.dumps(record.extra["val_metrics_heads"], indent=1))
-    say(f"wrote {path} (whole-field head: threshold {object_head['threshold']:.3f}, temperature {T:.3f}; "
-        f"cell head: the base's, threshold {record.threshold:.3f})")
-    return path

@@ -117,6 +117,28 @@ class Crops:
         return cls(**{k: z[k] for k in ("x", "kind", "parasitized", "stage", "source", "split")})
 
 
+def loss_weights(c: Crops, train: np.ndarray, lookalike_weight: float) -> dict:
+    """The heads' loss weights on the crops of `train` (a mask), as arrays over all crops:
+    - `w_par`: parasitized, each source weighing the same in total and its two classes half each (TXL-PBC
+      and the look-alikes hold negatives only); look-alikes and non-red objects `lookalike_weight` times
+      more; summing to 1 over the labelled training crops (0 elsewhere);
+    - `kind_w`, `st_w`: per class, the inverse of its training count, mean 1 (balanced)."""
+    w_par = np.zeros(len(c.kind), np.float32)
+    for s in range(len(SOURCES)):
+        classes = [y for y in (0, 1) if (train & (c.source == s) & (c.parasitized == y)).any()]
+        for y in classes:
+            m = train & (c.source == s) & (c.parasitized == y)
+            w_par[m] = 1.0 / (len(classes) * m.sum())
+    w_par[train & ((c.source == SOURCES.index("look-alike")) | (c.kind != RED))] *= lookalike_weight
+    labelled = train & (c.parasitized >= 0)
+    w_par = np.where(labelled, w_par, 0) / w_par[labelled].sum()
+    kind_w = np.array([1.0 / max(1, int((train & (c.kind == k)).sum())) for k in range(len(KIND_NAMES))])
+    st = c.stage[train & (c.stage >= 0)]
+    st_w = 1.0 / np.maximum(1, np.bincount(st, minlength=len(STAGE_NAMES)))
+    return {"w_par": w_par.astype(np.float32), "kind_w": (kind_w / kind_w.mean()).astype(np.float32),
+            "st_w": (st_w / st_w.mean()).astype(np.float32)}
+
+
 class _Builder:
     def __init__(self, size: int):
         self.size, self.rows = size, []
