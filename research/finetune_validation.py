@@ -1,7 +1,7 @@
 """Does fine-tuning a copy of the base's last stages with the whole-field heads (train-heads
 --finetune-epochs) separate parasites from look-alikes better than the heads on frozen features?
-Validation fields only: IML PA171770-799 (the validation block), PA171800-829 (the adapt pool, a second
-block no choice of the heads saw) and TXL-PBC val.
+Validation fields only: IML PA171770-799 (the validation block), PA171800-829 (the adapt pool, here a
+second validation block) and TXL-PBC val.
 
     .venv/bin/python research/finetune_validation.py MODEL.onnx [MODEL.onnx ...] [--cache /tmp/fields.pkl]
 
@@ -9,7 +9,7 @@ The fields are analysed once by the shipped path (imaged area, bundled detector,
 cells' crops kept; each model then classifies those crops (its whole-field heads and kinds, the shipped
 rules), and is scored by evaluation.fieldscore (= ../shared/tools/score_smear.py) at the lowest threshold
 that keeps false parasitized calls on TXL-PBC val at or under --max-fp per 1,000 red cells: infected-cell
-recall, precision and parasitemia MAE per IML block. IML PA1718xx (held out) is never read.
+recall, precision and parasitemia MAE per IML block. The held-out IML block PA171830-899 is never read.
 """
 
 from __future__ import annotations

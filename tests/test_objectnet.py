@@ -60,6 +60,11 @@ def test_written_branch_computes_what_torch_computes_and_keeps_single_cells(samp
     f, _ = H.compute_features(base, pred0.record, x, progress=False)
     ref = H.apply_heads(f, heads)
     assert all(np.allclose(w, r, atol=1e-3) for w, r in zip(want, ref))
+    with torch.no_grad():  # a branch of its own: its blocks must reach the graph, not only its heads
+        for p in branch.blocks.parameters():
+            p.mul_(1.05)
+        want = [t.numpy() for t in branch(trunk(torch.from_numpy(normalize(x, pred0.record))))]
+    assert not np.allclose(want[0], ref[0], atol=1e-2)
     out = tmp_path / "branch.onnx"
     O.write_branch(base, branch, out)
     record = pred0.record
@@ -70,6 +75,7 @@ def test_written_branch_computes_what_torch_computes_and_keeps_single_cells(samp
     z, _, ood, zk, zs = pred.run_fields(x)
     assert np.allclose(z, want[0], atol=1e-3) and np.allclose(zk, want[1], atol=1e-3)
     assert np.allclose(zs, want[2], atol=1e-3)
+    assert O.disagreement(out, trunk, branch, x) < 1e-3
     zc, camc, oodc, _, _ = pred.run_all(x)  # single cells: the base's own outputs, as they were
     z0, cam0, ood0 = pred0.run(x)[:3]
     assert np.allclose(zc, z0, atol=1e-5) and np.allclose(camc, cam0, atol=1e-5) and np.allclose(oodc, ood0)
@@ -91,15 +97,32 @@ def test_finetuning_checkpoints_each_epoch_and_resumes(samples, tmp_path):
     w = loss_weights(c, c.split == 0, 1.0)
     assert w["w_par"][c.parasitized < 0].sum() == 0 and np.isclose(w["w_par"].sum(), 1.0)
     heads = _heads()
-    _, b1 = O.finetune(base, heads, c, w, record, tmp_path / "ft", epochs=1, lr=1e-3, batch=8, progress=False,
-                       say=lambda m: None)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(msg):  # the session ends right after epoch 1's checkpoint
+        if msg.startswith("fine-tune epoch 1:"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        O.finetune(base, heads, c, w, record, tmp_path / "ft", epochs=2, lr=1e-3, batch=8, progress=False,
+                   say=kill_after_first_epoch)
     state = json.loads((tmp_path / "ft" / "state.json").read_text())
     assert state["epoch"] == 1 and (tmp_path / "ft" / "last.safetensors").is_file()
-    _, b0 = O.build(base, heads)
-    moved = [n for (n, p1), (_, p0) in zip(b1.named_parameters(), b0.named_parameters()) if not torch.equal(p1, p0)]
-    assert any(n.startswith("blocks.") for n in moved) and any(n.startswith("heads.") for n in moved)
     said = []
     _, b2 = O.finetune(base, heads, c, w, record, tmp_path / "ft", epochs=2, lr=1e-3, batch=8, resume=True,
                        progress=False, say=said.append)
     assert said[0] == "fine-tuning: resumed after epoch 1" and len(said) == 2  # one more epoch, not two
     assert json.loads((tmp_path / "ft" / "state.json").read_text())["epoch"] == 2
+    _, b0 = O.build(base, heads)
+    moved = [n for (n, p2), (_, p0) in zip(b2.named_parameters(), b0.named_parameters()) if not torch.equal(p2, p0)]
+    assert any(n.startswith("blocks.") for n in moved) and any(n.startswith("heads.") for n in moved)
+    # the killed and resumed run ends where one run of both epochs ends: the weights, the optimizer's
+    # state and the learning rate's place in its schedule were all restored
+    _, once = O.finetune(base, heads, c, w, record, tmp_path / "once", epochs=2, lr=1e-3, batch=8, progress=False,
+                         say=lambda m: None)
+    assert all(torch.allclose(p2, p1, atol=1e-5) for p2, p1 in zip(b2.parameters(), once.parameters()))
+    with pytest.raises(UsageError, match="more than the 1 asked for"):
+        O.finetune(base, heads, c, w, record, tmp_path / "ft", epochs=1, lr=1e-3, batch=8, resume=True,
+                   progress=False, say=lambda m: None)

@@ -1,6 +1,6 @@
-"""One classifier for every object of a field: new heads on a trained cell model's features.
-
-    malaria-detect train-heads --base robust --data ../shared/data --out runs/anylab
+"""One classifier for every object of a field: new heads on a trained cell model's features (the run
+that uses them, `malaria-detect train-heads`, is training/headsrun.py; its fine-tuned branch
+training/objectnet.py).
 
 A cell model (the robust one: EfficientNet-Lite0 fine-tuned on NIH and IML cells) already computes a
 1,280-number description of every crop it sees (the global average of its last feature map). This
@@ -17,9 +17,8 @@ step keeps that backbone as it is and fits three heads on it, on the objects of 
   loss weights each stage by the inverse of its count (balanced), so the rare ones are not ignored.
 
 Choices are made on validation data only (NIH validation patients, IML PA171770-799, TXL-PBC val);
-IML PA1718xx and the NIH test patients are never read. Everything is cached in the run folder
-(crops.npz, features.npz), so `--resume` after an interruption starts where it stopped. The model file
-written (model.onnx) is the base graph with the new head weights and two more outputs (`kind_logits`,
+IML PA1718xx and the NIH test patients are never read here. The model file `write_heads` writes is the
+base graph with the new head weights and three more outputs (`object_logits`, `kind_logits`,
 `stage_logits`); its record names the kinds and stages and carries the operating points.
 """
 
@@ -32,9 +31,9 @@ import numpy as np
 from ..errors import UsageError
 from ..record import Record
 from .config import HeadsConfig
-from .objectcrops import KIND_NAMES, RED, SOURCES, STAGE_NAMES, Crops, build_crops, loss_weights
+from .objectcrops import KIND_NAMES, RED, SOURCES, STAGE_NAMES, Crops, loss_weights
 
-__all__ = ["KIND_NAMES", "STAGE_NAMES", "RED", "SOURCES", "Crops", "build_crops", "fit_heads", "apply_heads",
+__all__ = ["KIND_NAMES", "STAGE_NAMES", "RED", "SOURCES", "Crops", "fit_heads", "apply_heads",
            "write_heads", "compute_features", "base_head", "base_model_path"]
 
 

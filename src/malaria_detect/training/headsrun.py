@@ -1,7 +1,7 @@
 """The `train-heads` run: crops -> features -> heads (training/heads.py) -> [a fine-tuned branch
 (training/objectnet.py) with `--finetune-epochs`] -> runs/NAME/model.onnx with its record.
 
-    malaria-detect train-heads --base robust --data ../shared/data --out runs/anylab [--finetune-epochs 3]
+    malaria-detect train-heads --base robust --data ../shared/data --out runs/anylab [--finetune-epochs 6]
 
 Everything a step makes is kept in the run folder (crops.npz, features.npz, finetune/), so `--resume`
 after an interruption starts where it stopped.
@@ -26,7 +26,8 @@ from .objectcrops import KIND_NAMES, RED, SOURCES, STAGE_NAMES, Crops, build_cro
 CACHED_BY = ("base", "data", "nih_split", "nih_per_class", "iml_uninfected", "infected_views", "txl_red_per_field",
              "lookalikes", "background", "seed", "stain_norm")
 # ... and the fine-tuned branch (finetune/) on these as well
-TUNED_BY = CACHED_BY + ("steps", "lr", "weight_decay", "lookalike_weight", "anchor", "hidden", "finetune_lr")
+TUNED_BY = CACHED_BY + ("steps", "lr", "weight_decay", "lookalike_weight", "anchor", "hidden", "finetune_epochs",
+                        "finetune_lr")
 
 
 def _metrics(logits, c: Crops, record: Record, m) -> dict:
@@ -88,6 +89,9 @@ def train_heads(cfg: HeadsConfig, resume: bool = False, progress: bool = True, s
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     base = base_model_path(cfg.base)
     base_record = Predictor.load(base).record
+    if base_record.object_head is not None or base_record.kind_names:
+        raise UsageError(f"--base {cfg.base} already has whole-field heads: give the cell model it was made from "
+                         "(e.g. robust)")
     t0 = time.time()
     cpath, fpath = out / "crops.npz", out / "features.npz"
     if resume and cpath.exists():
@@ -109,10 +113,10 @@ def train_heads(cfg: HeadsConfig, resume: bool = False, progress: bool = True, s
     if cfg.finetune_epochs:  # the heads start a fine-tuned copy of the base's last stages
         from . import objectnet
 
-        _, branch = objectnet.finetune(base, heads, c, loss_weights(c, c.split == 0, cfg.lookalike_weight),
-                                       base_record, out / "finetune", cfg.finetune_epochs, cfg.finetune_lr,
-                                       resume=resume, seed=cfg.seed, progress=progress, say=say)
-        objectnet.write_branch(base, branch, path)
+        trunk, branch = objectnet.finetune(base, heads, c, loss_weights(c, c.split == 0, cfg.lookalike_weight),
+                                           base_record, out / "finetune", cfg.finetune_epochs, cfg.finetune_lr,
+                                           resume=resume, seed=cfg.seed, progress=progress, say=say)
+        objectnet.write_branch(base, branch, path, base_record.input_size)
         finetune = {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr, "from_block": objectnet.BRANCH_FROM,
                     "last_epoch": objectnet.describe(out / "finetune")}
     else:
@@ -121,14 +125,16 @@ def train_heads(cfg: HeadsConfig, resume: bool = False, progress: bool = True, s
     record.kind_names, record.stage_names = KIND_NAMES, STAGE_NAMES
     record.object_head = {"temperature": 1.0, "threshold": 0.5}  # replaced below; lets the graph be read
     write_model_record(path, record)
-    check = Predictor.load(path)
-    got = check.run_fields(c.x[va])
-    logits = (got[0], got[3], got[4])
-    if not cfg.finetune_epochs:  # the graph computes what was fitted
-        want = apply_heads(f[va][:64], heads)
-        err = max(float(np.abs(g[:64] - w).max()) for g, w in zip(logits, want))
-        if err > 1e-2:
-            raise RuntimeError(f"the written graph disagrees with the fitted heads (max |diff| {err:.3g})")
+    if cfg.finetune_epochs:  # the branch's logits on the validation crops, by the written graph
+        got = Predictor.load(path).run_fields(c.x[va])
+        logits = (got[0], got[3], got[4])
+        err = objectnet.disagreement(path, trunk, branch, c.x[va][:64])
+    else:
+        logits = apply_heads(f[va], heads)
+        got = Predictor.load(path).run_fields(c.x[:64])
+        err = max(float(np.abs(g - w).max()) for g, w in zip((got[0], got[3], got[4]), apply_heads(f[:64], heads)))
+    if err > 1e-2:  # the graph computes what was trained
+        raise RuntimeError(f"the written graph disagrees with the trained heads (max |diff| {err:.3g})")
     nih_va = c.source[va] == SOURCES.index("NIH")
     zp, y = logits[0][nih_va], c.parasitized[va][nih_va]
     T = M.fit_temperature(zp, y)

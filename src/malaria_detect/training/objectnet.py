@@ -6,14 +6,17 @@ the most parasite-like look-alikes of TXL-PBC (platelets lying on red cells, sta
 whole-field path gets its own copy of the base's last stages, fine-tuned end to end on the object crops
 with the three heads, on augmented views (flips, rotations, other labs' stains and lamps):
 
-    image -> stem + blocks 0-7 (the base's, frozen) -+-> blocks 8-15 + conv head (the base's)   -> cell head, CAM
-                                                      |   and the not-a-cell flag (its taps end at block 7)
+    image -> stem + blocks 0-7 (the base's, frozen) -+-> blocks 8-15 + conv head (the base's)   -> cell head, CAM,
+                                                      |   the not-a-cell flag
                                                       +-> blocks 8-15 + conv head (fine-tuned) -> object, kind, stage
 
 The single-cell path (`logits`, `cam`, `ood_score`) stays the base's, bit for bit: the gate measured on
-the NIH test patients is the base's own. The branch starts from the base's weights (its batch norms,
-folded into the ONNX convolutions, become a per-channel bias; their statistics stay frozen) and from the
-heads fitted on the frozen features; each epoch is checkpointed (safetensors) and `--resume` continues.
+the NIH test patients is the base's own (the not-a-cell flag's taps end at block 7, its view check reads
+the original stages' pooled features, which stay). The branch starts from the base's weights (its batch
+norms, folded into the ONNX convolutions, become a per-channel bias; their statistics stay frozen) and
+from the heads fitted on the frozen features; the loss weights are theirs (objectcrops.loss_weights),
+without the pull towards the base's head (`--anchor`: the branch's features are no longer the base's);
+AdamW weight decay 1e-4. Each epoch is checkpointed (safetensors) and `--resume` continues.
 """
 
 from __future__ import annotations
@@ -97,8 +100,8 @@ def _torch():
         for i, (W, b) in enumerate(layers):
             lin = nn.Linear(W.shape[1], W.shape[0])
             with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(np.asarray(W, np.float32)))
-                lin.bias.copy_(torch.from_numpy(np.asarray(b, np.float32)))
+                lin.weight.copy_(torch.from_numpy(np.array(W, np.float32)))
+                lin.bias.copy_(torch.from_numpy(np.array(b, np.float32)))
             mods += [lin] + ([nn.ReLU()] if i < len(layers) - 1 else [])
         return nn.Sequential(*mods)
 
@@ -141,7 +144,7 @@ def _frozen_bn(module) -> None:
 def finetune(base: Path, heads: dict, c, weights: dict, record, out: Path, epochs: int, lr: float,
              batch: int = 64, resume: bool = False, seed: int = 0, progress: bool = True, say=print):
     """Fine-tune the branch on the training crops (split 0) for `epochs`; checkpoint every epoch in
-    out/ (last.safetensors + state.json). Returns the branch (eval mode)."""
+    out/ (last.safetensors + state.json). Returns (the frozen trunk, the branch), in eval mode."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -157,12 +160,21 @@ def finetune(base: Path, heads: dict, c, weights: dict, record, out: Path, epoch
     opt = torch.optim.AdamW([{"params": backbone, "lr": lr}, {"params": branch.heads.parameters(), "lr": lr * 10}],
                             weight_decay=1e-4)
     steps_per_epoch = len(tr) // batch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(1.0, s / max(1, epochs * steps_per_epoch)))))
+    def cosine(s):
+        return 0.5 * (1 + np.cos(np.pi * min(1.0, s / max(1, epochs * steps_per_epoch))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     state = {"epoch": 0}
     if resume and (out / "state.json").is_file():
         state = load_resume(out, branch, opt)
-        sched.last_epoch = state["epoch"] * steps_per_epoch
+        if state["epoch"] > epochs:
+            from ..errors import UsageError
+
+            raise UsageError(f"{out} holds {state['epoch']} fine-tuning epochs, more than the {epochs} asked for: "
+                             "give another --out")
+        sched.last_epoch = state["epoch"] * steps_per_epoch  # the learning rate where the run stopped
+        for group, base_lr in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base_lr * cosine(sched.last_epoch)
         say(f"fine-tuning: resumed after epoch {state['epoch']}")
     w_par, kind_w, st_w = (torch.from_numpy(weights[k]) for k in ("w_par", "kind_w", "st_w"))
     par = torch.from_numpy(c.parasitized.astype(np.float32))
@@ -204,7 +216,7 @@ def finetune(base: Path, heads: dict, c, weights: dict, record, out: Path, epoch
     return trunk, branch.eval()
 
 
-def write_branch(base: Path, branch, out: Path) -> None:
+def write_branch(base: Path, branch, out: Path, input_size: int = 112) -> None:
     """The base graph as it is, with the fine-tuned branch from BRANCH_INPUT added (its names prefixed
     PREFIX) and its three outputs."""
     import io
@@ -218,10 +230,12 @@ def write_branch(base: Path, branch, out: Path) -> None:
     m = onnx.load(str(base))
     if any(o.name in OUTPUTS for o in m.graph.output):
         raise UsageError(f"{base} already has whole-field heads: give the model it was made from as --base")
-    shape = next((v for v in m.graph.value_info if v.name == BRANCH_INPUT), None)
-    channels = 80 if shape is None else shape.type.tensor_type.shape.dim[1].dim_value
+    if not any(BRANCH_INPUT in n.output for n in m.graph.node):
+        raise UsageError(f"{base} has no {BRANCH_INPUT}: not an EfficientNet-Lite0 graph of this project")
+    side = max(1, input_size // 16)  # block 7's map (stride 16); the axes are dynamic anyway
+    dummy = torch.zeros(2, branch.blocks[0]._expand_conv.in_channels, side, side)
     buf = io.BytesIO()
-    torch.onnx.export(branch.eval(), (torch.zeros(2, channels, 7, 7),), buf, input_names=["features"],
+    torch.onnx.export(branch.eval(), (dummy,), buf, input_names=["features"],
                       output_names=list(OUTPUTS), opset_version=17, dynamo=False,
                       dynamic_axes={"features": {0: "batch", 2: "h", 3: "w"}, **{o: {0: "batch"} for o in OUTPUTS}})
     b = compose.add_prefix(onnx.load_from_string(buf.getvalue()), PREFIX)
@@ -242,12 +256,18 @@ def write_branch(base: Path, branch, out: Path) -> None:
     tmp.replace(out)
 
 
-def outputs(path: Path, x: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(object, kind, stage) logits of uint8 crops by a written model (its Predictor)."""
-    from ..cells.predictor import Predictor
+def disagreement(path: Path, trunk, branch, x: np.ndarray) -> float:
+    """Max |difference| between the written graph's whole-field outputs and torch's, on uint8 crops."""
+    import torch
 
-    got = Predictor.load(path).run_fields(x, batch)
-    return got[0], got[3], got[4]
+    from ..cells.predictor import Predictor
+    from ..imaging import normalize
+
+    pred = Predictor.load(path)
+    got = pred.run_fields(x)
+    with torch.no_grad():
+        want = branch.eval()(trunk(torch.from_numpy(normalize(x, pred.record))))
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip((got[0], got[3], got[4]), want))
 
 
 def describe(out: Path) -> dict:
