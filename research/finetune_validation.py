@@ -91,9 +91,10 @@ def main():
     ap.add_argument("--max-fp", type=float, default=0.5)
     a = ap.parse_args()
     fields = cache_fields(Path(a.cache))
-    print("| model | logit threshold | " + " | ".join(f"{b} recall / precision / MAE" for b in BLOCKS) +
+    print("| model | threshold (logit) | " + " | ".join(f"{b} recall / precision / MAE" for b in BLOCKS) +
           " | TXL-PBC val false /1,000 | TXL-PBC white cells called / recall |")
     print("|---|---|" + "---|" * (len(BLOCKS) + 2))
+    rows = []
     for m in a.models:
         pred = Predictor.load(m)
         runs = [None if f["x"] is None else pred.run_fields(f["x"], 256) for f in fields]
@@ -107,13 +108,19 @@ def main():
             best = (float(t) + 1e-4, s)
         if best is None:
             print(f"| {Path(m).name} | none reaches {a.max_fp} |")
-            continue
-        t, s = best
-        iml = " | ".join(f"{s[b]['inf_recall']:.3f} / {s[b]['inf_precision']:.3f} / {s[b]['parasitemia_mae_pp']:.2f}"
-                         for b in BLOCKS)
-        w = s["TXL-PBC val"]
-        print(f"| {Path(m).name} | {t:.2f} | {iml} | {w['fp_per_1000']:.2f} | {w['wbc_called_parasitized'][0]}/"
-              f"{w['wbc_called_parasitized'][1]} / {w['wbc_recall']:.3f} |")
+        else:
+            rows.append((f"lowest with <= {a.max_fp} /1,000 ({best[0]:.2f})", best[1]))
+        thr = pred.record.extra.get("field_threshold")
+        if thr is not None:  # where the model works: its own field threshold, as a logit of the whole-field head
+            t = pred.record.field_temperature * float(np.log(thr / (1 - thr))) if 0 < thr < 1 else float("inf")
+            rows.append((f"its field threshold {thr:.2f} ({t:.2f})", score_at(fields, logits, pred.record, t)))
+        for what, s in rows:
+            iml = " | ".join(f"{s[b]['inf_recall']:.3f} / {s[b]['inf_precision']:.3f} / "
+                             f"{s[b]['parasitemia_mae_pp']:.2f}" for b in BLOCKS)
+            w = s["TXL-PBC val"]
+            print(f"| {Path(m).name} | {what} | {iml} | {w['fp_per_1000']:.2f} | {w['wbc_called_parasitized'][0]}/"
+                  f"{w['wbc_called_parasitized'][1]} / {w['wbc_recall']:.3f} |")
+        rows.clear()
 
 
 if __name__ == "__main__":

@@ -115,3 +115,5 @@ class HeadsConfig:
                                    "heads, end to end on augmented crops, for the whole-field path (0: heads on "
                                    "the frozen features only); checkpointed every epoch in OUT/finetune/")
     finetune_lr: float = _opt(1e-4, "learning rate of the fine-tuned stages (the heads: 10 x)")
+    finetune_lab_share: float = _opt(0.3, "share of the fine-tuning views shown in another lab's stain (lab_stain; "
+                                          "every view also gets flips, rotations, stain, lamp, blur and zoom jitter)")

@@ -27,7 +27,7 @@ CACHED_BY = ("base", "data", "nih_split", "nih_per_class", "iml_uninfected", "in
              "lookalikes", "background", "seed", "stain_norm")
 # ... and the fine-tuned branch (finetune/) on these as well
 TUNED_BY = CACHED_BY + ("steps", "lr", "weight_decay", "lookalike_weight", "anchor", "hidden", "finetune_epochs",
-                        "finetune_lr")
+                        "finetune_lr", "finetune_lab_share")
 
 
 def _metrics(logits, c: Crops, record: Record, m) -> dict:
@@ -115,9 +115,11 @@ def train_heads(cfg: HeadsConfig, resume: bool = False, progress: bool = True, s
 
         trunk, branch = objectnet.finetune(base, heads, c, loss_weights(c, c.split == 0, cfg.lookalike_weight),
                                            base_record, out / "finetune", cfg.finetune_epochs, cfg.finetune_lr,
-                                           resume=resume, seed=cfg.seed, progress=progress, say=say)
+                                           resume=resume, seed=cfg.seed, progress=progress, say=say,
+                                           lab_share=cfg.finetune_lab_share)
         objectnet.write_branch(base, branch, path, base_record.input_size)
-        finetune = {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr, "from_block": objectnet.BRANCH_FROM,
+        finetune = {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr, "lab_share": cfg.finetune_lab_share,
+                    "from_block": objectnet.BRANCH_FROM,
                     "last_epoch": objectnet.describe(out / "finetune")}
     else:
         write_heads(base, heads, path)

@@ -142,7 +142,8 @@ def _frozen_bn(module) -> None:
 
 
 def finetune(base: Path, heads: dict, c, weights: dict, record, out: Path, epochs: int, lr: float,
-             batch: int = 64, resume: bool = False, seed: int = 0, progress: bool = True, say=print):
+             batch: int = 64, resume: bool = False, seed: int = 0, progress: bool = True, say=print,
+             lab_share: float = 0.3):
     """Fine-tune the branch on the training crops (split 0) for `epochs`; checkpoint every epoch in
     out/ (last.safetensors + state.json). Returns (the frozen trunk, the branch), in eval mode."""
     import torch
@@ -191,7 +192,7 @@ def finetune(base: Path, heads: dict, c, weights: dict, record, out: Path, epoch
                    disable=not progress)
         for s in bar:
             idx = order[s * batch:(s + 1) * batch]
-            x = to_input(c.x[idx], record.mean, record.std, g, robust=True, lab_share=0.3)
+            x = to_input(c.x[idx], record.mean, record.std, g, robust=True, lab_share=lab_share)
             with torch.no_grad():
                 h = trunk(x)
             zp, zk, zs = branch(h)
