@@ -1,8 +1,8 @@
 """Whole fields per lab: `smear` scored by the acceptance checks' rules on each lab's held-out fields,
 the baseline table the any-lab model is measured against.
 
-    .venv/bin/python benchmarks/fields_by_lab.py [--model M ...] [--detector bundled] [--eyepiece] [--limit N]
-        [--json OUT.json]
+    .venv/bin/python benchmarks/fields_by_lab.py [--model M ...] [--detector bundled [--no-classical]] [--eyepiece]
+        [--limit N] [--json OUT.json]
 
 Labs and their fields (IML: held out, never trained or tuned on; TXL-PBC val chose the bundled detector's
 checkpoint and the anylab model's field threshold, so its rows are validation figures):
@@ -80,11 +80,13 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="at most this many fields per lab (quick runs)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--eyepiece", action="store_true", help="also the IML fields masked to a round field stop")
+    ap.add_argument("--no-classical", action="store_true", help="only the given --detector(s), not the classical "
+                                                                "segmenter beside them")
     a = ap.parse_args()
     rows = []
     for model in a.model:
         pred = Predictor.load(model)
-        for det in [None, *a.detector]:
+        for det in ([] if a.no_classical and a.detector else [None]) + a.detector:
             opts = SmearOptions(detector=det)
             todo = labs(a.limit)
             if a.eyepiece:

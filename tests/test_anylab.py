@@ -153,3 +153,67 @@ def test_field_threshold_refuses_a_bundled_model_and_relabels_by_the_record():
              {"kind": "white cell", "box": [20, 0, 29, 9], "label": None, "p_parasitized": None, "ood": False}]
     low, high = (relabel({"fields": [{"image": "f", "cells": cells}]}, t, record)["fields"][0] for t in (0.5, 0.9))
     assert low["n_parasitized"] == 1 and high["n_parasitized"] == 0 and low["n_white_cells"] == 1
+
+
+def test_iml_blocks_are_named_refused_at_the_held_out_block_and_never_overlap(tmp_path):
+    import shutil
+
+    from malaria_detect.data.objects import iml_block, labelled_fields
+    from malaria_detect.errors import UsageError
+    from malaria_detect.evaluation.operating import choose_field_threshold
+    from malaria_detect.modelfile import bundled_field_model_path
+
+    assert iml_block("PA171690-799") == range(171690, 171800) == iml_block("171690-171799")
+    for bad, why in (("PA171800-899", "held-out"), ("PA171800-700", "ends before"), ("seven", "not an IML block")):
+        with pytest.raises(ValueError, match=why):
+            iml_block(bad)
+    data = tmp_path / "data" / "iml-fields"  # the committed sample fields: PA171700, 710, 771, 772
+    data.mkdir(parents=True)
+    (data / "images").symlink_to(ROOT / "samples" / "fields")
+    (data / "annotations.json").symlink_to(ROOT / "samples" / "fields" / "annotations.json")
+    split = {f.path.stem: f.split for f in labelled_fields(tmp_path / "data")}
+    assert split == {"PA171700": "train", "PA171710": "train", "PA171771": "val", "PA171772": "val"}
+    split = {f.path.stem: f.split for f in labelled_fields(tmp_path / "data", iml_block("PA171690-771"),
+                                                           iml_block("PA171772-829"))}
+    assert split == {"PA171700": "train", "PA171710": "train", "PA171771": "train", "PA171772": "val"}
+    with pytest.raises(ValueError, match="overlap"):
+        labelled_fields(tmp_path / "data", iml_block("PA171690-799"), iml_block("PA171790-829"))
+    # the whole-field threshold is never chosen on fields the model learnt from (the bundled one: PA171690-769)
+    model = tmp_path / "m.onnx"
+    shutil.copy(bundled_field_model_path(), model)
+    with pytest.raises(UsageError, match="learnt from IML PA171690-769"):
+        choose_field_threshold(model, tmp_path / "data", iml="PA171760-789", progress=False)
+    with pytest.raises(UsageError, match="held-out"):
+        choose_field_threshold(model, tmp_path / "data", iml="PA171820-839", progress=False)
+
+
+def test_a_fields_objects_run_a_graph_pruned_to_the_whole_field_outputs(tmp_path):
+    """The bundled graph's whole-field outputs from a session of the graph pruned to them (modelfile.
+    pruned_graph) are the full graph's, and the pruned graph holds neither the cell head nor its stages."""
+    import onnxruntime as ort
+    from PIL import Image
+
+    from malaria_detect.cells.predictor import OBJECT_OOD, Predictor
+    from malaria_detect.fields.crops import box_crops
+    from malaria_detect.fields.segment import Cell
+    from malaria_detect.imaging import normalize
+    from malaria_detect.modelfile import bundled_field_model_path, pruned_graph
+
+    pred = Predictor.load("anylab")
+    rgb = np.asarray(Image.open(IML / "PA171771.JPG").convert("RGB"))
+    cells = [Cell((x, y, x + 70, y + 70), np.ones((70, 70), bool), 4900, False) for x in range(0, 1200, 150)
+             for y in (100, 400, 700)]
+    x = box_crops(rgb, cells, pred.record.input_size)
+    names = ["object_logits", OBJECT_OOD, "kind_logits", "stage_logits"]
+    full = pred.session.run([*names, "ood_score"], {"image": normalize(x, pred.record)})
+    z, cam, ood, zk, zs = pred.run_fields(x)
+    assert cam is None
+    for got, want in zip((z, ood, zk, zs), full):
+        assert np.allclose(got, want, atol=1e-5)
+    assert (ood <= full[4] + 1e-5).all()  # the tapped layers alone, without the view check
+    blob = pruned_graph(bundled_field_model_path().read_bytes(), names)
+    small = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    assert sorted(o.name for o in small.get_outputs()) == sorted(names)
+    assert len(blob) < 0.6 * bundled_field_model_path().stat().st_size  # the cell head's stages are gone (14 of 26 MB)
+    with pytest.raises(ValueError, match="no output"):
+        pruned_graph(bundled_field_model_path().read_bytes(), ["nope"])

@@ -3,6 +3,8 @@ heads that computes exactly what was fitted (the CAM included), on the bundled r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,6 +16,8 @@ from malaria_detect.record import KIND_MIN_P
 pytest.importorskip("onnx")
 heads = pytest.importorskip("malaria_detect.training.heads")
 from malaria_detect.training import objectcrops as oc  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cells(samples, n=8):
@@ -78,3 +82,29 @@ def test_written_heads_compute_what_was_fitted(samples, tmp_path):
     soft /= soft.sum(1, keepdims=True)
     want_kinds = [heads.KIND_NAMES[k] if soft[i, k] >= KIND_MIN_P else "red cell" for i, k in enumerate(soft.argmax(1))]
     assert list(kinds) == want_kinds
+
+
+def test_crenated_and_target_cells_are_made_from_a_real_red_cell():
+    """training/redcells.py: a crenated cell gains spicules outside its rim and keeps its middle; a target
+    cell gets a paler ring inside and keeps its outside; a crop where no cell stands out is kept as it is."""
+    from malaria_detect.data.annotations import box_of, load_annotations
+    from malaria_detect.training.objectcrops import _crop
+    from malaria_detect.training.redcells import _cell, crenate, target
+
+    fields = ROOT / "samples" / "fields"
+    rec = next(r for r in load_annotations(fields / "annotations.json") if r["image_name"] == "PA171700.JPG")
+    img = Image.open(fields / rec["image_name"]).convert("RGB")
+    boxes = [box_of(o) for o in rec["objects"] if o["type"] == "red blood cell"]
+    crop = next(c for c in (_crop(img, b, 112, 1.3) for b in boxes[:40]) if _cell(c) is not None)
+    cx, cy, r, _, _ = _cell(crop)
+    yy, xx = np.mgrid[:112, :112]
+    d = np.hypot(xx - cx, yy - cy) / r
+    rng = np.random.default_rng(0)
+    cr, tg = crenate(crop, rng), target(crop, rng)
+    assert cr.shape == tg.shape == crop.shape and cr.dtype == tg.dtype == np.uint8
+    moved = lambda a, m: np.abs(a.astype(float) - crop).sum(2)[m].mean()  # noqa: E731
+    assert moved(cr, (d > 1.0) & (d < 1.15)) > 3 * moved(cr, d > 1.4)      # spicules just outside the rim
+    assert tg.mean(2)[(d > 0.3) & (d < 0.5)].mean() > crop.mean(2)[(d > 0.3) & (d < 0.5)].mean() + 5  # paler ring
+    assert moved(tg, d > 1.1) < 1.0                                        # nothing outside the cell
+    blank = np.full((112, 112, 3), 200, np.uint8)
+    assert (crenate(blank, rng) == blank).all() and (target(blank, rng) == blank).all()

@@ -72,13 +72,26 @@ def test_written_branch_computes_what_torch_computes_and_keeps_single_cells(samp
     record.object_head = {"temperature": 0.8, "threshold": 0.3}
     write_model_record(out, record)
     pred = Predictor.load(out)
-    z, _, ood, zk, zs = pred.run_fields(x)
+    z, cam, ood, zk, zs = pred.run_fields(x)
+    assert cam is None  # a field's objects run the trunk and the branch, not the cell head
     assert np.allclose(z, want[0], atol=1e-3) and np.allclose(zk, want[1], atol=1e-3)
     assert np.allclose(zs, want[2], atol=1e-3)
     assert O.disagreement(out, trunk, branch, x) < 1e-3
     zc, camc, oodc, _, _ = pred.run_all(x)  # single cells: the base's own outputs, as they were
     z0, cam0, ood0 = pred0.run(x)[:3]
     assert np.allclose(zc, z0, atol=1e-5) and np.allclose(camc, cam0, atol=1e-5) and np.allclose(oodc, ood0)
+    # the whole-field not-a-cell score is the base's without its view check: the base's own graph with the
+    # view check's scale set to 0 computes it too
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(base))
+    init = next(i for i in m.graph.initializer if i.name.endswith("ood_view_scale"))
+    init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+    onnx.save(m, str(tmp_path / "no_view.onnx"))
+    write_model_record(tmp_path / "no_view.onnx", Predictor.load(base).record)  # the base's own record
+    taps_only = Predictor.load(tmp_path / "no_view.onnx").run(x)[2]
+    assert np.allclose(ood, taps_only, rtol=1e-5) and (ood <= oodc + 1e-5).all()
     with pytest.raises(UsageError, match="already has whole-field heads"):
         O.write_branch(out, branch, tmp_path / "again.onnx")
 

@@ -125,6 +125,48 @@ def _len_field(num: int, payload: bytes) -> bytes:
     return _put_varint(num << 3 | 2) + _put_varint(len(payload)) + payload
 
 
+def _fields(blob: bytes):
+    """(field number, the field's bytes, its payload when length-delimited) of a protobuf message."""
+    for num, start, end in _top_fields(blob):
+        key, i = _varint(blob, start)
+        payload = None
+        if key & 7 == 2:
+            _, i = _varint(blob, i)
+            payload = blob[i:end]
+        yield num, blob[start:end], payload
+
+
+def _strings(blob: bytes, num: int) -> list[str]:
+    return [p.decode() for n, _, p in _fields(blob) if n == num and p is not None]
+
+
+def pruned_graph(blob: bytes, outputs: list[str]) -> bytes:
+    """An ONNX file's bytes with only the nodes, weights and outputs that `outputs` need (ONNX Runtime runs
+    every node of a graph whatever outputs are asked for). Standard library only; a graph's nodes are in
+    topological order (ONNX requires it), so one pass backwards finds what is needed."""
+    model = list(_fields(blob))
+    graph = next((p for n, _, p in model if n == 7), None)
+    if graph is None:
+        raise ValueError("not an ONNX model (no graph)")
+    parts = list(_fields(graph))
+    have = {_strings(p, 1)[0] for n, _, p in parts if n == 12}
+    if missing := set(outputs) - have:
+        raise ValueError(f"the graph has no output {', '.join(sorted(missing))}")
+    need, keep = set(outputs), set()
+    for k in range(len(parts) - 1, -1, -1):
+        n, _, p = parts[k]
+        if n == 1 and need & set(_strings(p, 2)):  # NodeProto: input 1, output 2
+            keep.add(k)
+            need |= set(_strings(p, 1))
+    out = b""
+    for k, (n, raw, p) in enumerate(parts):
+        if (n == 1 and k not in keep) or (n == 12 and _strings(p, 1)[0] not in outputs) \
+                or (n == 5 and _strings(p, 8)[0] not in need):  # TensorProto: name 8
+            continue
+        out += raw
+    return b"".join(_len_field(7, out) if n == 7 else raw for n, raw, _ in model)
+
+
 def write_metadata(path: str | Path, entries: dict[str, str]) -> None:
     """Store `entries` and the weights hash as the ONNX file's metadata (replacing what was there); the
     graph and weights are copied byte for byte. Standard library only."""

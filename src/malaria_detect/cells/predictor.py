@@ -23,12 +23,14 @@ from PIL import Image
 
 from ..errors import MissingFileError, ModelError, UsageError
 from ..imaging import CELL_MAX_ASPECT, ImageError, iter_image_paths, normalize, open_rgb, resize_uint8
-from ..modelfile import NAMES_HELP, _check_bundled, _check_weights, model_path
+from ..modelfile import NAMES_HELP, _check_bundled, _check_weights, model_path, pruned_graph
 from ..record import Record, RecordError
 
 # What `Predictor.predict` takes as one image.
 ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | IO[bytes]
 
+OBJECT_OOD = "object_ood_score"  # the whole-field path's not-a-cell score (training/objectnet.add_object_ood)
+FIELD_OUTPUTS = ["object_logits", OBJECT_OOD, "kind_logits", "stage_logits"]
 NON_FINITE = "the model's output is not a finite number (NaN or infinity): the model file may be damaged"
 
 
@@ -117,8 +119,9 @@ class Predictor:
     then `predict(image)` -> Prediction, `predict([images or folders])` -> list[Prediction]. (Whole
     microscope fields: `malaria_detect.smear`.)"""
 
-    def __init__(self, session, record: Record, path: Path):
+    def __init__(self, session, record: Record, path: Path, options=None, fields_graph: bytes | None = None):
         self.session, self.record, self.path = session, record, path
+        self._options, self._fields_graph, self._fields_session = options, fields_graph, None
 
     @classmethod
     def load(cls, path: str | Path | None = None, threads: int | None = None,
@@ -158,7 +161,9 @@ class Predictor:
         if (record.object_head is not None) != any(o.name == "object_logits" for o in session.get_outputs()):
             raise ModelError(f"{path}: its record and graph disagree on a whole-field head (the record's "
                              "object_head and the graph's object_logits output come together)")
-        return cls(session, record, path)
+        # a field's objects: the graph pruned to the whole-field outputs, made now (the file may be gone later)
+        fields = pruned_graph(blob, FIELD_OUTPUTS) if OBJECT_OOD in [o.name for o in session.get_outputs()] else None
+        return cls(session, record, path, opts, fields)
 
     @property
     def csv_fields(self) -> list[str]:
@@ -201,7 +206,23 @@ class Predictor:
         decided with `record.field_temperature`; else `run_all`'s."""
         if self.record.object_head is None:
             return self.run_all(x_uint8, batch_size)
-        return self.run_all(x_uint8, batch_size, ["object_logits", *self.outputs[1:]])
+        if self._fields_graph is None:  # a graph of before its whole-field not-a-cell score
+            return self.run_all(x_uint8, batch_size, ["object_logits", *self.outputs[1:]])
+        # the trunk and the branch only (training/objectnet.add_object_ood): no cell head, so no CAM. ONNX
+        # Runtime runs every node of a graph, so they run in a session of the graph pruned to these outputs
+        names = FIELD_OUTPUTS
+        if self._fields_session is None:
+            import onnxruntime as ort
+
+            self._fields_session = ort.InferenceSession(self._fields_graph, self._options,
+                                                        providers=["CPUExecutionProvider"])
+            self._fields_graph = b""  # the session holds its own copy
+        outs = [self._fields_session.run(names, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
+                for i in range(0, len(x_uint8), batch_size)]
+        widths = (None, None, len(self.record.kind_names), len(self.record.stage_names))
+        z, s, k, st = (np.concatenate([o[j] for o in outs]) if outs else
+                       np.zeros((0,) if w is None else (0, w), np.float32) for j, w in enumerate(widths))
+        return z, None, s, k, st
 
     def cam_shape(self) -> tuple[int, int]:
         """(h, w) of one image's CAM: from the graph's declared output shape, else by running one image."""

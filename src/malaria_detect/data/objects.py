@@ -5,7 +5,9 @@ the splits it is trained and chosen on. Torch-free.
     train, val = detector_split(fields)                  # by block and by the dataset's own split
 
 Labs and splits (never at random: neighbouring IML image numbers are likely the same slide):
-- IML_Malaria: PA171690-769 train, PA171770-799 validation, PA1718xx held out (never read here).
+- IML_Malaria: PA171690-769 train, PA171770-799 validation (the detector's split and train-heads' default;
+  train-heads --iml-learn / --iml-choose move the line within PA171690-829), PA171830-899 held out
+  (never read here: `iml_blocks` refuses a block that reaches it).
   Only red cells are boxed (white cells and platelets are not labelled: `labelled` says which kinds a
   field's boxes cover, so a detector is not taught that an unboxed white cell is background).
 - TXL-PBC: its own train/ and val/; red cells, white cells and platelets boxed, border cells included.
@@ -22,6 +24,24 @@ KINDS = ("red cell", "white cell", "platelet")
 TYPE_KIND = {"red blood cell": "red cell", **dict.fromkeys(INFECTED_TYPES, "red cell"),
              "white blood cell": "white cell", "platelet": "platelet"}
 IML_TRAIN, IML_VAL = range(171690, 171770), range(171770, 171800)
+IML_HELD_OUT_FROM = 171830  # PA171830-899: never learnt from nor chosen on
+
+
+def iml_block(text: str) -> range:
+    """'PA171770-799' (or '171770-171799') -> the image numbers it names, refused where it reaches the
+    held-out block or is not a block."""
+    t = text.strip().upper().removeprefix("PA")
+    try:
+        a, b = t.split("-")
+        lo = int(a)
+        hi = int(a[: len(a) - len(b)] + b) if len(b) < len(a) else int(b)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IML block (e.g. PA171770-799)") from None
+    if hi < lo:
+        raise ValueError(f"{text!r}: the block ends before it starts")
+    if hi >= IML_HELD_OUT_FROM:
+        raise ValueError(f"{text!r} reaches PA{IML_HELD_OUT_FROM}-899, the held-out block, which no choice may read")
+    return range(lo, hi + 1)
 
 
 @dataclass
@@ -37,13 +57,23 @@ class LabelledField:
     border_boxed: bool = True                  # whether cells cut by the image border are boxed
 
 
-def _iml_split(name: str) -> str:
-    n = int(Path(name).stem[2:8]) if Path(name).stem[2:8].isdigit() else -1
-    return "train" if n in IML_TRAIN else "val" if n in IML_VAL else "held-out"
+def iml_number(name: str) -> int:
+    """PA171770.jpg -> 171770 (-1 for a name without an image number)."""
+    stem = Path(name).stem[2:8]
+    return int(stem) if stem.isdigit() else -1
 
 
-def labelled_fields(data_root: str | Path) -> list[LabelledField]:
-    """The annotated fields of ../shared/data (IML_Malaria and TXL-PBC) that are there."""
+def _iml_split(name: str, learn: range, choose: range) -> str:
+    n = iml_number(name)
+    return "train" if n in learn else "val" if n in choose else "held-out"
+
+
+def labelled_fields(data_root: str | Path, iml_learn: range = IML_TRAIN,
+                    iml_choose: range = IML_VAL) -> list[LabelledField]:
+    """The annotated fields of ../shared/data (IML_Malaria and TXL-PBC) that are there; IML fields split
+    into `iml_learn` (train), `iml_choose` (val) and the rest (held-out)."""
+    if set(iml_learn) & set(iml_choose):
+        raise ValueError("the IML blocks to learn from and to choose on overlap")
     root = Path(data_root)
     out = []
     sources = [("IML", root / "iml-fields"), ("TXL-PBC", root / "txl-pbc")]
@@ -53,7 +83,7 @@ def labelled_fields(data_root: str | Path) -> list[LabelledField]:
         for rec in load_annotations(folder / "annotations.json"):
             name = rec["image_name"]
             f = LabelledField(folder / "images" / name, lab,
-                              _iml_split(name) if lab == "IML" else name.split("/")[0],
+                              _iml_split(name, iml_learn, iml_choose) if lab == "IML" else name.split("/")[0],
                               labelled=("red cell",) if lab == "IML" else KINDS, border_boxed=lab != "IML")
             for o in rec.get("objects", []):
                 t = o.get("type")

@@ -6,10 +6,11 @@ record (`extra.field_threshold`, which `smear` uses instead of the cell threshol
 Why a second threshold: the cell threshold maximises balanced accuracy on validation cells of which
 about half are parasitized. In a field only 1-2 % of red cells are infected, so at that threshold false
 positives outnumber true ones. The field threshold is the one that maximises the F1 of infected-cell
-detection on the IML validation block (PA171770-799) among those that call at most `max_fp` false
-parasitized cells per 1,000 red cells on the malaria-free TXL-PBC validation fields: a healthy
-patient's slide must not read positive. Neither the IML held-out block (PA1718xx) nor any test data is
-read here.
+detection on an IML validation block (PA171770-799 unless `--iml-block` names another one the model
+did not learn from, e.g. PA171800-829 for a model trained with `train-heads --iml-learn PA171690-799`)
+among those that call at most `max_fp` false parasitized cells per 1,000 red cells on the malaria-free
+TXL-PBC validation fields: a healthy patient's slide must not read positive. Neither the IML held-out
+block (PA171830-899) nor any test data is read here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..counting import field_counts
 from ..data.annotations import load_annotations
-from ..data.objects import IML_VAL
+from ..data.objects import IML_VAL, iml_block, iml_number
 from ..errors import UsageError
 from .fieldscore import score_fields
 
@@ -38,11 +39,12 @@ def relabel(report: dict, thr: float, record) -> dict:
     return {"fields": fields, "model": {"class_names": list(record.class_names)}}
 
 
-def validation_fields(data: str | Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, dict]]]:
-    """(IML PA171770-799, TXL-PBC val): (image path, annotation record) pairs."""
+def validation_fields(data: str | Path, block: range = IML_VAL) -> tuple[list[tuple[Path, dict]],
+                                                                        list[tuple[Path, dict]]]:
+    """(the IML block, default PA171770-799; TXL-PBC val): (image path, annotation record) pairs."""
     root = Path(data)
     out = []
-    for folder, keep in (("iml-fields", lambda n: n[2:8].isdigit() and int(n[2:8]) in IML_VAL),
+    for folder, keep in (("iml-fields", lambda n: iml_number(n) in block),
                          ("txl-pbc", lambda n: n.startswith("val/"))):
         ann = root / folder / "annotations.json"
         if not ann.is_file():
@@ -53,7 +55,8 @@ def validation_fields(data: str | Path) -> tuple[list[tuple[Path, dict]], list[t
 
 
 def choose_field_threshold(model: str | Path, data: str | Path, detector: str | None = "bundled",
-                           max_fp: float = 0.5, progress: bool = True, say=print) -> dict:
+                           max_fp: float = 0.5, progress: bool = True, say=print,
+                           iml: str = "PA171770-799") -> dict:
     """Analyse the validation fields once, score every threshold of GRID, store the chosen one in the
     model's record; returns {"threshold", "rule", "iml", "txl", "table"}."""
     from tqdm import tqdm
@@ -64,7 +67,18 @@ def choose_field_threshold(model: str | Path, data: str | Path, detector: str | 
 
     pred = Predictor.load(model)
     opts = SmearOptions(detector=detector)
-    iml, txl = validation_fields(data)
+    try:
+        block = iml_block(iml)
+    except ValueError as e:
+        raise UsageError(f"--iml-block: {e}") from None
+    heads = pred.record.extra.get("heads", {}).get("config")
+    learnt = heads.get("iml_learn", "PA171690-769") if heads else None  # train-heads' block before it was an option
+    if learnt and set(iml_block(learnt)) & set(block):
+        raise UsageError(f"--iml-block {iml}: the model learnt from IML {learnt}; choose on fields it did not see")
+    iml, txl = validation_fields(data, block)
+    if not iml:
+        raise UsageError(f"no IML fields of block {iml} in {data}")
+    block_name = f"PA{block.start}-{str(block.stop - 1)[-3:]}"
     reports = []
     for name, pairs in (("IML", iml), ("TXL-PBC", txl)):
         reports.append({"fields": [analyze_field(pred, p, r["image_name"], opts)
@@ -82,7 +96,7 @@ def choose_field_threshold(model: str | Path, data: str | Path, detector: str | 
     ok = [t for t in table if t["txl_fp_per_1000"] <= max_fp]
     if ok:
         best = max(ok, key=lambda t: (t["iml_f1"], -t["threshold"]))
-        rule = (f"max F1 of infected-cell detection on IML fields PA171770-799 ({len(iml)} fields) among thresholds "
+        rule = (f"max F1 of infected-cell detection on IML fields {block_name} ({len(iml)} fields) among thresholds "
                 f"with at most {max_fp} false parasitized per 1,000 red cells on TXL-PBC val ({len(txl)} fields)")
     else:
         best = min(table, key=lambda t: (t["txl_fp_per_1000"], -t["iml_f1"]))

@@ -92,6 +92,9 @@ class HeadsConfig:
     nih_split: str = _opt("recipes/nih_split.json", "the NIH patient split (its train and val patients are read; "
                                                     "never its test patients)")
     nih_per_class: int = _opt(100_000, "NIH training cells per class (more than there are: all of them)")
+    iml_learn: str = _opt("PA171690-769", "IML fields to learn from (a block of image numbers; never PA171830-899)")
+    iml_choose: str = _opt("PA171770-799", "IML fields whose crops give the validation figures (a block after "
+                                           "--iml-learn's; never PA171830-899)")
     iml_uninfected: int = _opt(4000, "IML uninfected training cells (every infected one is used)")
     infected_views: int = _opt(6, "jittered views of each IML infected training cell (the stages are few)")
     txl_red_per_field: int = _opt(5, "TXL-PBC red cells per training field")
@@ -110,6 +113,8 @@ class HeadsConfig:
     stain_norm: bool = _opt(False, "bring each IML and TXL-PBC field's stain and lamp to the reference before "
                                    "cutting its crops (fields/stain.py); the model's record then asks the "
                                    "whole-field path to do the same")
+    cell_shapes: int = _opt(0, "more look-alikes: uninfected red cells made crenated (burr cells) or target cells, "
+                               "half each (training/redcells.py; 0: none)")
     seed: int = _opt(0, "seed of the sampling and the look-alikes")
     finetune_epochs: int = _opt(0, "epochs of fine-tuning a copy of the base's last stages (blocks 8-15) with the "
                                    "heads, end to end on augmented crops, for the whole-field path (0: heads on "

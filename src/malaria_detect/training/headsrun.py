@@ -23,8 +23,8 @@ from .heads import apply_heads, base_head, base_model_path, compute_features, fi
 from .objectcrops import KIND_NAMES, RED, SOURCES, STAGE_NAMES, Crops, build_crops, loss_weights
 
 # the options the cached crops (crops.npz) and features (features.npz) of a run folder depend on
-CACHED_BY = ("base", "data", "nih_split", "nih_per_class", "iml_uninfected", "infected_views", "txl_red_per_field",
-             "lookalikes", "background", "seed", "stain_norm")
+CACHED_BY = ("base", "data", "nih_split", "nih_per_class", "iml_learn", "iml_choose", "iml_uninfected",
+             "infected_views", "txl_red_per_field", "lookalikes", "background", "seed", "stain_norm", "cell_shapes")
 # ... and the fine-tuned branch (finetune/) on these as well
 TUNED_BY = CACHED_BY + ("steps", "lr", "weight_decay", "lookalike_weight", "anchor", "hidden", "finetune_epochs",
                         "finetune_lr", "finetune_lab_share")

@@ -2,12 +2,13 @@
 cuts them, and look-alikes made on purpose (torch-free: Pillow and NumPy).
 
 - NIH cells (train patients sampled, validation patients all), as published;
-- IML red cells (training block PA171690-769 sampled, every infected cell in several jittered views;
-  validation block PA171770-799 all), with their stage;
+- IML red cells (the training block, --iml-learn, default PA171690-769, sampled, every infected cell in
+  several jittered views; the validation block, --iml-choose, default PA171770-799, all), with their stage;
 - TXL-PBC red cells, white cells and platelets (train sampled, val all), and background crops ("other");
 - look-alikes, training only, a quarter each: a TXL-PBC platelet pasted onto an uninfected red cell,
-  stain precipitate and dust drawn on one (irregular granules), a white cell's fragment.
-IML PA1718xx and the NIH test patients are never read.
+  stain precipitate and dust drawn on one (irregular granules), a white cell's fragment; with
+  --cell-shapes N, N more: uninfected red cells made crenated or target cells (training/redcells.py).
+IML PA171830-899 and the NIH test patients are never read.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import numpy as np
 from PIL import Image
 
 from ..data.annotations import INFECTED_TYPES
-from ..data.objects import LabelledField, labelled_fields
+from ..data.objects import LabelledField, iml_block, labelled_fields
 from ..errors import UsageError
 from ..fields.area import fill_outside, imaged_area
 from ..fields.crops import box_crop
 from ..fields.stain import normalize_stain
 from .config import HeadsConfig
+from .redcells import crenate, target
 
 KIND_NAMES = ("red cell", "white cell", "platelet", "other")
 STAGE_NAMES = ("ring", "trophozoite", "schizont", "gametocyte")
@@ -178,7 +180,11 @@ def build_crops(cfg: HeadsConfig, size: int, say=print) -> Crops:
         for xi, yi in zip(x, y):
             b.add(xi, RED, int(yi), -1, "NIH", split)
         say(f"NIH {part}: {len(x)} cells")
-    fields = [f for f in labelled_fields(root) if f.split in ("train", "val")]
+    try:
+        learn, choose = iml_block(cfg.iml_learn), iml_block(cfg.iml_choose)
+        fields = [f for f in labelled_fields(root, learn, choose) if f.split in ("train", "val")]
+    except ValueError as e:
+        raise UsageError(f"--iml-learn / --iml-choose: {e}") from None
     platelets = []  # (field image, box, field red-cell side) of TXL-PBC training platelets
     red_pool = []   # (field image, box, field red-cell side) of uninfected training red cells
     wbc_pool = []
@@ -276,3 +282,8 @@ def _lookalikes(b: _Builder, cfg: HeadsConfig, size: int, rng, red_pool, platele
         else:
             cell = draw_precipitate(cell, rng, dust=what == 2)
         b.add(cell, RED, 0, -1, "look-alike", 0)
+    for i in range(cfg.cell_shapes):  # red cells of other shapes: crenated (burr cells), target cells
+        img, box, _ = red_pool[rng.integers(len(red_pool))]
+        s, sh = _jitter(rng)
+        cell = _crop(img, box, size, min(s, 1.15), sh)
+        b.add(crenate(cell, rng) if i % 2 == 0 else target(cell, rng), RED, 0, -1, "look-alike", 0)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cells.predictor import OBJECT_OOD
+
 BRANCH_FROM = 8   # the first block of the fine-tuned copy: after the not-a-cell flag's last tap (block 7)
 BRANCH_INPUT = "/_blocks.7/Add_output_0"
 PREFIX = "objnet/"
@@ -250,11 +252,45 @@ def write_branch(base: Path, branch, out: Path, input_size: int = 112) -> None:
     for o in b.graph.output:
         o.name = rename.get(o.name, o.name)
         g.output.append(o)
+    add_object_ood(m)
     del m.metadata_props[:]
     onnx.checker.check_model(m)
     tmp = out.with_name(out.name + ".tmp")
     onnx.save(m, str(tmp))
     tmp.replace(out)
+
+
+def add_object_ood(m) -> None:
+    """Add the output `object_ood_score` to the graph `m` (an onnx ModelProto): the not-a-cell score of
+    the tapped layers alone (both inside the trunk), without the view check, whose pooled features are
+    the base's last stages. The whole-field path reads it instead of `ood_score`, so that a field's
+    objects run the trunk and the branch only, not the base's last stages as well; what the view check
+    caught there (views of several cells or of background) the kind head says ("other", taught on
+    background crops), and the detector boxes one object at a time."""
+    from onnx import helper
+
+    if any(o.name == OBJECT_OOD for o in m.graph.output):
+        return
+    made = {o: n for n in m.graph.node for o in n.output}
+    top = made.get("ood_score")
+    stack = made.get(top.input[0]) if top is not None and top.op_type == "ReduceMax" else None
+    if stack is None or stack.op_type != "Concat":
+        raise ValueError("the graph's ood_score is not the max of its parts (training/notacell.py)")
+
+    def reads_view(t: str, depth: int = 0) -> bool:
+        n = made.get(t)
+        return n is not None and depth < 6 and any("ood_view" in i or reads_view(i, depth + 1) for i in n.input)
+
+    parts = [i for i in stack.input if not reads_view(i)]
+    if not parts:
+        raise ValueError("the graph's not-a-cell score has no tapped layers")
+    cat, out = helper.make_node("Concat", parts, [PREFIX + "ood_parts"], name=PREFIX + "ood/Concat",
+                                axis=next(a.i for a in stack.attribute if a.name == "axis")), top
+    red = helper.make_node("ReduceMax", cat.output, [OBJECT_OOD], name=PREFIX + "ood/ReduceMax")
+    red.attribute.extend(out.attribute)
+    m.graph.node.extend([cat, red])
+    shape = next(o for o in m.graph.output if o.name == "ood_score")
+    m.graph.output.append(helper.make_tensor_value_info(OBJECT_OOD, shape.type.tensor_type.elem_type, ["batch"]))
 
 
 def disagreement(path: Path, trunk, branch, x: np.ndarray) -> float:
