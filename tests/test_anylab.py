@@ -164,7 +164,9 @@ def test_iml_blocks_are_named_refused_at_the_held_out_block_and_never_overlap(tm
     from malaria_detect.modelfile import bundled_field_model_path
 
     assert iml_block("PA171690-799") == range(171690, 171800) == iml_block("171690-171799")
-    for bad, why in (("PA171800-899", "held-out"), ("PA171800-700", "ends before"), ("seven", "not an IML block")):
+    assert iml_block("PA171770-PA171799") == iml_block("PA171770-99") == range(171770, 171800)
+    for bad, why in (("PA171800-899", "held-out"), ("PA171800-700", "ends before"), ("seven", "not an IML block"),
+                     ("PA171770-", "not an IML block"), ("1-5", "numbered from")):
         with pytest.raises(ValueError, match=why):
             iml_block(bad)
     data = tmp_path / "data" / "iml-fields"  # the committed sample fields: PA171700, 710, 771, 772
@@ -178,6 +180,8 @@ def test_iml_blocks_are_named_refused_at_the_held_out_block_and_never_overlap(tm
     assert split == {"PA171700": "train", "PA171710": "train", "PA171771": "train", "PA171772": "val"}
     with pytest.raises(ValueError, match="overlap"):
         labelled_fields(tmp_path / "data", iml_block("PA171690-799"), iml_block("PA171790-829"))
+    with pytest.raises(ValueError, match="held out"):
+        labelled_fields(tmp_path / "data", range(171690, 171800), range(171800, 171840))
     # the whole-field threshold is never chosen on fields the model learnt from (the bundled one: PA171690-769)
     model = tmp_path / "m.onnx"
     shutil.copy(bundled_field_model_path(), model)
@@ -217,3 +221,35 @@ def test_a_fields_objects_run_a_graph_pruned_to_the_whole_field_outputs(tmp_path
     assert len(blob) < 0.6 * bundled_field_model_path().stat().st_size  # the cell head's stages are gone (14 of 26 MB)
     with pytest.raises(ValueError, match="no output"):
         pruned_graph(bundled_field_model_path().read_bytes(), ["nope"])
+    # the segmenter's masked crops ask for the full score, view check included (and get the CAM with it)
+    z2, cam2, ood2, _, _ = pred.run_fields(x, view_check=True)
+    assert cam2 is not None and np.allclose(ood2, full[4], atol=1e-5) and np.allclose(z2, z, atol=1e-5)
+    # the server's field workers share one Predictor: its pruned session is made once, whoever asks first
+    from concurrent.futures import ThreadPoolExecutor
+
+    fresh = Predictor.load("anylab")
+    with ThreadPoolExecutor(4) as ex:
+        runs = list(ex.map(lambda _: fresh.run_fields(x), range(4)))
+    assert all(np.allclose(r[0], z, atol=1e-5) and np.allclose(r[2], ood, atol=1e-5) for r in runs)
+
+
+def test_a_pruned_graph_keeps_only_what_its_outputs_need(tmp_path):
+    """modelfile.pruned_graph on a graph that lists its weights as inputs too (older exporters do): a
+    weight, and its input, that only a dropped output reads go with it."""
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from malaria_detect.modelfile import pruned_graph
+
+    w1, w2 = (numpy_helper.from_array(np.full((1, 2), v, np.float32), n) for v, n in ((2.0, "w1"), (3.0, "w2")))
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2])  # noqa: E731
+    g = helper.make_graph([helper.make_node("Mul", ["x", "w1"], ["a"]), helper.make_node("Mul", ["x", "w2"], ["b"])],
+                          "g", [vi("x"), vi("w1"), vi("w2")], [vi("a"), vi("b")], [w1, w2])
+    blob = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
+    small = pruned_graph(blob, ["a"])
+    m = onnx.load_from_string(small)
+    assert [n.output[0] for n in m.graph.node] == ["a"] and [i.name for i in m.graph.initializer] == ["w1"]
+    assert [i.name for i in m.graph.input] == ["x", "w1"] and [o.name for o in m.graph.output] == ["a"]
+    got = ort.InferenceSession(small, providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 2), np.float32)})
+    assert np.allclose(got[0], 2.0)

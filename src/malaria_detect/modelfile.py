@@ -158,13 +158,13 @@ def pruned_graph(blob: bytes, outputs: list[str]) -> bytes:
         if n == 1 and need & set(_strings(p, 2)):  # NodeProto: input 1, output 2
             keep.add(k)
             need |= set(_strings(p, 1))
-    out = b""
+    out = []
     for k, (n, raw, p) in enumerate(parts):
         if (n == 1 and k not in keep) or (n == 12 and _strings(p, 1)[0] not in outputs) \
-                or (n == 5 and _strings(p, 8)[0] not in need):  # TensorProto: name 8
+                or (n in (5, 11) and _strings(p, 8 if n == 5 else 1)[0] not in need):  # weights, inputs unused
             continue
-        out += raw
-    return b"".join(_len_field(7, out) if n == 7 else raw for n, raw, _ in model)
+        out.append(raw)
+    return b"".join(_len_field(7, b"".join(out)) if n == 7 else raw for n, raw, _ in model)
 
 
 def write_metadata(path: str | Path, entries: dict[str, str]) -> None:

@@ -11,6 +11,7 @@ threshold) is read from the model file's metadata, never declared here.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,7 @@ class Predictor:
     def __init__(self, session, record: Record, path: Path, options=None, fields_graph: bytes | None = None):
         self.session, self.record, self.path = session, record, path
         self._options, self._fields_graph, self._fields_session = options, fields_graph, None
+        self._fields_lock = threading.Lock()  # the server's field workers share one Predictor
 
     @classmethod
     def load(cls, path: str | Path | None = None, threads: int | None = None,
@@ -162,7 +164,12 @@ class Predictor:
             raise ModelError(f"{path}: its record and graph disagree on a whole-field head (the record's "
                              "object_head and the graph's object_logits output come together)")
         # a field's objects: the graph pruned to the whole-field outputs, made now (the file may be gone later)
-        fields = pruned_graph(blob, FIELD_OUTPUTS) if OBJECT_OOD in [o.name for o in session.get_outputs()] else None
+        fields = None
+        if OBJECT_OOD in [o.name for o in session.get_outputs()]:
+            try:
+                fields = pruned_graph(blob, FIELD_OUTPUTS)
+            except ValueError as e:
+                raise ModelError(f"{path}: its whole-field outputs cannot be read apart: {e}") from None
         return cls(session, record, path, opts, fields)
 
     @property
@@ -200,23 +207,29 @@ class Predictor:
         stages = empty[4] if "stage_logits" in names and self.record.stage_names else None
         return empty[0], empty[1], empty[2], kinds, stages
 
-    def run_fields(self, x_uint8: np.ndarray, batch_size: int = 64):
+    def run_fields(self, x_uint8: np.ndarray, batch_size: int = 64, view_check: bool = False):
         """Objects cut from whole fields -> (logits, cams, ood_scores, kind_logits, stage_logits), the logits
         of the whole-field head (`object_logits`) when the model has one beside its cell head, to be
-        decided with `record.field_temperature`; else `run_all`'s."""
+        decided with `record.field_temperature`; else `run_all`'s. The not-a-cell score is `object_ood_score`
+        (cams None) when the graph has it, unless `view_check` asks for the full score (the segmenter's masked
+        crops, whose kinds are not trusted: fields/analysis.py)."""
         if self.record.object_head is None:
             return self.run_all(x_uint8, batch_size)
-        if self._fields_graph is None:  # a graph of before its whole-field not-a-cell score
+        if self._fields_graph is None or view_check:  # the full graph: the not-a-cell score with its view check
             return self.run_all(x_uint8, batch_size, ["object_logits", *self.outputs[1:]])
         # the trunk and the branch only (training/objectnet.add_object_ood): no cell head, so no CAM. ONNX
         # Runtime runs every node of a graph, so they run in a session of the graph pruned to these outputs
         names = FIELD_OUTPUTS
-        if self._fields_session is None:
-            import onnxruntime as ort
+        with self._fields_lock:
+            if self._fields_session is None:
+                import onnxruntime as ort
 
-            self._fields_session = ort.InferenceSession(self._fields_graph, self._options,
-                                                        providers=["CPUExecutionProvider"])
-            self._fields_graph = b""  # the session holds its own copy
+                try:
+                    self._fields_session = ort.InferenceSession(self._fields_graph, self._options,
+                                                                providers=["CPUExecutionProvider"])
+                except Exception as e:
+                    raise ModelError(f"{self.path}: its whole-field graph does not load ({e})") from None
+                self._fields_graph = b""  # the session holds its own copy
         outs = [self._fields_session.run(names, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
                 for i in range(0, len(x_uint8), batch_size)]
         widths = (None, None, len(self.record.kind_names), len(self.record.stage_names))

@@ -7,7 +7,7 @@ the splits it is trained and chosen on. Torch-free.
 Labs and splits (never at random: neighbouring IML image numbers are likely the same slide):
 - IML_Malaria: PA171690-769 train, PA171770-799 validation (the detector's split and train-heads' default;
   train-heads --iml-learn / --iml-choose move the line within PA171690-829), PA171830-899 held out
-  (never read here: `iml_blocks` refuses a block that reaches it).
+  (labelled "held-out", never learnt from nor chosen on: `iml_block` refuses a block that reaches it).
   Only red cells are boxed (white cells and platelets are not labelled: `labelled` says which kinds a
   field's boxes cover, so a detector is not taught that an unboxed white cell is background).
 - TXL-PBC: its own train/ and val/; red cells, white cells and platelets boxed, border cells included.
@@ -33,12 +33,17 @@ def iml_block(text: str) -> range:
     t = text.strip().upper().removeprefix("PA")
     try:
         a, b = t.split("-")
+        b = b.strip().removeprefix("PA")
+        if not a.strip() or not b:
+            raise ValueError
         lo = int(a)
         hi = int(a[: len(a) - len(b)] + b) if len(b) < len(a) else int(b)
     except ValueError:
         raise ValueError(f"{text!r} is not an IML block (e.g. PA171770-799)") from None
     if hi < lo:
         raise ValueError(f"{text!r}: the block ends before it starts")
+    if lo < IML_TRAIN.start:
+        raise ValueError(f"{text!r}: the IML fields are numbered from PA{IML_TRAIN.start}")
     if hi >= IML_HELD_OUT_FROM:
         raise ValueError(f"{text!r} reaches PA{IML_HELD_OUT_FROM}-899, the held-out block, which no choice may read")
     return range(lo, hi + 1)
@@ -74,6 +79,8 @@ def labelled_fields(data_root: str | Path, iml_learn: range = IML_TRAIN,
     into `iml_learn` (train), `iml_choose` (val) and the rest (held-out)."""
     if set(iml_learn) & set(iml_choose):
         raise ValueError("the IML blocks to learn from and to choose on overlap")
+    if max([*iml_learn, *iml_choose], default=0) >= IML_HELD_OUT_FROM:
+        raise ValueError(f"PA{IML_HELD_OUT_FROM}-899 is held out: never learnt from nor chosen on")
     root = Path(data_root)
     out = []
     sources = [("IML", root / "iml-fields"), ("TXL-PBC", root / "txl-pbc")]

@@ -75,10 +75,10 @@ def choose_field_threshold(model: str | Path, data: str | Path, detector: str | 
     learnt = heads.get("iml_learn", "PA171690-769") if heads else None  # train-heads' block before it was an option
     if learnt and set(iml_block(learnt)) & set(block):
         raise UsageError(f"--iml-block {iml}: the model learnt from IML {learnt}; choose on fields it did not see")
+    block_name = f"PA{block.start}-{str(block.stop - 1)[-3:]}"
     iml, txl = validation_fields(data, block)
     if not iml:
-        raise UsageError(f"no IML fields of block {iml} in {data}")
-    block_name = f"PA{block.start}-{str(block.stop - 1)[-3:]}"
+        raise UsageError(f"no IML fields of block {block_name} in {data}")
     reports = []
     for name, pairs in (("IML", iml), ("TXL-PBC", txl)):
         reports.append({"fields": [analyze_field(pred, p, r["image_name"], opts)

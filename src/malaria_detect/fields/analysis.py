@@ -104,7 +104,9 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
             rgb = stained_like_reference(pred.record, rgb, [c.box for c in red], area)
         x = box_crops(rgb, red, pred.record.input_size) if _uses_detector(opts) else \
             cell_crops(rgb, red, diameter, pred.record.input_size)
-        z, _, s, zk, zs = pred.run_fields(x, opts.batch_size)
+        # the segmenter's masked crops keep the view check: the kind head, which is not trusted on them,
+        # cannot say "other" for a clump or a background blob there
+        z, _, s, zk, zs = pred.run_fields(x, opts.batch_size, view_check=not _uses_detector(opts))
         p, labels, ood = pred.record.decide(z, s, threshold=field_threshold(pred.record),
                                             temperature=pred.record.field_temperature)
         # the classifier's kinds and stages are trusted on box crops (what it learnt from), not on masks

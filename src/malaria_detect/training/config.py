@@ -93,7 +93,7 @@ class HeadsConfig:
                                                     "never its test patients)")
     nih_per_class: int = _opt(100_000, "NIH training cells per class (more than there are: all of them)")
     iml_learn: str = _opt("PA171690-769", "IML fields to learn from (a block of image numbers; never PA171830-899)")
-    iml_choose: str = _opt("PA171770-799", "IML fields whose crops give the validation figures (a block after "
+    iml_choose: str = _opt("PA171770-799", "IML fields whose crops give the validation figures (a block apart from "
                                            "--iml-learn's; never PA171830-899)")
     iml_uninfected: int = _opt(4000, "IML uninfected training cells (every infected one is used)")
     infected_views: int = _opt(6, "jittered views of each IML infected training cell (the stages are few)")

@@ -286,7 +286,7 @@ def add_object_ood(m) -> None:
         raise ValueError("the graph's not-a-cell score has no tapped layers")
     cat, out = helper.make_node("Concat", parts, [PREFIX + "ood_parts"], name=PREFIX + "ood/Concat",
                                 axis=next(a.i for a in stack.attribute if a.name == "axis")), top
-    red = helper.make_node("ReduceMax", cat.output, [OBJECT_OOD], name=PREFIX + "ood/ReduceMax")
+    red = helper.make_node("ReduceMax", [*cat.output, *out.input[1:]], [OBJECT_OOD], name=PREFIX + "ood/ReduceMax")
     red.attribute.extend(out.attribute)
     m.graph.node.extend([cat, red])
     shape = next(o for o in m.graph.output if o.name == "ood_score")
