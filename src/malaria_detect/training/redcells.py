@@ -34,14 +34,21 @@ def _disc(S: int, cx: float, cy: float, r: float, soft: float = 1.5) -> np.ndarr
     return np.clip((r - np.hypot(xx - cx, yy - cy)) / soft + 0.5, 0, 1)
 
 
-def crenate(crop: np.ndarray, rng) -> np.ndarray:
-    """`crop` (S, S, 3 uint8) with its cell's rim spiculated (an echinocyte / burr cell)."""
+def _blend(out: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
+    """`out` (float) painted with `colour` where `mask` (S, S) says, by its weight."""
+    return out * (1 - mask[..., None]) + np.asarray(colour, np.float32) * mask[..., None]
+
+
+def _painted(crop: np.ndarray, paint, rng) -> np.ndarray:
+    """`crop` with `paint(out, cx, cy, r, colour, background, rng)` applied to its cell, if it has one."""
     found = _cell(crop)
     if found is None:
         return crop
-    cx, cy, r, colour, _ = found
-    S = crop.shape[0]
-    out = crop.astype(np.float32)
+    return np.clip(paint(crop.astype(np.float32), *found, rng), 0, 255).astype(np.uint8)
+
+
+def _spicules(out, cx, cy, r, colour, bg, rng):
+    S = out.shape[0]
     n = int(rng.integers(10, 25))
     phase = rng.uniform(0, 2 * np.pi)
     spikes = np.zeros((S, S), np.float32)
@@ -49,24 +56,22 @@ def crenate(crop: np.ndarray, rng) -> np.ndarray:
         t = phase + 2 * np.pi * i / n + rng.normal(0, 0.08)
         d = r * rng.uniform(1.0, 1.08)
         spikes = np.maximum(spikes, _disc(S, cx + d * np.cos(t), cy + d * np.sin(t), r * rng.uniform(0.06, 0.1), 2.0))
-    denser = _disc(S, cx, cy, r * 0.98, soft=2.0)[..., None] * rng.uniform(0.05, 0.2)
-    out = out * (1 - denser) + colour * 0.85 * denser  # a crenated cell looks a little denser
-    spikes = spikes[..., None] * rng.uniform(0.6, 0.9)
-    out = out * (1 - spikes) + colour * spikes  # the cell's own colour: bumps of its outline, not dots
-    return np.clip(out, 0, 255).astype(np.uint8)
+    out = _blend(out, _disc(S, cx, cy, r * 0.98, 2.0) * rng.uniform(0.05, 0.2), colour * 0.85)  # a little denser
+    return _blend(out, spikes * rng.uniform(0.6, 0.9), colour)  # the cell's own colour: bumps, not dots
+
+
+def _bulls_eye(out, cx, cy, r, colour, bg, rng):
+    S = out.shape[0]
+    inner, outer = r * rng.uniform(0.18, 0.3), r * rng.uniform(0.5, 0.7)
+    out = _blend(out, (_disc(S, cx, cy, outer, 5.0) - _disc(S, cx, cy, inner, 4.0)) * rng.uniform(0.3, 0.6), bg)
+    return _blend(out, _disc(S, cx, cy, inner, 4.0) * rng.uniform(0.2, 0.45), colour * 0.8)
+
+
+def crenate(crop: np.ndarray, rng) -> np.ndarray:
+    """`crop` (S, S, 3 uint8) with its cell's rim spiculated (an echinocyte / burr cell)."""
+    return _painted(crop, _spicules, rng)
 
 
 def target(crop: np.ndarray, rng) -> np.ndarray:
     """`crop` with its cell made a target cell: a pale ring around a denser centre."""
-    found = _cell(crop)
-    if found is None:
-        return crop
-    cx, cy, r, colour, bg = found
-    S = crop.shape[0]
-    out = crop.astype(np.float32)
-    inner, outer = r * rng.uniform(0.18, 0.3), r * rng.uniform(0.5, 0.7)
-    ring = (_disc(S, cx, cy, outer, 5.0) - _disc(S, cx, cy, inner, 4.0))[..., None] * rng.uniform(0.3, 0.6)
-    out = out * (1 - ring) + bg * ring
-    centre = _disc(S, cx, cy, inner, 4.0)[..., None] * rng.uniform(0.2, 0.45)
-    out = out * (1 - centre) + colour * 0.8 * centre
-    return np.clip(out, 0, 255).astype(np.uint8)
+    return _painted(crop, _bulls_eye, rng)
