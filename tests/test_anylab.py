@@ -197,11 +197,11 @@ def test_a_fields_objects_run_a_graph_pruned_to_the_whole_field_outputs(tmp_path
     import onnxruntime as ort
     from PIL import Image
 
-    from malaria_detect.cells.predictor import OBJECT_OOD, Predictor
+    from malaria_detect.cells.predictor import Predictor
     from malaria_detect.fields.crops import box_crops
     from malaria_detect.fields.segment import Cell
     from malaria_detect.imaging import normalize
-    from malaria_detect.modelfile import bundled_field_model_path, pruned_graph
+    from malaria_detect.modelfile import OBJECT_OOD, bundled_field_model_path, pruned_graph
 
     pred = Predictor.load("anylab")
     rgb = np.asarray(Image.open(IML / "PA171771.JPG").convert("RGB"))

@@ -12,6 +12,9 @@ from pathlib import Path
 from .errors import ModelError
 from .record import Record
 
+OBJECT_OOD = "object_ood_score"  # the whole-field path's not-a-cell score (training/objectnet.add_object_ood)
+FIELD_OUTPUTS = ["object_logits", OBJECT_OOD, "kind_logits", "stage_logits"]  # what a field's objects read
+
 # the bundled models by name, wherever `--model` (or `model=`) takes a model file (model_path)
 BUNDLED_NAMES = {"nih": "malaria_lite0.onnx", "robust": "malaria_lite0_robust.onnx", "anylab": "malaria_anylab.onnx"}
 
@@ -165,6 +168,17 @@ def pruned_graph(blob: bytes, outputs: list[str]) -> bytes:
             continue
         out.append(raw)
     return b"".join(_len_field(7, b"".join(out)) if n == 7 else raw for n, raw, _ in model)
+
+
+def whole_field_graph(blob: bytes, path, outputs: list[str]) -> bytes | None:
+    """The model's graph pruned to FIELD_OUTPUTS, the outputs a field's objects read (Predictor.run_fields);
+    None for a graph made before it had `object_ood_score` (given its `outputs`): the full graph serves."""
+    if OBJECT_OOD not in outputs:
+        return None
+    try:
+        return pruned_graph(blob, FIELD_OUTPUTS)
+    except ValueError as e:
+        raise ModelError(f"{path}: its whole-field outputs cannot be read apart: {e}") from None
 
 
 def write_metadata(path: str | Path, entries: dict[str, str]) -> None:

@@ -24,14 +24,12 @@ from PIL import Image
 
 from ..errors import MissingFileError, ModelError, UsageError
 from ..imaging import CELL_MAX_ASPECT, ImageError, iter_image_paths, normalize, open_rgb, resize_uint8
-from ..modelfile import NAMES_HELP, _check_bundled, _check_weights, model_path, pruned_graph
+from ..modelfile import FIELD_OUTPUTS, NAMES_HELP, _check_bundled, _check_weights, model_path, whole_field_graph
 from ..record import Record, RecordError
 
 # What `Predictor.predict` takes as one image.
 ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | IO[bytes]
 
-OBJECT_OOD = "object_ood_score"  # the whole-field path's not-a-cell score (training/objectnet.add_object_ood)
-FIELD_OUTPUTS = ["object_logits", OBJECT_OOD, "kind_logits", "stage_logits"]
 NON_FINITE = "the model's output is not a finite number (NaN or infinity): the model file may be damaged"
 
 
@@ -164,12 +162,7 @@ class Predictor:
             raise ModelError(f"{path}: its record and graph disagree on a whole-field head (the record's "
                              "object_head and the graph's object_logits output come together)")
         # a field's objects: the graph pruned to the whole-field outputs, made now (the file may be gone later)
-        fields = None
-        if OBJECT_OOD in [o.name for o in session.get_outputs()]:
-            try:
-                fields = pruned_graph(blob, FIELD_OUTPUTS)
-            except ValueError as e:
-                raise ModelError(f"{path}: its whole-field outputs cannot be read apart: {e}") from None
+        fields = whole_field_graph(blob, path, [o.name for o in session.get_outputs()])
         return cls(session, record, path, opts, fields)
 
     @property
@@ -217,9 +210,7 @@ class Predictor:
             return self.run_all(x_uint8, batch_size)
         if self._fields_graph is None or view_check:  # the full graph: the not-a-cell score with its view check
             return self.run_all(x_uint8, batch_size, ["object_logits", *self.outputs[1:]])
-        # the trunk and the branch only (training/objectnet.add_object_ood): no cell head, so no CAM. ONNX
-        # Runtime runs every node of a graph, so they run in a session of the graph pruned to these outputs
-        names = FIELD_OUTPUTS
+        # the trunk and the branch only, in a session of the graph pruned to their outputs: no CAM
         with self._fields_lock:
             if self._fields_session is None:
                 import onnxruntime as ort
@@ -230,7 +221,7 @@ class Predictor:
                 except Exception as e:
                     raise ModelError(f"{self.path}: its whole-field graph does not load ({e})") from None
                 self._fields_graph = b""  # the session holds its own copy
-        outs = [self._fields_session.run(names, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
+        outs = [self._fields_session.run(FIELD_OUTPUTS, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
                 for i in range(0, len(x_uint8), batch_size)]
         widths = (None, None, len(self.record.kind_names), len(self.record.stage_names))
         z, s, k, st = (np.concatenate([o[j] for o in outs]) if outs else

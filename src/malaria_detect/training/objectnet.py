@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cells.predictor import OBJECT_OOD
+from ..modelfile import OBJECT_OOD
 
 BRANCH_FROM = 8   # the first block of the fine-tuned copy: after the not-a-cell flag's last tap (block 7)
 BRANCH_INPUT = "/_blocks.7/Add_output_0"
