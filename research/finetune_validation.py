@@ -20,23 +20,22 @@ from pathlib import Path
 from tqdm import tqdm
 
 from malaria_detect.cells.predictor import Predictor
-from malaria_detect.evaluation.fieldscore import load_annotations, score_fields
+from malaria_detect.data.objects import iml_block
+from malaria_detect.evaluation.fieldscore import score_fields
 from malaria_detect.evaluation.operating import relabel
+from malaria_detect.evaluation.operating import validation_fields as validation_fields_of
 from malaria_detect.fields.analysis import SmearOptions, analyze_field, field_threshold
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TXL = "TXL-PBC val"
-LABS = {"IML val PA171770-799": (171770, 171800), "IML adapt PA171800-829": (171800, 171830)}
+LABS = {"IML val PA171770-799": "PA171770-799", "IML adapt PA171800-829": "PA171800-829"}
 
 
 def validation_fields() -> dict[str, list[tuple[Path, dict]]]:
-    out = {lab: [] for lab in [*LABS, TXL]}
-    for r in load_annotations(DATA / "iml-fields" / "annotations.json"):
-        for lab, (lo, hi) in LABS.items():
-            if lo <= int(r["image_name"][2:8]) < hi:
-                out[lab].append((DATA / "iml-fields" / "images" / r["image_name"], r))
-    out[TXL] = [(DATA / "txl-pbc" / "images" / r["image_name"], r)
-                for r in load_annotations(DATA / "txl-pbc" / "annotations.json") if r["image_name"].startswith("val/")]
+    """Each IML block's and TXL-PBC val's (image path, annotation record) pairs, as field-threshold lists them."""
+    out = {}
+    for lab, block in LABS.items():
+        out[lab], out[TXL] = validation_fields_of(DATA, iml_block(block))
     return out
 
 

@@ -128,8 +128,10 @@ def _len_field(num: int, payload: bytes) -> bytes:
     return _put_varint(num << 3 | 2) + _put_varint(len(payload)) + payload
 
 
-def _fields(blob: bytes):
-    """(field number, the field's bytes, its payload when length-delimited) of a protobuf message."""
+def _fields(blob):
+    """(field number, the field's bytes, its payload when length-delimited) of a protobuf message; views
+    into `blob`, never copies (a model's weights are most of its bytes)."""
+    blob = memoryview(blob)
     for num, start, end in _top_fields(blob):
         key, i = _varint(blob, start)
         payload = None
@@ -140,7 +142,7 @@ def _fields(blob: bytes):
 
 
 def _strings(blob: bytes, num: int) -> list[str]:
-    return [p.decode() for n, _, p in _fields(blob) if n == num and p is not None]
+    return [bytes(p).decode() for n, _, p in _fields(blob) if n == num and p is not None]
 
 
 def pruned_graph(blob: bytes, outputs: list[str]) -> bytes:

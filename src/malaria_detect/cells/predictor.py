@@ -188,14 +188,11 @@ class Predictor:
         for a model without object heads (record.kind_names empty). `names`: the graph outputs to read
         in that order instead of `outputs` (`run_fields`: the whole-field head's logits first)."""
         names = names or self.outputs
-        outs = [self.session.run(names, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
-                for i in range(0, len(x_uint8), batch_size)]
-        if not outs:
+        empty = self._batched(self.session, names, x_uint8, batch_size)
+        if empty is None:
             empty = [np.zeros(0, np.float32), np.zeros((0, *self.cam_shape()), np.float32), np.zeros(0, np.float32)]
             empty += [np.zeros((0, len(self.record.kind_names)), np.float32),
                       np.zeros((0, len(self.record.stage_names)), np.float32)][:len(names) - 3]
-        else:
-            empty = [np.concatenate([o[j] for o in outs]) for j in range(len(names))]
         kinds = empty[3] if "kind_logits" in names and self.record.kind_names else None
         stages = empty[4] if "stage_logits" in names and self.record.stage_names else None
         return empty[0], empty[1], empty[2], kinds, stages
@@ -221,12 +218,16 @@ class Predictor:
                 except Exception as e:
                     raise ModelError(f"{self.path}: its whole-field graph does not load ({e})") from None
                 self._fields_graph = b""  # the session holds its own copy
-        outs = [self._fields_session.run(FIELD_OUTPUTS, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
-                for i in range(0, len(x_uint8), batch_size)]
         widths = (None, None, len(self.record.kind_names), len(self.record.stage_names))
-        z, s, k, st = (np.concatenate([o[j] for o in outs]) if outs else
-                       np.zeros((0,) if w is None else (0, w), np.float32) for j, w in enumerate(widths))
+        z, s, k, st = self._batched(self._fields_session, FIELD_OUTPUTS, x_uint8, batch_size) or \
+            [np.zeros((0,) if w is None else (0, w), np.float32) for w in widths]
         return z, None, s, k, st
+
+    def _batched(self, session, names: list[str], x_uint8: np.ndarray, batch_size: int) -> list[np.ndarray] | None:
+        """Each output of `names`, run in batches and concatenated; None for no input."""
+        outs = [session.run(names, {"image": normalize(x_uint8[i:i + batch_size], self.record)})
+                for i in range(0, len(x_uint8), batch_size)]
+        return [np.concatenate([o[j] for o in outs]) for j in range(len(names))] if outs else None
 
     def cam_shape(self) -> tuple[int, int]:
         """(h, w) of one image's CAM: from the graph's declared output shape, else by running one image."""
