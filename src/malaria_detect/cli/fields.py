@@ -36,10 +36,11 @@ def add_parsers(sub) -> dict:
     O.add_model(p, "ONNX model (e.g. one made by adapt)", "anylab")
     p.add_argument("--json", default=None, metavar="OUT.json",
                    help="write {fields: [{image, width, height, cells: [{kind, box, label, p_parasitized, ood, "
-                        "stage, p_stage}], n_cells, n_parasitized, n_white_cells, n_platelets, n_by_stage, "
-                        "parasitemia, parasitemia_ci95, ...}], summary: {...}}")
+                        "stage, p_stage, p_cell_head}], n_cells, n_parasitized, n_white_cells, n_platelets, "
+                        "n_by_stage, parasitemia, parasitemia_ci95, ...}], summary: {...}}")
     p.add_argument("--csv", default=None, metavar="CELLS.csv", help="one row per object: image,cell,x0,y0,x1,y1,"
-                                                                     "label,p_parasitized,ood,border,kind,stage,p_stage")
+                                                                     "label,p_parasitized,ood,border,kind,stage,p_stage,"
+                                                                     "p_cell_head (the second opinion's, where asked)")
     p.add_argument("--coco", default=None, metavar="OUT.json",
                    help="also write the objects as COCO detection JSON (boxes [x, y, w, h]; categories red cell, "
                         "parasitized red cell by stage, white cell, platelet, other; scores): for CVAT, Label Studio, "

@@ -139,7 +139,10 @@ def add_detector_parsers(sub) -> dict:
                        description="Analyse an IML validation block (--iml-block, default PA171770-799) and the "
                                    "malaria-free TXL-PBC val fields once; store the threshold with the best "
                                    "infected-cell F1 on IML among those with at most --max-fp false parasitized "
-                                   "per 1,000 red cells on TXL-PBC.")
+                                   "per 1,000 red cells on TXL-PBC; then, for a model with a cell head beside its "
+                                   "whole-field head (anylab), the second opinion: from which whole-field p under "
+                                   "that threshold the cell head is asked, and from which of its p a cell is then "
+                                   "parasitized (the best IML F1 that adds no false call on TXL-PBC).")
     p.add_argument("model", help="the .onnx model to set (its record is rewritten in place)")
     p.add_argument("--data", default="../shared/data", help="folder holding iml-fields/ and txl-pbc/")
     p.add_argument("--detector", default="bundled", help="the object detector smear uses with this model "
@@ -147,6 +150,8 @@ def add_detector_parsers(sub) -> dict:
     p.add_argument("--max-fp", type=float, default=0.5, help="false parasitized per 1,000 red cells allowed on TXL-PBC")
     p.add_argument("--iml-block", default="PA171770-799", help="the IML validation block (one the model did not learn "
                                                                "from; never PA171830-899)")
+    p.add_argument("--no-second-opinion", action="store_true", help="choose the threshold only (any second opinion "
+                                                                     "the record had is removed)")
     O.add_json_flag(p, "print the whole threshold table as JSON")
     p = sub.add_parser("recipe", help="how a bundled model is rebuilt: its data, augmentation, schedule, operating "
                                       "points and the commands (--run runs them)")
@@ -209,7 +214,8 @@ def cmd_field_threshold(a):
                          "export-detector file)")
 
     out = choose_field_threshold(a.model, a.data, None if a.detector == "classical" else a.detector, a.max_fp,
-                                 say=lambda m: print(m, file=sys.stderr if a.json else sys.stdout), iml=a.iml_block)
+                                 say=lambda m: print(m, file=sys.stderr if a.json else sys.stdout), iml=a.iml_block,
+                                 second_opinion=not a.no_second_opinion)
     if a.json:
         print(json.dumps(out, indent=1))
     return 0

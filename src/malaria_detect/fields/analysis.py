@@ -55,6 +55,8 @@ class SmearOptions:
     sample: str | None = None            # the sample (slide) of every field; None: each field's folder name
     detector: str | None = "bundled"     # the learned detector ('bundled' or export-detector's ONNX); None: the
                                          # classical segmenter (also used whenever cell_diameter is given)
+    cell_head: bool = False              # every red cell also gets its cell head's p (p_cell_head), not only
+                                         # those the record's second opinion asks about (field-threshold)
 
 
 def field_threshold(record) -> float:
@@ -107,10 +109,12 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
         # the segmenter's masked crops keep the view check: the kind head, which is not trusted on them,
         # cannot say "other" for a clump or a background blob there
         z, _, s, zk, zs = pred.run_fields(x, opts.batch_size, view_check=not _uses_detector(opts))
-        p, labels, ood = pred.record.decide(z, s, threshold=field_threshold(pred.record),
-                                            temperature=pred.record.field_temperature)
+        thr = field_threshold(pred.record)
+        p, _, ood = pred.record.decide(z, s, threshold=thr, temperature=pred.record.field_temperature)
         # the classifier's kinds and stages are trusted on box crops (what it learnt from), not on masks
         boxes = _uses_detector(opts)
+        p_cell = _second_opinion(pred, x, p, thr, opts.cell_head) if boxes else np.full(len(p), np.nan)
+        labels = pred.record.field_labels(p, p_cell, thr)
         kinds = pred.record.kinds(zk)[0] if zk is not None and boxes else [RED_CELL] * len(red)
         stages, p_stage = pred.record.stages(zs) if zs is not None and boxes else (None, None)
         for extra in (zk, zs):  # a damaged model: no label where any output is not a finite number
@@ -124,6 +128,8 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
             obj = {"kind": c.kind, "box": list(c.box), "label": str(labels[i]) if finite else None,
                    "p_parasitized": round(float(p[i]), 6) if finite else None,
                    "ood": bool(ood[i]) if finite else False, "border": c.border}
+            if finite and np.isfinite(p_cell[i]):  # the cell head was asked (record.second_opinion)
+                obj["p_cell_head"] = round(float(p_cell[i]), 6)
             if stages is not None and obj["label"] == pred.record.positive and not obj["ood"]:
                 obj |= {"stage": str(stages[i]), "p_stage": round(float(p_stage[i]), 4)}
             rec["cells"].append(obj)
@@ -134,6 +140,16 @@ def analyze_field(pred: Predictor, src, name: str | None = None, opts: SmearOpti
         rec["note"] = "no red cells found in this image"
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return _finish(rec, opts, pred.record.positive)
+
+
+def _second_opinion(pred: Predictor, x: np.ndarray, p: np.ndarray, thr: float, every: bool) -> np.ndarray:
+    """The cell head's p of the red cells (box crops `x`) the record's second opinion asks about, NaN for
+    the others; of every red cell with `every` (SmearOptions.cell_head: how field-threshold chooses it)."""
+    out = np.full(len(p), np.nan)
+    ask = np.ones(len(p), bool) if every and pred.record.object_head else pred.record.second_opinion_asked(p, thr)
+    if ask.any():
+        out[ask] = pred.record.second_opinion_p(pred.run(x[ask])[0])
+    return out
 
 
 def _inside_stop(cells: list[Cell], area: np.ndarray) -> list[Cell]:

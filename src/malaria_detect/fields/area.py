@@ -33,7 +33,9 @@ def imaged_area(rgb: np.ndarray) -> np.ndarray:
     sub = small[::4, ::4].reshape(-1, 3).astype(np.int32)
     lum = sub.sum(-1)
     background = np.median(sub[lum >= np.median(lum)], axis=0)
-    candidates = [small.max(-1) < DARK] + ([small.min(-1) > BRIGHT] if background.min() <= BRIGHT else [])
+    r, g, b = small[..., 0], small[..., 1], small[..., 2]  # channel-wise: numpy's max(-1) over 3 is slow
+    candidates = [np.maximum(np.maximum(r, g), b) < DARK] + \
+        ([np.minimum(np.minimum(r, g), b) > BRIGHT] if background.min() <= BRIGHT else [])
     for cand in candidates:
         cand = cv2.morphologyEx(cand.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
         n, lab, stats, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)

@@ -132,8 +132,12 @@ class Detector:
         return cls(session, json.loads(meta[DETECTOR_KEY]), path)
 
     def run(self, img: np.ndarray):
-        x = (img.astype(np.float32) / 255 - np.float32(0.5)) / np.float32(0.5)
-        heat, box = self.session.run(None, {"image": np.ascontiguousarray(x.transpose(2, 0, 1)[None])})
+        # (x / 255 - mean) / std, written channel-first into one buffer (as training computed it; fast)
+        x = np.empty((1, 3, *img.shape[:2]), np.float32)
+        np.divide(img.transpose(2, 0, 1)[None], np.float32(255), out=x, dtype=np.float32)
+        x -= np.float32(MEAN[0])
+        x /= np.float32(STD[0])
+        heat, box = self.session.run(None, {"image": x})
         return heat[0], box[0]
 
     def detect(self, rgb: np.ndarray):

@@ -114,8 +114,11 @@ def gallery(fields: list[dict], positive: str, rejected: bool = False) -> list[t
 
 
 def caption(field: dict, cell: dict) -> list[str]:
-    """The lines under a gallery crop: its field, p, its stage, the review's mark."""
+    """The lines under a gallery crop: its field, p (and the cell head's, where asked), its stage, the
+    review's mark."""
     prob = f"p = {cell['p_parasitized']:.2f}" if cell.get("p_parasitized") is not None else "no model score"
+    if cell.get("p_cell_head") is not None:  # the second opinion was asked (record.second_opinion)
+        prob += f", cell head {cell['p_cell_head']:.2f}"
     lines = [Path(field["image"]).name, prob] + ([cell["stage"]] if cell.get("stage") else [])
     return lines + ([MARK[cell["review"]]] if cell.get("review") in MARK else [])
 

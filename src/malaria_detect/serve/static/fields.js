@@ -53,6 +53,9 @@
   // a box's colour and the gallery, from the cell's label and flag (the counts are the server's)
   // the display class of an object: white cells and platelets (never classified) in their own style
   const OTHER = { "white cell": "wbc", platelet: "plt", other: "oth" };
+  // a cell's probability as the server computed it; with the cell head's when the second opinion was asked
+  const pText = (c) => `p = ${c.p_parasitized.toFixed(3)}`
+    + (c.p_cell_head != null ? ` (second opinion, cell head p = ${c.p_cell_head.toFixed(3)})` : "");
   const kind = (c) => OTHER[c.kind] || (c.ood ? "ood" : c.label == null ? "unc" : c.label === model.pos ? "pos" : "neg");
 
   // How an object is drawn now: the model's call, or the decision in force on it ({cls, stage, mark}).
@@ -167,7 +170,7 @@
         r.setAttribute("class", "cell " + lk.cls + (r.classList.contains("focus") ? " focus" : ""));
         r.firstChild.textContent = `object ${i}: ` + (OTHER[c.kind] ? c.kind : c.ood ? "not a cell"
           : c.label == null || c.p_parasitized == null ? "not classified"
-          : `${c.label}, p = ${c.p_parasitized.toFixed(3)}` + (c.stage && c.p_stage != null ? `, ${c.stage} (p = ${c.p_stage.toFixed(2)})` : ""))
+          : `${c.label}, ${pText(c)}` + (c.stage && c.p_stage != null ? `, ${c.stage} (p = ${c.p_stage.toFixed(2)})` : ""))
           + (lk.mark ? ` · ${lk.mark}` : "");
         if (lk.cls.startsWith("pos")) {
           tag(c.box, (c.p_parasitized == null ? "✓" : c.p_parasitized.toFixed(2))
@@ -447,7 +450,7 @@
       if (c.p_parasitized != null) b.dataset.p = c.p_parasitized;
       const lk = key.startsWith("a") ? { cls: "pos added", stage: c.stage, mark: "+ added by the reviewer" } : look(f, c, key);
       b.className = "gallery-item " + lk.cls;
-      const prob = c.p_parasitized == null ? "added" : `p = ${c.p_parasitized.toFixed(3)}`;
+      const prob = c.p_parasitized == null ? "added" : pText(c);
       const what = `${prob}` + (lk.stage ? `, ${lk.stage}` : "");
       b.setAttribute("aria-label", `${f.name}, cell ${key}: ${what}${lk.mark ? ", " + lk.mark : ", not reviewed"}.`);
       const where = el("span", "g-where", f.name);
@@ -501,7 +504,7 @@
     f.back.hidden = false;
     f.card.scrollIntoView({ block: "start" });
     v.view.focus({ preventScroll: true });
-    const p = c.p_parasitized == null ? "added by the reviewer" : `p = ${c.p_parasitized.toFixed(3)}`;
+    const p = c.p_parasitized == null ? "added by the reviewer" : pText(c);
     status.textContent = `Showing ${f.name}, cell ${key} (${p}), outlined in yellow.`;
   }
 
@@ -930,6 +933,7 @@
     kind: (f, c) => c.kind || "red cell",   // records without kinds hold red cells
     stage: (f, c) => c.stage || "",
     p_stage: (f, c) => (c.p_stage == null ? "" : c.p_stage.toFixed(4)),
+    p_cell_head: (f, c) => (c.p_cell_head == null ? "" : c.p_cell_head.toFixed(6)),
   };
   q("#fields-csv").addEventListener("click", () => {
     const cols = csvColumns("fields");
