@@ -452,10 +452,13 @@
       b.className = "gallery-item " + lk.cls;
       const prob = c.p_parasitized == null ? "added" : pText(c);
       const what = `${prob}` + (lk.stage ? `, ${lk.stage}` : "");
+      // on the crop itself a short form: the gallery's cards are narrow (phones)
+      const shown = (c.p_parasitized == null || c.p_cell_head == null ? prob
+        : `p = ${c.p_parasitized.toFixed(3)} · cell head ${c.p_cell_head.toFixed(3)}`) + (lk.stage ? `, ${lk.stage}` : "");
       b.setAttribute("aria-label", `${f.name}, cell ${key}: ${what}${lk.mark ? ", " + lk.mark : ", not reviewed"}.`);
       const where = el("span", "g-where", f.name);
       where.title = f.name;
-      b.append(crop(f, c, 104), el("span", "g-p", what), el("span", "g-mark", lk.mark || "not reviewed"),
+      b.append(crop(f, c, 104), el("span", "g-p", shown), el("span", "g-mark", lk.mark || "not reviewed"),
         el("span", "g-cell", `cell ${key}`), where);
       b.addEventListener("click", () => showCell(f, key, b));
       b.addEventListener("focus", () => selectItem(b, false));
