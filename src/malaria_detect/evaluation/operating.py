@@ -39,9 +39,10 @@ def relabel(report: dict, thr: float, record) -> dict:
     SmearOptions(cell_head=True)), counted by smear's rule."""
     fields = []
     for f in report["fields"]:
-        cells = [c if c.get("p_parasitized") is None else
-                 dict(c, label=str(record.field_labels(c["p_parasitized"], c.get("p_cell_head", np.nan), thr)))
-                 for c in f["cells"]]
+        scored = [c for c in f["cells"] if c.get("p_parasitized") is not None]  # one call a field, not a cell
+        labels = iter(record.field_labels([c["p_parasitized"] for c in scored],
+                                          [c.get("p_cell_head", np.nan) for c in scored], thr).tolist())
+        cells = [c if c.get("p_parasitized") is None else dict(c, label=next(labels)) for c in f["cells"]]
         fields.append(dict(f, cells=cells) | field_counts(cells, record.positive))
     return {"fields": fields, "model": {"class_names": list(record.class_names)}}
 
